@@ -34,13 +34,14 @@ SANITIZE_FLAGS = ["-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "
                   "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
 
-def _sources() -> list[str]:
-    # Relative paths keep setuptools happy (it refuses absolute source paths in some modes).
-    root = HERE.parent
-    return sorted(str(p.relative_to(root)) for p in HERE.glob("*.c"))
+def _sources(absolute: bool) -> list[str]:
+    # setuptools wants paths relative to the project (it refuses absolute ones in some modes);
+    # FFI.compile(tmpdir=...) compiles from inside tmpdir and needs absolute ones.
+    paths = sorted(HERE.glob("*.c"))
+    return [str(p if absolute else p.relative_to(HERE.parent)) for p in paths]
 
 
-def make_builder(flavour: str) -> FFI:
+def make_builder(flavour: str, absolute: bool = False) -> FFI:
     if flavour == "sanitize":
         cflags, ldflags = SANITIZE_FLAGS, ["-fsanitize=address,undefined"]
     elif flavour == "debug":
@@ -52,7 +53,7 @@ def make_builder(flavour: str) -> FFI:
     ffi.set_source(
         "m3shm._core",
         "#include <stdint.h>\n#include <stddef.h>\n#include \"m3shm.h\"\n",
-        sources=_sources(),
+        sources=_sources(absolute),
         include_dirs=[str(HERE)],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
@@ -80,5 +81,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     flavour = "sanitize" if args.sanitize else "debug" if args.debug else "release"
     os.chdir(HERE.parent)
-    out = make_builder(flavour).compile(tmpdir=args.outdir, verbose=False)
+    out = make_builder(flavour, absolute=True).compile(tmpdir=args.outdir, verbose=False)
     print(out)

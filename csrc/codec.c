@@ -95,9 +95,9 @@ static inline int64_t rescale(int64_t n, unsigned from, unsigned to)
     if (to < from)
         return n / IPOW10[from - to];
     int64_t f = IPOW10[to - from];
-    if (n > INT64_C(1) << 53 || n < -(INT64_C(1) << 53))
-        return 0;
-    return n * f; /* |n| <= 2^53, f <= 10^7 < 2^24: no overflow */
+    if (n > INT64_MAX / f || n < -(INT64_MAX / f))
+        return 0; /* only a corrupt stream gets here: an encoder's |n| is below 2^53 */
+    return n * f;
 }
 
 /* ---- bit writer: pending bits in acc, flushed MSB-first to buf[byte...] ----------------- */

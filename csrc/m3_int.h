@@ -1,5 +1,5 @@
 /*
- * m3_int.h -- private helpers shared by csrc/*.c; not part of the cffi-visible API.
+ * m3_int.h -- private helpers shared by the C files of csrc/; not part of the cffi API.
  *
  * M3_ASSERT(cond) checks an internal invariant in debug and sanitizer builds (M3_DEBUG, set by
  * csrc/build_ffi.py for M3SHM_SANITIZE=1 and M3SHM_DEBUG=1) and costs nothing in release builds.
