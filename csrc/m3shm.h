@@ -81,3 +81,175 @@ int tsz_count(const uint8_t *buf, size_t len, uint32_t *count);
    bit offset of the stream where decoding stopped on error. */
 int tsz_decode(const uint8_t *buf, size_t len, int64_t *ts, double *v, size_t cap,
                size_t *n, uint64_t *err_bit);
+
+/* ---- segment.c: the shared-memory segment's header and layout (docs/formats/shm.md) ---- */
+
+#define M3_SEG_LAYOUT_VERSION 1
+#define M3_CACHE_LINE 64
+/* Bytes of one chunk of an open block (header + tsz stream); changing it changes the layout. */
+#define M3_CHUNK_BYTES 512
+/* Open (appendable) streams a series tracks; changing it changes the layout. */
+#define M3_OPEN_STREAMS 8
+/* Most samples one lane record carries; longer series are split into several records. */
+#define M3_REC_MAX_SAMPLES 512
+#define M3_MAX_SHARDS 4096
+#define M3_MAX_PRODUCERS 256
+
+/* Parameters fixed when a segment is created; recorded in its header. */
+typedef struct m3_seg_params {
+    uint32_t num_shards;        /* shard = series hash mod num_shards */
+    uint32_t num_producers;     /* workers; one lane per (shard, producer) */
+    uint64_t lane_bytes;        /* data bytes per lane, a power of two >= 64 KiB */
+    uint32_t series_per_shard;  /* new series are refused beyond this many per shard */
+    uint32_t pad0;
+    uint64_t arena_bytes;       /* per shard: labels and chunks, a multiple of M3_CHUNK_BYTES */
+    int64_t block_ms;           /* block size of the open blocks (ms) */
+    uint64_t seq_base;          /* first global batch sequence number */
+} m3_seg_params;
+
+/* Bytes a segment with these parameters needs, or 0 if they are invalid. */
+uint64_t m3_seg_size(const m3_seg_params *p);
+/* Lay out a fresh segment in base[0..size) (zero-filled by the caller, e.g. ftruncate). */
+int m3_seg_init(uint8_t *base, uint64_t size, const m3_seg_params *p);
+/* Validate an existing segment's header (magic, layout version, size); *p receives its params. */
+int m3_seg_check(const uint8_t *base, uint64_t size, m3_seg_params *p);
+/* Take the next global batch sequence number (atomic; any process). */
+uint64_t m3_seg_next_seq(uint8_t *base);
+/* Per-producer "done" flag used by a graceful shutdown (any process reads). */
+void m3_seg_set_producer_done(uint8_t *base, uint32_t producer, uint32_t done);
+int m3_seg_all_producers_done(const uint8_t *base);
+
+/* ---- lane.c: single-producer lanes that together form each shard's MPSC ring ---------- */
+
+/* Record types in lanes and commit-log batches (persisted: explicit values). */
+enum m3_rec_type {
+    M3_REC_PAD = 1,       /* filler to the end of the lane's buffer; skip */
+    M3_REC_SAMPLES = 2    /* a label set and its samples */
+};
+enum m3_value_type {
+    M3_VT_FLOAT = 1       /* float64 samples; 2 is reserved for native histograms */
+};
+
+/* Header of one record; labels, timestamps and values follow (docs/formats/shm.md). */
+typedef struct m3_rec {
+    uint32_t len;         /* bytes of the whole record, a multiple of 8 */
+    uint16_t type;        /* enum m3_rec_type */
+    uint16_t vtype;       /* enum m3_value_type */
+    uint32_t shard;
+    uint32_t tenant;      /* 0 = the default tenant */
+    uint64_t seq;         /* global batch sequence number */
+    uint64_t hash;        /* m3_labels_hash of the canonical label bytes */
+    uint32_t nsamples;
+    uint32_t labels_len;  /* bytes of canonical labels (padded to 8 in the record) */
+    uint32_t nlabels;
+    uint32_t pad;
+} m3_rec;
+
+/* Copy every record of a batch into this producer's lanes past their published tails, stamped
+   with seq. All or nothing: M3_ENOSPC (and no lane changed) if any lane lacks room. */
+int m3_lane_reserve(uint8_t *base, uint32_t producer, const uint8_t *batch, size_t len,
+                    uint64_t seq);
+/* Publish everything this producer reserved (release store of each lane's tail). */
+void m3_lane_publish(uint8_t *base, uint32_t producer);
+/* Forget reserved but unpublished bytes (a restarted producer calls this first). */
+void m3_lane_recover_producer(uint8_t *base, uint32_t producer);
+/* Owner: apply published records of one shard, smallest seq first, up to max_records.
+   Returns the records applied (>= 0). */
+int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records);
+/* Owner side of a test consumer: pop one record of (shard, producer) into out (cap bytes);
+   *len = 0 when the lane is empty. Used by tests to check the lane protocol alone. */
+int m3_lane_pop_spsc(uint8_t *base, uint32_t shard, uint32_t producer, uint8_t *out,
+                     size_t cap, size_t *len);
+/* Every lane's published tail (num_shards * num_producers values, shard-major). */
+void m3_lane_tails(const uint8_t *base, uint64_t *tails);
+/* 1 if every lane's head has reached the given tails (all published data applied). */
+int m3_lane_caught_up(const uint8_t *base, const uint64_t *tails);
+/* Bytes published but not yet consumed in all lanes of one shard. */
+uint64_t m3_lane_backlog(const uint8_t *base, uint32_t shard);
+
+/* ---- series.c: per-shard series table and open blocks in shared memory -------------- */
+
+/* Hash of canonical label bytes (fixed forever: it decides the shard of every series). */
+uint64_t m3_labels_hash(const uint8_t *labels, size_t len);
+
+typedef struct m3_shard_stats {
+    uint64_t nseries;
+    uint64_t arena_used;
+    uint64_t arena_bytes;
+    uint64_t samples;        /* samples applied */
+    uint64_t ooo_samples;    /* samples that opened or went to a non-first stream */
+    uint64_t dropped;        /* records the owner could not apply (capacity overshoot) */
+    uint64_t recovered;      /* 1 once replay/recovery of the shard is done */
+} m3_shard_stats;
+
+/* Owner: apply a record directly (replay). */
+int m3_shard_apply(uint8_t *base, const m3_rec *rec);
+/* Owner: apply the records of a commit-log batch whose shard is in [lo, hi). Returns the
+   records applied or an error for a malformed batch. */
+int m3_shard_apply_batch(uint8_t *base, const uint8_t *batch, size_t len, uint64_t seq,
+                         uint32_t lo, uint32_t hi);
+/* Owner, at attach: repair what a killed owner may have left half-done (encoder states,
+   chain ends, the last series' table entry). */
+int m3_shard_recover(uint8_t *base, uint32_t shard);
+void m3_shard_set_recovered(uint8_t *base, uint32_t shard, uint32_t v);
+void m3_shard_stats_get(const uint8_t *base, uint32_t shard, m3_shard_stats *out);
+/* Producer: drop from a batch (in place) the records a full shard cannot take: new series
+   beyond series_per_shard or arena 7/8 full, every record at arena 15/16. Returns the new
+   length; *rejected counts dropped records and msg (cap bytes) names the first. */
+size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t *rejected,
+                      uint32_t *rejected_samples, char *msg, size_t msg_cap);
+/* Any process: published series count of a shard (acquire). */
+uint32_t m3_shard_nseries(const uint8_t *base, uint32_t shard);
+/* Any process: canonical labels of a series (pointer into the segment). */
+int m3_series_labels(const uint8_t *base, uint32_t shard, uint32_t slot,
+                     const uint8_t **labels, uint32_t *len);
+/* Any process: upper bound on the samples of a series (published counts of its chunks). */
+uint64_t m3_series_count(const uint8_t *base, uint32_t shard, uint32_t slot);
+/* Any process: the series' samples in [mint, maxt], sorted, one per timestamp (the last
+   written wins). M3_ENOSPC if cap is too small. */
+int m3_series_read(const uint8_t *base, uint32_t shard, uint32_t slot, int64_t mint,
+                   int64_t maxt, int64_t *ts, double *v, size_t cap, size_t *n);
+
+/* ---- rw_decode.c: Prometheus remote write wire format -> lane records ---------------- */
+
+enum m3_rw_reason {
+    M3_RW_OK = 0,
+    M3_RW_BAD_LABEL_NAME = 1,
+    M3_RW_DUP_LABEL = 2,
+    M3_RW_NO_LABELS = 3,
+    M3_RW_NO_NAME = 4,
+    M3_RW_TOO_MANY_LABELS = 5,
+    M3_RW_LABEL_TOO_LONG = 6,
+    M3_RW_TOO_OLD = 7,
+    M3_RW_TOO_NEW = 8,
+    M3_RW_HISTOGRAM = 9,
+    M3_RW_MALFORMED = 10,
+    M3_RW_BAD_UTF8 = 11
+};
+
+typedef struct m3_rw_limits {
+    int64_t min_ts;              /* accepted window, ms, inclusive */
+    int64_t max_ts;
+    uint32_t num_shards;
+    uint32_t max_labels;
+    uint32_t max_name_bytes;
+    uint32_t max_value_bytes;
+} m3_rw_limits;
+
+typedef struct m3_rw_result {
+    uint64_t series_ok;
+    uint64_t samples_ok;
+    uint64_t series_bad;
+    uint64_t samples_bad;
+    uint64_t records;
+    uint64_t out_len;            /* bytes of records written to out */
+    int32_t first_reason;        /* enum m3_rw_reason of the first rejection */
+    uint32_t first_series;       /* its index in the request */
+    char msg[512];               /* what was wrong, naming the series */
+} m3_rw_result;
+
+/* Decode a remote write 1.0 WriteRequest (already snappy-decompressed) into records.
+   M3_ECORRUPT/M3_ETRUNC for malformed protobuf (res->msg says where), M3_ENOSPC if out is too
+   small (retry with more). Invalid series are counted and skipped, not fatal. */
+int m3_rw1_decode(const uint8_t *in, size_t len, const m3_rw_limits *lim, uint8_t *out,
+                  size_t cap, m3_rw_result *res);
