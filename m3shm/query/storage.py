@@ -1,0 +1,109 @@
+"""The one storage abstraction the engine reads from.
+
+For a set of matchers and a time range a store answers with series: a label set plus the
+compressed blocks that overlap the range, and a flag saying whether the answer is partial
+(a shard or region did not answer). These are the Python mirror of the messages in
+``proto/blockstream.proto``; :mod:`m3shm.query.blockstream` converts between the two, so the
+in-memory store below, the daemon's shards and remote nodes all plug in the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from m3shm.query.labels import Labels, from_dict
+from m3shm.query.matchers import Matcher, matches_all
+
+DEFAULT_BLOCK_MS = 2 * 3600 * 1000
+
+
+class Encoding(enum.IntEnum):
+    """How a block's bytes encode samples (persisted: the numbers never change)."""
+
+    TSZ = 1  # m3shm.codec (docs/formats/tsz.md)
+    RAW = 2  # n little-endian int64 timestamps, then n little-endian float64 values
+
+
+@dataclass(frozen=True)
+class Block:
+    start_ms: int  # first sample's timestamp
+    end_ms: int  # last sample's timestamp
+    data: bytes
+    encoding: Encoding = Encoding.TSZ
+
+
+@dataclass
+class SeriesBlocks:
+    labels: Labels
+    blocks: list[Block]
+
+
+@dataclass
+class SelectResult:
+    series: list[SeriesBlocks]
+    partial: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+class Storage(Protocol):
+    def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
+        """Series matching every matcher with blocks overlapping [mint, maxt] (ms)."""
+        ...
+
+
+def encode_block(ts: np.ndarray, vals: np.ndarray, encoding: Encoding = Encoding.TSZ) -> Block:
+    ts = np.ascontiguousarray(ts, dtype=np.int64)
+    vals = np.ascontiguousarray(vals, dtype=np.float64)
+    if encoding == Encoding.TSZ:
+        from m3shm import codec
+
+        data = codec.encode(ts, vals)
+    else:
+        data = ts.astype("<i8").tobytes() + vals.astype("<f8").tobytes()
+    return Block(int(ts[0]), int(ts[-1]), data, encoding)
+
+
+class MemoryStore:
+    """Series held in memory as compressed blocks (tests, benchmarks, `load` in scripts)."""
+
+    def __init__(self, block_ms: int = DEFAULT_BLOCK_MS,
+                 encoding: Encoding = Encoding.TSZ) -> None:
+        self.block_ms = block_ms
+        self.encoding = encoding
+        self._series: dict[Labels, list[Block]] = {}
+
+    def add(self, labels: Labels | dict[str, str], ts: np.ndarray, vals: np.ndarray) -> None:
+        """Add samples (sorted, unique timestamps) to a series, cut into aligned blocks."""
+        lbl = from_dict(labels) if isinstance(labels, dict) else labels
+        ts = np.asarray(ts, dtype=np.int64)
+        vals = np.asarray(vals, dtype=np.float64)
+        blocks = self._series.setdefault(lbl, [])
+        if len(ts) == 0:
+            return
+        bucket = ts // self.block_ms
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ts)], strict=True):
+            blocks.append(encode_block(ts[a:b], vals[a:b], self.encoding))
+        blocks.sort(key=lambda blk: blk.start_ms)
+
+    def add_many(self, items: Iterable[tuple[Labels, np.ndarray, np.ndarray]]) -> None:
+        for lbl, ts, vals in items:
+            self.add(lbl, ts, vals)
+
+    def clear(self) -> None:
+        self._series.clear()
+
+    def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
+        out = []
+        for lbl, blocks in self._series.items():
+            if not matches_all(matchers, lbl):
+                continue
+            sel = [b for b in blocks if b.end_ms >= mint and b.start_ms <= maxt]
+            if sel:
+                out.append(SeriesBlocks(lbl, sel))
+        return SelectResult(out)
