@@ -24,6 +24,7 @@ ARITHMETIC = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide,
 COMPARISON = {"==": np.equal, "!=": np.not_equal, ">": np.greater, "<": np.less,
               ">=": np.greater_equal, "<=": np.less_equal}
 SET_OPS = ("and", "or", "unless")
+DROPS_NAME = frozenset(ARITHMETIC) - {"atan2"}  # Prometheus 2.x keeps the name for atan2
 
 
 def apply(op: str, lv: np.ndarray, rv: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -89,7 +90,7 @@ def vector_scalar(op: str, vec: Vector, sv: np.ndarray, m: Matching, swap: bool)
     lv, rv = (row, vec.values) if swap else (vec.values, row)
     vals, cond = apply(op, lv, rv)
     present = vec.present
-    drop_names = op in ARITHMETIC
+    drop_names = op in DROPS_NAME
     if cond is not None:
         if m.return_bool:
             vals, drop_names = cond.astype(np.float64), True
@@ -170,7 +171,7 @@ def vector_vector(op: str, lhs: Vector, rhs: Vector, m: Matching) -> Vector:
         if (per_sig > 1).any():
             raise QueryError("multiple matches for labels: many-to-one matching must be "
                              "explicit (group_left/group_right)")
-    drop_names = op in ARITHMETIC or m.return_bool
+    drop_names = op in DROPS_NAME or m.return_bool
     labels = [result_labels(many.labels[i], one.labels[j], drop_names, m)
               for i, j in zip(pm, po, strict=True)]
     out = Vector(labels, np.array(vals, dtype=np.float64), present)
