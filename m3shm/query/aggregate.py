@@ -83,11 +83,12 @@ def _reduce(op: str, vals: np.ndarray, present: np.ndarray, starts: np.ndarray,
     raise QueryError(f"unknown aggregation {op!r}")
 
 
-def _rank_keys(vals: np.ndarray, present: np.ndarray, descending: bool) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """(category, value key): real values first, then NaN, then absent rows."""
-    cat = np.where(present, np.where(np.isnan(vals), 1, 0), 2)
-    key = np.where(cat == 0, -vals if descending else vals, 0.0)
+def _rank_keys(vals: np.ndarray, present: np.ndarray, descending: bool,
+               nan_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(category, value key): numbers, then NaN (or NaN first), then absent rows."""
+    nan_cat, num_cat = (0, 1) if nan_first else (1, 0)
+    cat = np.where(present, np.where(np.isnan(vals), nan_cat, num_cat), 2)
+    key = np.where(cat == num_cat, -vals if descending else vals, 0.0)
     return cat, key
 
 
@@ -109,7 +110,7 @@ def _topk(vec: Vector, gid: np.ndarray, ngroups: int, k: np.ndarray, top: bool) 
 def _quantile(vals: np.ndarray, present: np.ndarray, gid_sorted: np.ndarray,
               starts: np.ndarray, cnt: np.ndarray, q: np.ndarray) -> np.ndarray:
     n, s = vals.shape
-    cat, key = _rank_keys(vals, present, False)
+    cat, key = _rank_keys(vals, present, False, nan_first=True)  # Prometheus sorts NaN first
     gidb = np.broadcast_to(gid_sorted[:, None], (n, s))
     order = np.lexsort((key, cat, gidb), axis=0)
     sv = np.take_along_axis(vals, order, axis=0)

@@ -233,7 +233,7 @@ def quantile_over_time(rd: RangeData, q: np.ndarray) -> Vector:
         return _out(rd, np.zeros(lo.shape), ok)
     idx, win = gather_windows(lo, hi)
     vals = rd.flat.vals[idx]
-    order = np.lexsort((vals, win))
+    order = np.lexsort((vals, ~np.isnan(vals), win))  # NaN first, as Prometheus sorts
     sv = vals[order]
     starts = np.cumsum(n.ravel()) - n.ravel()
     qq = np.broadcast_to(q[None, :], lo.shape).ravel()
