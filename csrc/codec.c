@@ -499,7 +499,8 @@ static inline int decode_core(const uint8_t *buf, size_t len, uint32_t want, int
     uint64_t c, d, x;
 
     for (; i < want; i++) {
-        REFILL();
+        if (r.avail < 32) /* the common timestamp fields take at most 28 bits */
+            br_refill(&r);
         /* ---- timestamp */
         if (i == 0) {
             TAKE_WIDE(prev_ts, 64);
@@ -531,7 +532,8 @@ static inline int decode_core(const uint8_t *buf, size_t len, uint32_t want, int
             prev_delta += dod;
             prev_ts = t;
         }
-        REFILL();
+        if (r.avail < 16) /* the value's opcode is peeked from the top 4 bits */
+            br_refill(&r);
         /* ---- value */
         unsigned top = (unsigned)(r.w >> 60);
         if (mode == MODE_INT) {
@@ -659,21 +661,80 @@ int tsz_count(const uint8_t *buf, size_t len, uint32_t *count)
     return M3_OK;
 }
 
-int tsz_decode(const uint8_t *buf, size_t len, int64_t *ts, double *v, size_t cap, size_t *n,
-               uint64_t *err_bit)
+int64_t tsz_samples(const uint8_t *buf, size_t len)
 {
     uint32_t count;
-    if (n)
-        *n = 0;
-    if (err_bit)
-        *err_bit = 0;
-    if (!n || (cap && (!ts || !v)))
+    int rc = tsz_count(buf, len, &count);
+    return rc ? rc : (int64_t)count;
+}
+
+int64_t tsz_decode(const uint8_t *buf, size_t len, int64_t *ts, double *v, size_t cap)
+{
+    uint32_t count;
+    size_t n;
+    if (cap && (!ts || !v))
         return M3_EINVAL;
     int rc = tsz_count(buf, len, &count);
     if (rc)
         return rc;
     uint32_t want = count < cap ? count : (uint32_t)cap;
-    return decode_core(buf, len, want, ts, v, NULL, n, err_bit);
+    rc = decode_core(buf, len, want, ts, v, NULL, &n, NULL);
+    return rc ? rc : (int64_t)n;
+}
+
+int tsz_decode_diag(const uint8_t *buf, size_t len, size_t *n, uint64_t *err_bit)
+{
+    uint32_t count;
+    if (!n || !err_bit)
+        return M3_EINVAL;
+    *n = 0;
+    *err_bit = 0;
+    int rc = tsz_count(buf, len, &count);
+    if (rc)
+        return rc;
+    return decode_core(buf, len, count, NULL, NULL, NULL, n, err_bit);
+}
+
+int tsz_count_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks, uint64_t *out,
+                   size_t *bad)
+{
+    if (!offs || !out || !bad || (nblocks && !buf))
+        return M3_EINVAL;
+    out[0] = 0;
+    for (size_t i = 0; i < nblocks; i++) {
+        uint32_t count;
+        *bad = i;
+        if (offs[i + 1] < offs[i])
+            return M3_EINVAL;
+        int rc = tsz_count(buf + offs[i], (size_t)(offs[i + 1] - offs[i]), &count);
+        if (rc)
+            return rc;
+        out[i + 1] = out[i] + count;
+    }
+    return M3_OK;
+}
+
+int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
+                    const uint64_t *out, int64_t *ts, double *v, size_t *bad)
+{
+    if (!offs || !out || !bad || (nblocks && (!buf || !ts || !v)))
+        return M3_EINVAL;
+    for (size_t i = 0; i < nblocks; i++) {
+        uint32_t count;
+        size_t n;
+        *bad = i;
+        const uint8_t *b = buf + offs[i];
+        size_t len = (size_t)(offs[i + 1] - offs[i]);
+        int rc = tsz_count(b, len, &count);
+        if (rc)
+            return rc;
+        if (out[i + 1] - out[i] != count) /* not the counts tsz_count_many gave */
+            return M3_EINVAL;
+        rc = decode_core(b, len, count, ts + out[i], v + out[i], NULL, &n, NULL);
+        if (rc)
+            return rc;
+    }
+    return M3_OK;
 }
 
 int tsz_enc_resume(tsz_enc *e, uint8_t *buf, size_t cap)

@@ -77,10 +77,19 @@ int tsz_encode(const int64_t *ts, const double *v, size_t n, uint8_t *buf, size_
 size_t tsz_bound(size_t n);
 /* Read and sanity-check the header: *count = published samples (acquire). */
 int tsz_count(const uint8_t *buf, size_t len, uint32_t *count);
-/* Decode up to cap samples. *n receives the samples decoded (also on error) and *err_bit the
-   bit offset of the stream where decoding stopped on error. */
-int tsz_decode(const uint8_t *buf, size_t len, int64_t *ts, double *v, size_t cap,
-               size_t *n, uint64_t *err_bit);
+/* The same check without an out-parameter: the published count, or a negative m3_err. */
+int64_t tsz_samples(const uint8_t *buf, size_t len);
+/* Decode min(published, cap) samples into ts/v: returns how many, or a negative m3_err. */
+int64_t tsz_decode(const uint8_t *buf, size_t len, int64_t *ts, double *v, size_t cap);
+/* After a failed decode, where it failed: *n samples decoded before stream bit *err_bit. */
+int tsz_decode_diag(const uint8_t *buf, size_t len, size_t *n, uint64_t *err_bit);
+/* Blocks stored back to back: block i is buf[offs[i], offs[i+1]). tsz_count_many fills
+   out[0..nblocks] with the prefix sums of their counts (out[0] = 0); tsz_decode_many then
+   decodes block i into ts/v[out[i], out[i+1]). On error *bad is the failing block's index. */
+int tsz_count_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks, uint64_t *out,
+                   size_t *bad);
+int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
+                    const uint64_t *out, int64_t *ts, double *v, size_t *bad);
 
 /* ---- segment.c: the shared-memory segment's header and layout (docs/formats/shm.md) ---- */
 

@@ -56,24 +56,61 @@ def encode(timestamps: Any, values: Any) -> bytes:
 def count(data: Any) -> int:
     """The number of samples a block holds (its published count), after a header check."""
     buf = ffi.from_buffer(data)
-    out = ffi.new("uint32_t *")
-    check(lib.tsz_count(buf, len(buf), out), f"tsz block header ({len(buf)} bytes)")
-    return int(out[0])
+    return check(lib.tsz_samples(buf, len(buf)), f"tsz block header ({len(buf)} bytes)")
+
+
+def _decode_error(buf: Any, code: int, what: str) -> Exception:
+    n = ffi.new("size_t *")
+    bit = ffi.new("uint64_t *")
+    lib.tsz_decode_diag(buf, len(buf), n, bit)
+    total = lib.tsz_samples(buf, len(buf))
+    return error_for(code, f"{what} of {len(buf)} bytes: stopped at stream bit {bit[0]} after "
+                           f"{n[0]} of {total} samples")
 
 
 def decode(data: Any) -> tuple[np.ndarray, np.ndarray]:
     """Decode a block into (int64 timestamps, float64 values)."""
     buf = ffi.from_buffer(data)
-    n_total = count(data)
-    ts = np.empty(n_total, dtype=np.int64)
-    vs = np.empty(n_total, dtype=np.float64)
-    n = ffi.new("size_t *")
-    err_bit = ffi.new("uint64_t *")
-    rc = lib.tsz_decode(buf, len(buf), ffi.from_buffer("int64_t[]", ts),
-                        ffi.from_buffer("double[]", vs), n_total, n, err_bit)
-    check(rc, f"tsz block of {len(buf)} bytes: stopped at stream bit {err_bit[0]} after "
-              f"{n[0]} of {n_total} samples")
+    size = len(buf)
+    n = lib.tsz_samples(buf, size)
+    if n < 0:  # (messages are formatted on the error path only: this is a hot call)
+        raise error_for(n, f"tsz block header ({size} bytes)")
+    ts = np.empty(n, dtype=np.int64)
+    vs = np.empty(n, dtype=np.float64)
+    got = lib.tsz_decode(buf, size, ffi.from_buffer("int64_t[]", ts),
+                         ffi.from_buffer("double[]", vs), n)
+    if got < 0:
+        raise _decode_error(buf, got, "tsz block")
     return ts, vs
+
+
+def decode_many(data: Any, offsets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode blocks stored back to back in one C call.
+
+    Block ``i`` is ``data[offsets[i]:offsets[i+1]]``. Returns (timestamps, values,
+    sample_offsets), where block ``i``'s samples are ``[sample_offsets[i]:sample_offsets[i+1]]``.
+    """
+    buf = ffi.from_buffer(data)
+    offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+    nblocks = len(offs) - 1
+    if nblocks < 0 or (nblocks and int(offs[-1]) > len(buf)):
+        raise ValueError(f"block offsets must be non-empty and end within the {len(buf)} bytes")
+    out = np.empty(nblocks + 1, dtype=np.uint64)
+    bad = ffi.new("size_t *")
+    poffs = ffi.from_buffer("uint64_t[]", offs)
+    pout = ffi.from_buffer("uint64_t[]", out)
+    rc = lib.tsz_count_many(buf, poffs, nblocks, pout, bad)
+    check(rc, f"block {bad[0]} of {nblocks}: header")
+    total = int(out[-1])
+    ts = np.empty(total, dtype=np.int64)
+    vs = np.empty(total, dtype=np.float64)
+    rc = lib.tsz_decode_many(buf, poffs, nblocks, pout, ffi.from_buffer("int64_t[]", ts),
+                             ffi.from_buffer("double[]", vs), bad)
+    if rc < 0:
+        i = bad[0]
+        block = ffi.buffer(buf)[int(offs[i]) : int(offs[i + 1])]
+        raise _decode_error(ffi.from_buffer(block), rc, f"block {i} of {nblocks}")
+    return ts, vs, out.astype(np.int64)
 
 
 class Encoder:
@@ -156,4 +193,5 @@ class Encoder:
         return ffi.buffer(self._buf, lib.tsz_enc_size(self._state))[:]
 
 
-__all__ = ["Encoder", "encode", "decode", "count", "BufferFullError", "HEADER_BYTES", "VERSION"]
+__all__ = ["Encoder", "encode", "decode", "decode_many", "count", "BufferFullError",
+           "HEADER_BYTES", "VERSION"]

@@ -4,7 +4,9 @@
 
 Prints one JSON object. Sizes are exact; times are medians over --runs runs of encoding (and
 decoding) every series of the dataset as one block each, one Python call per series, on one
-thread. ``*_cpu_ns_per_sample`` is that thread's CPU time (user+sys), which travels between
+thread; ``decode_batched_*`` decodes all blocks, stored back to back, in one call
+(``codec.decode_many``, the way a query reads a fileset).
+``*_cpu_ns_per_sample`` is that thread's CPU time (user+sys), which travels between
 machines better than wall-clock time; ``*_ns_per_sample`` is wall-clock. The baseline
 ``gorilla_bytes_per_sample`` is the same data in Prometheus' XOR chunk encoding, one chunk per
 series (perf/gorilla.py).
@@ -60,8 +62,15 @@ def main() -> None:
         for b in blocks:
             codec.decode(b)
 
+    joined = b"".join(blocks)
+    offsets = np.cumsum([0] + [len(b) for b in blocks])
+
+    def decode_batched() -> None:
+        codec.decode_many(joined, offsets)
+
     enc = [_timed(encode_all) for _ in range(args.runs)]
     dec = [_timed(decode_all) for _ in range(args.runs)]
+    batch = [_timed(decode_batched) for _ in range(args.runs)]
     med = statistics.median
     out = {
         "dataset": Path(args.dataset).name,
@@ -75,8 +84,10 @@ def main() -> None:
         "ratio_to_gorilla": round(ours / gorilla, 4),
         "encode_ns_per_sample": round(med(w for w, _ in enc) / samples, 2),
         "decode_ns_per_sample": round(med(w for w, _ in dec) / samples, 2),
+        "decode_batched_ns_per_sample": round(med(w for w, _ in batch) / samples, 2),
         "encode_cpu_ns_per_sample": round(med(c for _, c in enc) / samples, 2),
         "decode_cpu_ns_per_sample": round(med(c for _, c in dec) / samples, 2),
+        "decode_batched_cpu_ns_per_sample": round(med(c for _, c in batch) / samples, 2),
     }
     print(json.dumps(out))
 

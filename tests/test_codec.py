@@ -277,3 +277,33 @@ def test_the_requested_core_is_the_one_loaded() -> None:
         assert os.path.samefile(_native._core.__file__, want)
     else:
         assert "_core" in _native._core.__file__
+
+
+@given(st.lists(st.lists(st.tuples(st.integers(1, 10**6), realistic_value), max_size=40),
+                max_size=12))
+def test_decode_many_equals_decode_each(blocks: list[list[tuple[int, float]]]) -> None:
+    encoded, want_ts, want_vs = [], [], []
+    for steps in blocks:
+        ts = np.cumsum([s for s, _ in steps], dtype=np.int64)
+        vs = np.array([v for _, v in steps], dtype=np.float64)
+        encoded.append(codec.encode(ts, vs))
+        want_ts.append(ts)
+        want_vs.append(vs)
+    offsets = np.cumsum([0] + [len(b) for b in encoded])
+    ts, vs, so = codec.decode_many(b"".join(encoded), offsets)
+    assert len(so) == len(blocks) + 1
+    for i in range(len(blocks)):
+        np.testing.assert_array_equal(ts[so[i] : so[i + 1]], want_ts[i])
+        np.testing.assert_array_equal(vs[so[i] : so[i + 1]].view(np.uint64),
+                                      want_vs[i].view(np.uint64))
+
+
+def test_decode_many_names_the_bad_block() -> None:
+    a = codec.encode([1, 2], [1.0, 2.0])
+    b = codec.encode(np.arange(50) * 1000, np.sin(np.arange(50)))
+    data = a + b[:-10] + a
+    offs = [0, len(a), len(a) + len(b) - 10, len(data)]
+    with pytest.raises(CorruptError, match="block 1 of 3"):
+        codec.decode_many(data, offs)
+    with pytest.raises(CorruptError, match="block 2 of 3: header"):
+        codec.decode_many(a + a + b"XZ" + a[2:], [0, len(a), 2 * len(a), 3 * len(a)])

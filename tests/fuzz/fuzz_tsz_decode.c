@@ -20,21 +20,41 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static int64_t ts[CAP], ts2[CAP];
     static double v[CAP], v2[CAP];
-    size_t n = 0, n2 = 0;
+    size_t n = 0;
     uint64_t err_bit = 0;
+    int64_t got;
 
     /* an exact-size heap copy, so ASan sees every read past the input */
     uint8_t *in = malloc(size ? size : 1);
     memcpy(in, data, size);
-    int rc = tsz_decode(in, size, ts, v, CAP, &n, &err_bit);
-    if (n > CAP)
+    got = tsz_decode(in, size, ts, v, CAP);
+    if (got > CAP)
         abort();
-    if (rc == M3_OK) {
+    if (got < 0) {
+        /* the diagnostics must agree that it fails, and stay in bounds */
+        if (tsz_decode_diag(in, size, &n, &err_bit) == M3_OK)
+            abort();
+        if (err_bit > (uint64_t)size * 8)
+            abort();
+    } else {
+        n = (size_t)got;
+        /* the batch decoder agrees with the single-block one */
+        uint64_t offs[2] = {0, size}, sums[2];
+        size_t bad;
+        if (n < CAP) {
+            if (tsz_count_many(in, offs, 1, sums, &bad) != M3_OK || sums[1] != n)
+                abort();
+            if (tsz_decode_many(in, offs, 1, sums, ts2, v2, &bad) != M3_OK)
+                abort();
+            if (memcmp(ts, ts2, n * sizeof ts[0]) || memcmp(v, v2, n * sizeof v[0]))
+                abort();
+        }
         size_t cap = tsz_bound(n), used = 0;
         uint8_t *out = malloc(cap);
         if (tsz_encode(ts, v, n, out, cap, &used) != M3_OK)
             abort(); /* decoded timestamps are increasing, so they must encode */
-        if (tsz_decode(out, used, ts2, v2, CAP, &n2, &err_bit) != M3_OK || n2 != n)
+        got = tsz_decode(out, used, ts2, v2, CAP);
+        if (got < 0 || (size_t)got != n)
             abort();
         if (memcmp(ts, ts2, n * sizeof ts[0]) || memcmp(v, v2, n * sizeof v[0]))
             abort();
@@ -52,7 +72,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (n && ts[n - 1] == INT64_MAX)
                 next = 0; /* cannot go later; skip the append */
             else if (tsz_enc_append(&e, buf, rcap, next, 1.5) == M3_OK) {
-                if (tsz_decode(buf, rcap, ts2, v2, CAP, &n2, &err_bit) != M3_OK || n2 != n + 1)
+                got = tsz_decode(buf, rcap, ts2, v2, CAP);
+                if (got < 0 || (size_t)got != n + 1)
                     abort();
                 if (memcmp(ts, ts2, n * sizeof ts[0]) || memcmp(v, v2, n * sizeof v[0]))
                     abort();
