@@ -41,3 +41,13 @@ def test_script_case(case: Case) -> None:
 
 def test_scripts_exist() -> None:
     assert len(SCRIPTS) >= 5 and len(CASES) >= 100
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_script_case_in_small_chunks(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same cases with range functions run over chunks of a few samples each."""
+    from m3shm.query import rangefuncs
+
+    monkeypatch.setattr(rangefuncs, "CHUNK_SAMPLES", 3)
+    problems = check_case(case, Engine(_store(case.loads)))
+    assert not problems, f"{case.path}:{case.line}: {case.expr}\n  " + "\n  ".join(problems)

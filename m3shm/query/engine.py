@@ -47,7 +47,8 @@ class Limits:
 
 @dataclass
 class Stats:
-    samples_decoded: int = 0
+    samples_decoded: int = 0  # samples read from blocks by selectors
+    points: int = 0  # points produced by subqueries and the result
     series_selected: int = 0
     partial: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -143,9 +144,12 @@ class Evaluator:
         self.account(len(flat.ts))
         return flat
 
-    def account(self, samples: int) -> None:
-        self.stats.samples_decoded += samples
-        if self.stats.samples_decoded > self.limits.max_samples:
+    def account(self, samples: int, decoded: bool = True) -> None:
+        if decoded:
+            self.stats.samples_decoded += samples
+        else:
+            self.stats.points += samples
+        if self.stats.samples_decoded + self.stats.points > self.limits.max_samples:
             raise QueryLimitError("query processing would load too many samples into memory "
                                   f"(limit {self.limits.max_samples})")
 
@@ -189,7 +193,7 @@ class Evaluator:
         offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         ts = np.broadcast_to(inner_steps, v.present.shape)[v.present]
         flat = FlatSeries(v.labels, np.ascontiguousarray(ts), v.values[v.present], offsets)
-        self.account(len(flat.ts))
+        self.account(len(flat.ts), decoded=False)
         return RangeData(flat, ends, rng, None)
 
 
@@ -269,7 +273,7 @@ class Engine:
             raise QueryError(f'invalid expression type "{type(val).__name__.lower()}" for '
                              "range query, must be Scalar or instant Vector")
         val = val.nonempty()
-        ev.account(int(val.present.sum()))
+        ev.account(int(val.present.sum()), decoded=False)
         out = [Series(val.labels[i], steps[val.present[i]], val.values[i][val.present[i]])
                for i in range(len(val.labels))]
         out.sort(key=lambda s: s.labels)

@@ -74,13 +74,14 @@ def _string_arg(v: Value, name: str) -> str:
 def call(ev: Evaluator, node: Any) -> Value:
     name = node.func.name
     args = [ev.eval(a) for a in node.args]
+    chunked = rangefuncs.chunked
     if name in ("rate", "increase", "delta"):
-        return rangefuncs.extrapolated_rate(_range_arg(args[0], name), name != "delta",
-                                            name == "rate")
+        return chunked(rangefuncs.extrapolated_rate, _range_arg(args[0], name),
+                       name != "delta", name == "rate")
     if name in ("irate", "idelta"):
-        return rangefuncs.instant_delta(_range_arg(args[0], name), name == "irate")
+        return chunked(rangefuncs.instant_delta, _range_arg(args[0], name), name == "irate")
     if name in OVER_TIME:
-        return rangefuncs.over_time(_range_arg(args[0], name), OVER_TIME[name])
+        return chunked(rangefuncs.over_time, _range_arg(args[0], name), OVER_TIME[name])
     if name == "quantile_over_time":
         return rangefuncs.quantile_over_time(_range_arg(args[1], name),
                                              _scalar_arg(args[0], name))

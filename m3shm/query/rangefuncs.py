@@ -8,8 +8,12 @@ the flat samples in place: the first and last sample of a window are gathers, su
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
+from m3shm.query.blocks import FlatSeries
 from m3shm.query.errors import QueryError
 from m3shm.query.labels import drop_name
 from m3shm.query.values import RangeData, Vector
@@ -17,6 +21,42 @@ from m3shm.query.vectors import merge_same_labels
 from m3shm.query.windows import gather_windows, locate, reduce_windows
 
 Windows = tuple[np.ndarray, np.ndarray]
+
+# Series are processed in chunks of about this many samples: the temporaries of a chunk stay
+# in cache and below glibc's mmap threshold, so they are reused instead of page-faulted anew.
+CHUNK_SAMPLES = 1 << 18
+
+
+def split(rd: RangeData, max_samples: int | None = None) -> list[RangeData]:
+    """The range vector cut into runs of whole series of about ``max_samples`` samples."""
+    max_samples = max_samples or CHUNK_SAMPLES
+    off = rd.flat.offsets
+    if off[-1] <= max_samples or len(off) <= 2:
+        return [rd]
+    cuts = [0]
+    bounds = np.searchsorted(off, np.arange(max_samples, int(off[-1]), max_samples))
+    for b in bounds.tolist():
+        if b > cuts[-1] and b < len(off) - 1:
+            cuts.append(b)
+    cuts.append(len(off) - 1)
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        lo, hi = int(off[a]), int(off[b])
+        flat = FlatSeries(rd.flat.labels[a:b], rd.flat.ts[lo:hi], rd.flat.vals[lo:hi],
+                          off[a:b + 1] - lo)
+        out.append(RangeData(flat, rd.ends, rd.range_ms, rd.from_selector))
+    return out
+
+
+def chunked(fn: Callable[..., Vector], rd: RangeData, *args: Any) -> Vector:
+    """``fn(rd, *args)`` run chunk by chunk, the rows stacked in series order."""
+    parts = [fn(part, *args) for part in split(rd)]
+    if len(parts) == 1:
+        return parts[0]
+    labels = [lb for p in parts for lb in p.labels]
+    vec = Vector(labels, np.concatenate([p.values for p in parts]),
+                 np.concatenate([p.present for p in parts]))
+    return merge_same_labels(vec)
 
 
 def windows(rd: RangeData) -> Windows:
@@ -66,9 +106,13 @@ def extrapolated_rate(rd: RangeData, counter: bool, rate: bool) -> Vector:
     fv, lv = v[f], v[last]
     result = lv - fv
     if counter:
-        corr = np.where(v < _prev(v), _prev(v), 0.0)
-        corr[_series_start(rd)] = 0.0
-        if corr.any():
+        drops = np.empty(len(v), dtype=bool)
+        drops[0] = False
+        np.less(v[1:], v[:-1], out=drops[1:])
+        starts = rd.flat.offsets[:-1]
+        drops[starts[starts < len(v)]] = False
+        if drops.any():
+            corr = np.where(drops, _prev(v), 0.0)
             result = result + np.where(ok, reduce_windows(np.add, corr, lo + 1, hi, 0.0), 0.0)
     ends = rd.ends[None, :]
     with np.errstate(all="ignore"):

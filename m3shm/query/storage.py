@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from m3shm.query.labels import Labels, from_dict
+from m3shm.query.labels import METRIC_NAME, Labels, from_dict, get
 from m3shm.query.matchers import Matcher, matches_all
 
 DEFAULT_BLOCK_MS = 2 * 3600 * 1000
@@ -76,12 +76,15 @@ class MemoryStore:
         self.block_ms = block_ms
         self.encoding = encoding
         self._series: dict[Labels, list[Block]] = {}
+        self._by_name: dict[str, list[Labels]] = {}  # metric name -> its series
 
     def add(self, labels: Labels | dict[str, str], ts: np.ndarray, vals: np.ndarray) -> None:
         """Add samples (sorted, unique timestamps) to a series, cut into aligned blocks."""
         lbl = from_dict(labels) if isinstance(labels, dict) else labels
         ts = np.asarray(ts, dtype=np.int64)
         vals = np.asarray(vals, dtype=np.float64)
+        if lbl not in self._series:
+            self._by_name.setdefault(get(lbl, METRIC_NAME), []).append(lbl)
         blocks = self._series.setdefault(lbl, [])
         if len(ts) == 0:
             return
@@ -97,12 +100,18 @@ class MemoryStore:
 
     def clear(self) -> None:
         self._series.clear()
+        self._by_name.clear()
 
     def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
         out = []
-        for lbl, blocks in self._series.items():
-            if not matches_all(matchers, lbl):
+        names = [m.value for m in matchers if m.name == METRIC_NAME and m.op == "="]
+        candidates = self._by_name.get(names[0], []) if names else list(self._series)
+        rest = [m for m in matchers if not (m.name == METRIC_NAME and m.op == "=")] \
+            if names and len(set(names)) == 1 else matchers
+        for lbl in candidates:
+            if rest and not matches_all(rest, lbl):
                 continue
+            blocks = self._series[lbl]
             sel = [b for b in blocks if b.end_ms >= mint and b.start_ms <= maxt]
             if sel:
                 out.append(SeriesBlocks(lbl, sel))
