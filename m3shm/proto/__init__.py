@@ -1,0 +1,1 @@
+"""Generated protobuf modules (protoc from proto/); do not edit by hand."""
