@@ -1,0 +1,374 @@
+"""Immutable filesets: one flushed block of one shard of one namespace (docs/formats/fileset.md).
+
+A fileset is seven files ``fileset-<block start>-<volume>-<kind>.db`` in
+``<root>/<namespace>/<shard>/``: info, index, summaries, bloom, data, digests and checkpoint.
+The checkpoint is written last (after every other file is fsync'd) and a fileset without a valid
+one does not exist: readers skip it and :func:`remove_incomplete` deletes it.
+
+Writing happens once per block at flush; nothing rewrites a fileset. Readers mmap the files; a
+lookup of one series goes bloom filter -> summaries (in memory) -> index (a short scan) -> data,
+and checks the series' own CRC before handing out its block. Blocks stay compressed (TSZ,
+docs/formats/tsz.md); decoding is the caller's business.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import mmap
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from m3shm import codec
+from m3shm.errors import CorruptError
+
+log = logging.getLogger("m3shm.fileset")
+
+MAGIC = b"M3FS"
+VERSION = 1
+HEADER = struct.Struct("<4sBBH")  # magic, kind, version, reserved
+INFO = struct.Struct("<qqIIQQQIIQ")
+ENTRY_TAIL = struct.Struct("<QQIII")  # hash, data offset, data length, data crc32, samples
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+DEFAULT_SUMMARY_EVERY = 64
+BLOOM_BITS_PER_SERIES = 10
+BLOOM_K = 7
+NAME = re.compile(r"^fileset-(-?\d+)-(\d+)-([a-z]+)\.db$")
+
+
+class Kind(IntEnum):
+    """File kinds; the values are persisted in every file header."""
+
+    INFO = 1
+    INDEX = 2
+    SUMMARIES = 3
+    BLOOM = 4
+    DATA = 5
+    DIGESTS = 6
+    CHECKPOINT = 7
+
+
+DIGESTED = (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM, Kind.DATA)
+
+
+class CorruptFilesetError(CorruptError):
+    """A fileset file that is not what its format says: names the file, offset and expectation."""
+
+    def __init__(self, path: Path, offset: int, expected: str, found: str = "") -> None:
+        self.path, self.offset, self.expected = path, offset, expected
+        msg = f"corrupt fileset file {path} at offset {offset}: expected {expected}"
+        super().__init__(msg + (f", found {found}" if found else ""))
+
+
+@dataclass(frozen=True, order=True)
+class FilesetId:
+    namespace: str
+    shard: int
+    block_start: int  # ms since the epoch
+    volume: int
+
+    def path(self, root: Path, kind: Kind) -> Path:
+        return (root / self.namespace / f"{self.shard:04d}" /
+                f"fileset-{self.block_start}-{self.volume}-{kind.name.lower()}.db")
+
+
+@dataclass(frozen=True)
+class Info:
+    block_start: int
+    block_size: int
+    volume: int
+    summary_every: int
+    num_series: int
+    num_samples: int
+    data_bytes: int
+    codec_version: int
+    bloom_k: int
+    bloom_bits: int
+
+
+def _bloom_positions(hashes: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """k probe positions per hash (double hashing), shape (len(hashes), k); bits is a power
+    of two."""
+    h = hashes.astype(np.uint64)
+    step = (h >> np.uint64(33)) | np.uint64(1)
+    i = np.arange(k, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return (h[:, None] + i[None, :] * step[:, None]) & np.uint64(bits - 1)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, kind: Kind, parts: Iterable[bytes | memoryview]) -> int:
+    """Write header + parts, fsync, and return the CRC32 of the whole file."""
+    crc = 0
+    with open(path, "wb") as f:
+        for part in (HEADER.pack(MAGIC, kind, VERSION, 0), *parts):
+            f.write(part)
+            crc = zlib.crc32(part, crc)
+        f.flush()
+        os.fsync(f.fileno())
+    return crc & 0xFFFFFFFF
+
+
+def write_fileset(root: Path, fid: FilesetId, block_size: int,
+                  series: Iterable[tuple[bytes, int, bytes]],
+                  summary_every: int = DEFAULT_SUMMARY_EVERY) -> Info:
+    """Write one fileset from (series id, series hash, TSZ block) triples, in any order.
+
+    Series ids must be unique. Returns the fileset's info once it is durable (every file and
+    the directory fsync'd, the checkpoint last).
+    """
+    entries = sorted(series, key=lambda e: e[0])
+    for a, b in zip(entries, entries[1:], strict=False):
+        if a[0] == b[0]:
+            raise ValueError(f"series id {a[0]!r} appears twice in fileset {fid}")
+    directory = fid.path(root, Kind.INFO).parent
+    directory.mkdir(parents=True, exist_ok=True)
+
+    index, summaries, data = bytearray(), bytearray(), []
+    data_off = samples = 0
+    for i, (sid, h, block) in enumerate(entries):
+        n = codec.count(block)  # also checks the block header
+        if i % summary_every == 0:
+            summaries += U32.pack(len(sid)) + sid + U64.pack(len(index))
+        index += U32.pack(len(sid)) + sid + ENTRY_TAIL.pack(
+            h & 0xFFFFFFFFFFFFFFFF, data_off, len(block), zlib.crc32(block), n)
+        data.append(block)
+        data_off += len(block)
+        samples += n
+
+    nseries = len(entries)
+    bloom_bits = 64
+    while bloom_bits < nseries * BLOOM_BITS_PER_SERIES:
+        bloom_bits *= 2
+    bloom = np.zeros(bloom_bits // 8, dtype=np.uint8)
+    if nseries:
+        hashes = np.array([e[1] & 0xFFFFFFFFFFFFFFFF for e in entries], dtype=np.uint64)
+        pos = _bloom_positions(hashes, BLOOM_K, bloom_bits).ravel()
+        np.bitwise_or.at(bloom, (pos >> np.uint64(3)).astype(np.intp),
+                         (np.uint8(1) << (pos & np.uint64(7)).astype(np.uint8)))
+
+    info = Info(fid.block_start, block_size, fid.volume, summary_every, nseries, samples,
+                data_off, codec.VERSION, BLOOM_K, bloom_bits)
+    crcs = {
+        Kind.INFO: _write_file(fid.path(root, Kind.INFO), Kind.INFO,
+                               [INFO.pack(*info.__dict__.values())]),
+        Kind.INDEX: _write_file(fid.path(root, Kind.INDEX), Kind.INDEX, [index]),
+        Kind.SUMMARIES: _write_file(fid.path(root, Kind.SUMMARIES), Kind.SUMMARIES,
+                                    [summaries]),
+        Kind.BLOOM: _write_file(fid.path(root, Kind.BLOOM), Kind.BLOOM, [bloom.tobytes()]),
+        Kind.DATA: _write_file(fid.path(root, Kind.DATA), Kind.DATA, data),
+    }
+    digests = b"".join(U32.pack(crcs[k]) for k in DIGESTED)
+    dcrc = _write_file(fid.path(root, Kind.DIGESTS), Kind.DIGESTS, [digests])
+    _fsync_dir(directory)  # every file above exists durably before the checkpoint does
+    _write_file(fid.path(root, Kind.CHECKPOINT), Kind.CHECKPOINT, [U32.pack(dcrc)])
+    _fsync_dir(directory)
+    return info
+
+
+class Fileset:
+    """A complete fileset opened for reading through mmap. Close it (or use ``with``)."""
+
+    def __init__(self, root: Path, fid: FilesetId) -> None:
+        self.fid = fid
+        self._maps: dict[Kind, mmap.mmap | bytes] = {}
+        try:
+            self._open(root)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, root: Path, kind: Kind) -> memoryview:
+        path = self.fid.path(root, kind)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            m: mmap.mmap | bytes = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                    if size else b"")
+        self._maps[kind] = m
+        if size < HEADER.size:
+            raise CorruptFilesetError(path, 0, f"a {HEADER.size}-byte header", f"{size} bytes")
+        magic, k, version, _ = HEADER.unpack_from(m, 0)
+        if magic != MAGIC or k != kind:
+            raise CorruptFilesetError(path, 0, f"magic {MAGIC!r} kind {int(kind)}",
+                                      f"{magic!r} kind {k}")
+        if version != VERSION:
+            raise CorruptFilesetError(path, 5, f"version {VERSION}", str(version))
+        return memoryview(m)
+
+    def _open(self, root: Path) -> None:
+        self.paths = {k: self.fid.path(root, k) for k in Kind}
+        ckpt = self._map(root, Kind.CHECKPOINT)
+        digests = self._map(root, Kind.DIGESTS)
+        if len(ckpt) != HEADER.size + 4:
+            raise CorruptFilesetError(self.paths[Kind.CHECKPOINT], HEADER.size,
+                                      "a 4-byte digest CRC", f"{len(ckpt) - HEADER.size} bytes")
+        want = U32.unpack_from(ckpt, HEADER.size)[0]
+        if zlib.crc32(digests) != want:
+            raise CorruptFilesetError(self.paths[Kind.DIGESTS], 0, f"CRC32 {want:#010x}",
+                                      f"{zlib.crc32(digests):#010x}")
+        if len(digests) != HEADER.size + 4 * len(DIGESTED):
+            raise CorruptFilesetError(self.paths[Kind.DIGESTS], HEADER.size,
+                                      f"{len(DIGESTED)} CRCs")
+        self._digest = {k: U32.unpack_from(digests, HEADER.size + 4 * i)[0]
+                        for i, k in enumerate(DIGESTED)}
+        views = {k: self._map(root, k) for k in DIGESTED}
+        # Everything but the data is checked whole on open; data is checked per series on
+        # read (and whole by verify()).
+        for k in (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM):
+            self._check_crc(k, views[k])
+        if len(views[Kind.INFO]) != HEADER.size + INFO.size:
+            raise CorruptFilesetError(self.paths[Kind.INFO], HEADER.size,
+                                      f"{INFO.size} bytes of info")
+        self.info = Info(*INFO.unpack_from(views[Kind.INFO], HEADER.size))
+        self._index = views[Kind.INDEX][HEADER.size:]
+        self._data = views[Kind.DATA][HEADER.size:]
+        self._bloom = np.frombuffer(views[Kind.BLOOM], dtype=np.uint8, offset=HEADER.size)
+        if self._bloom.size * 8 != self.info.bloom_bits:
+            raise CorruptFilesetError(self.paths[Kind.BLOOM], HEADER.size,
+                                      f"{self.info.bloom_bits} bits")
+        self._sum_ids, self._sum_offs = self._read_summaries(views[Kind.SUMMARIES])
+
+    def _check_crc(self, kind: Kind, view: memoryview) -> None:
+        got = zlib.crc32(view)
+        if got != self._digest[kind]:
+            raise CorruptFilesetError(self.paths[kind], 0,
+                                      f"CRC32 {self._digest[kind]:#010x} (digests file)",
+                                      f"{got:#010x}")
+
+    def _read_summaries(self, view: memoryview) -> tuple[list[bytes], list[int]]:
+        ids, offs, pos = [], [], HEADER.size
+        while pos < len(view):
+            (n,) = U32.unpack_from(view, pos)
+            if pos + 4 + n + 8 > len(view):
+                raise CorruptFilesetError(self.paths[Kind.SUMMARIES], pos,
+                                          "a summary entry within the file")
+            ids.append(bytes(view[pos + 4 : pos + 4 + n]))
+            offs.append(U64.unpack_from(view, pos + 4 + n)[0])
+            pos += 4 + n + 8
+        return ids, offs
+
+    def _entry(self, pos: int) -> tuple[bytes, int, int, int, int, int, int]:
+        """(id, hash, data offset, data length, crc, samples, next entry position)"""
+        idx = self._index
+        if pos + 4 > len(idx):
+            raise CorruptFilesetError(self.paths[Kind.INDEX], HEADER.size + pos, "an entry")
+        (n,) = U32.unpack_from(idx, pos)
+        end = pos + 4 + n + ENTRY_TAIL.size
+        if end > len(idx):
+            raise CorruptFilesetError(self.paths[Kind.INDEX], HEADER.size + pos,
+                                      "an entry within the file")
+        h, off, length, crc, samples = ENTRY_TAIL.unpack_from(idx, pos + 4 + n)
+        return bytes(idx[pos + 4 : pos + 4 + n]), h, off, length, crc, samples, end
+
+    def _block(self, sid: bytes, off: int, length: int, crc: int) -> memoryview:
+        if off + length > len(self._data):
+            raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
+                                      f"{length} bytes of series {sid!r} within the file")
+        block = self._data[off : off + length]
+        if zlib.crc32(block) != crc:
+            raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
+                                      f"CRC32 {crc:#010x} of series {sid!r}")
+        return block
+
+    def may_contain(self, series_hash: int) -> bool:
+        """The bloom filter's answer: False means the series is certainly absent."""
+        pos = _bloom_positions(np.array([series_hash & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64),
+                               self.info.bloom_k, self.info.bloom_bits)[0]
+        bits = self._bloom[(pos >> np.uint64(3)).astype(np.intp)]
+        return bool(np.all(bits & (np.uint8(1) << (pos & np.uint64(7)).astype(np.uint8))))
+
+    def get(self, sid: bytes, series_hash: int) -> memoryview | None:
+        """The compressed block of one series, or None if the fileset does not hold it."""
+        if not self._sum_ids or not self.may_contain(series_hash):
+            return None
+        i = bisect.bisect_right(self._sum_ids, sid) - 1
+        if i < 0:
+            return None
+        pos = self._sum_offs[i]
+        for _ in range(self.info.summary_every):
+            if pos >= len(self._index):
+                break
+            eid, _h, off, length, crc, _n, pos = self._entry(pos)
+            if eid == sid:
+                return self._block(sid, off, length, crc)
+            if eid > sid:
+                break
+        return None
+
+    def __iter__(self) -> Iterator[tuple[bytes, int, memoryview]]:
+        """Every (series id, hash, block) in id order."""
+        pos = 0
+        while pos < len(self._index):
+            sid, h, off, length, crc, _n, pos = self._entry(pos)
+            yield sid, h, self._block(sid, off, length, crc)
+
+    def __len__(self) -> int:
+        return self.info.num_series
+
+    def verify(self) -> None:
+        """Check the data file's CRC as a whole too (open checks everything else)."""
+        self._check_crc(Kind.DATA, memoryview(self._maps[Kind.DATA]))
+
+    def close(self) -> None:
+        for attr in ("_index", "_data", "_bloom"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        for m in self._maps.values():
+            if isinstance(m, mmap.mmap):
+                # a caller may still hold a block view; the map then closes when it is freed
+                with contextlib.suppress(BufferError):
+                    m.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Fileset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def list_filesets(root: Path) -> list[FilesetId]:
+    """Every fileset under root whose checkpoint file exists, sorted."""
+    out = []
+    for ckpt in Path(root).glob("*/*/fileset-*-checkpoint.db"):
+        m = NAME.match(ckpt.name)
+        if m and ckpt.parent.name.isdigit():
+            out.append(FilesetId(ckpt.parent.parent.name, int(ckpt.parent.name),
+                                 int(m.group(1)), int(m.group(2))))
+    return sorted(out)
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Delete the files of filesets that have no checkpoint (a flush that did not finish).
+
+    For start-up only, before any flush runs: a fileset being written has no checkpoint yet.
+    """
+    complete = {(f.namespace, f.shard, f.block_start, f.volume) for f in list_filesets(root)}
+    removed = []
+    for p in Path(root).glob("*/*/fileset-*.db"):
+        m = NAME.match(p.name)
+        if not m or not p.parent.name.isdigit():
+            continue
+        key = (p.parent.parent.name, int(p.parent.name), int(m.group(1)), int(m.group(2)))
+        if key not in complete:
+            log.warning("removing %s: its fileset has no checkpoint (flush did not finish)", p)
+            p.unlink()
+            removed.append(p)
+    return removed
