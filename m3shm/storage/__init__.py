@@ -1,0 +1,1 @@
+"""Durable storage: the commit log now; namespaces, filesets and the reverse index later."""
