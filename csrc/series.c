@@ -577,12 +577,13 @@ int m3_series_read(const uint8_t *base, uint32_t shard, uint32_t slot, int64_t m
         chunk *c = chunk_at(&v, off);
         if (c->block_start > maxt || c->block_start + bms <= mint)
             continue;
-        size_t got = 0;
-        uint64_t eb = 0;
         /* tsz_decode loads the published count with acquire (codec.c) */
-        rc = tsz_decode(c->buf, c->cap, tbuf, vbuf, M3_CHUNK_BYTES * 8 / 2 + 2, &got, &eb);
-        if (rc)
+        int64_t dec = tsz_decode(c->buf, c->cap, tbuf, vbuf, M3_CHUNK_BYTES * 8 / 2 + 2);
+        if (dec < 0) {
+            rc = (int)dec;
             break;
+        }
+        size_t got = (size_t)dec;
         if (m + got > bound) { /* the owner appended since we counted */
             bound = 2 * (m + got);
             triple *grown = realloc(all, bound * sizeof *all);
