@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,12 @@ from m3shm.errors import CorruptError
 from m3shm.query.labels import from_dict, get
 from m3shm.query.matchers import Matcher
 from m3shm.storage.index_matchers import plan_regex
-from m3shm.storage.index_segment import CorruptIndexError, SegmentReader, write_segment
+from m3shm.storage.index_segment import (
+    CorruptIndexError,
+    IndexVersionError,
+    SegmentReader,
+    write_segment,
+)
 from m3shm.storage.reverse_index import ReverseIndex
 
 NAMES = ["__name__", "a", "b", "job"]
@@ -183,3 +189,13 @@ def test_empty_index_round_trip(tmp_path: Path) -> None:
     write_segment(path, ReverseIndex())
     with SegmentReader(path) as seg:
         assert seg.label_names() == [] and seg.select([("a", "=", "b")]).tolist() == []
+
+
+def test_unknown_version_is_a_version_error(tmp_path: Path) -> None:
+    path = written(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[4] = 2
+    raw[28:32] = zlib.crc32(bytes(raw[:28])).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IndexVersionError, match="version 1"):
+        SegmentReader(path)

@@ -19,6 +19,8 @@ import numpy.typing as npt
 from m3shm.storage import index_postings as P
 from m3shm.storage.index_matchers import IndexMatcher
 
+SCAN_CACHE = 64  # regex scan results kept per column
+
 
 class LabelColumn:
     def __init__(self, name: str, values: Sequence[str], offsets: npt.NDArray[Any],
@@ -30,6 +32,8 @@ class LabelColumn:
         self.has_newline = has_newline  # some value holds "\n", which "." does not match
         self._all: P.Postings | None = None
         self._list: list[str] | None = None
+        # regex scans by (pattern, range); a column never changes, so they stay valid
+        self._scans: dict[tuple[str, int, int], npt.NDArray[np.int64]] = {}
 
     def __len__(self) -> int:
         return len(self.values)
@@ -82,10 +86,17 @@ class LabelColumn:
         lo, hi = self.prefix_range(plan.prefix)
         if plan.dot_star_rest and not self.has_newline:
             return np.arange(lo, hi, dtype=np.int64)
-        match = m.regex.fullmatch
-        vals = self.value_list()
-        return np.array([i for i in range(lo, hi) if match(vals[i]) is not None],
-                        dtype=np.int64)
+        key = (m.value, lo, hi)
+        hit = self._scans.get(key)
+        if hit is None:
+            match = m.regex.fullmatch
+            vals = self.value_list()
+            hit = np.array([i for i in range(lo, hi) if match(vals[i]) is not None],
+                           dtype=np.int64)
+            if len(self._scans) >= SCAN_CACHE:
+                self._scans.pop(next(iter(self._scans)))
+            self._scans[key] = hit
+        return hit
 
     def matching_indices(self, m: IndexMatcher, want: bool) -> npt.NDArray[np.int64]:
         """Indices of the values where ``m.matches(value) == want``."""

@@ -82,7 +82,9 @@ def gather(offsets: npt.NDArray[Any], ids: Postings,
         return EMPTY
     starts = offsets[value_idx].astype(np.int64)
     ends = offsets[value_idx + 1].astype(np.int64)
-    if value_idx.size == 1 or (value_idx[-1] - value_idx[0] + 1 == value_idx.size):
+    if value_idx.size == 1:
+        return ids[starts[0]:ends[0]]  # one value's postings are sorted already
+    if value_idx[-1] - value_idx[0] + 1 == value_idx.size:
         out = ids[starts[0]:ends[-1]].copy()
     else:
         lens = ends - starts

@@ -107,5 +107,6 @@ class ReverseIndex(IndexReader):
         if not self._ordered:
             run = np.repeat(np.arange(len(values)), lens)
             ids = ids[np.lexsort((ids, run))]
+        ids.setflags(write=False)  # postings of one value are handed out as views
         has_newline = any("\n" in v for v in values)
         return LabelColumn(name, values, offsets, ids, has_newline)
