@@ -84,33 +84,41 @@ def decode(data: Any) -> tuple[np.ndarray, np.ndarray]:
     return ts, vs
 
 
-def decode_many(data: Any, offsets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_many(data: Any, offsets: Any, out: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode blocks stored back to back in one C call.
 
     Block ``i`` is ``data[offsets[i]:offsets[i+1]]``. Returns (timestamps, values,
     sample_offsets), where block ``i``'s samples are ``[sample_offsets[i]:sample_offsets[i+1]]``.
+    ``out`` may supply reusable (int64, float64) arrays; when they are large enough the results
+    are views of them (writing fresh memory costs more than decoding into it).
     """
     buf = ffi.from_buffer(data)
     offs = np.ascontiguousarray(offsets, dtype=np.uint64)
     nblocks = len(offs) - 1
     if nblocks < 0 or (nblocks and int(offs[-1]) > len(buf)):
         raise ValueError(f"block offsets must be non-empty and end within the {len(buf)} bytes")
-    out = np.empty(nblocks + 1, dtype=np.uint64)
+    sums = np.empty(nblocks + 1, dtype=np.uint64)
     bad = ffi.new("size_t *")
     poffs = ffi.from_buffer("uint64_t[]", offs)
-    pout = ffi.from_buffer("uint64_t[]", out)
+    pout = ffi.from_buffer("uint64_t[]", sums)
     rc = lib.tsz_count_many(buf, poffs, nblocks, pout, bad)
     check(rc, f"block {bad[0]} of {nblocks}: header")
-    total = int(out[-1])
-    ts = np.empty(total, dtype=np.int64)
-    vs = np.empty(total, dtype=np.float64)
+    total = int(sums[-1])
+    if (out is not None and len(out[0]) >= total and len(out[1]) >= total
+            and out[0].dtype == np.int64 and out[1].dtype == np.float64
+            and out[0].flags.c_contiguous and out[1].flags.c_contiguous):
+        ts, vs = out[0][:total], out[1][:total]
+    else:
+        ts = np.empty(total, dtype=np.int64)
+        vs = np.empty(total, dtype=np.float64)
     rc = lib.tsz_decode_many(buf, poffs, nblocks, pout, ffi.from_buffer("int64_t[]", ts),
                              ffi.from_buffer("double[]", vs), bad)
     if rc < 0:
         i = bad[0]
         block = ffi.buffer(buf)[int(offs[i]) : int(offs[i + 1])]
         raise _decode_error(ffi.from_buffer(block), rc, f"block {i} of {nblocks}")
-    return ts, vs, out.astype(np.int64)
+    return ts, vs, sums.astype(np.int64)
 
 
 class Encoder:

@@ -5,7 +5,8 @@
 Prints one JSON object. Sizes are exact; times are medians over --runs runs of encoding (and
 decoding) every series of the dataset as one block each, one Python call per series, on one
 thread; ``decode_batched_*`` decodes all blocks, stored back to back, in one call
-(``codec.decode_many``, the way a query reads a fileset).
+(``codec.decode_many``, the way a query reads a fileset) into fresh arrays, and
+``decode_batched_reused_*`` into arrays reused from run to run.
 ``*_cpu_ns_per_sample`` is that thread's CPU time (user+sys), which travels between
 machines better than wall-clock time; ``*_ns_per_sample`` is wall-clock. The baseline
 ``gorilla_bytes_per_sample`` is the same data in Prometheus' XOR chunk encoding, one chunk per
@@ -68,9 +69,15 @@ def main() -> None:
     def decode_batched() -> None:
         codec.decode_many(joined, offsets)
 
+    reuse = (np.zeros(samples, dtype=np.int64), np.zeros(samples, dtype=np.float64))
+
+    def decode_batched_reused() -> None:
+        codec.decode_many(joined, offsets, out=reuse)
+
     enc = [_timed(encode_all) for _ in range(args.runs)]
     dec = [_timed(decode_all) for _ in range(args.runs)]
     batch = [_timed(decode_batched) for _ in range(args.runs)]
+    reused = [_timed(decode_batched_reused) for _ in range(args.runs)]
     med = statistics.median
     out = {
         "dataset": Path(args.dataset).name,
@@ -85,6 +92,7 @@ def main() -> None:
         "encode_ns_per_sample": round(med(w for w, _ in enc) / samples, 2),
         "decode_ns_per_sample": round(med(w for w, _ in dec) / samples, 2),
         "decode_batched_ns_per_sample": round(med(w for w, _ in batch) / samples, 2),
+        "decode_batched_reused_ns_per_sample": round(med(w for w, _ in reused) / samples, 2),
         "encode_cpu_ns_per_sample": round(med(c for _, c in enc) / samples, 2),
         "decode_cpu_ns_per_sample": round(med(c for _, c in dec) / samples, 2),
         "decode_batched_cpu_ns_per_sample": round(med(c for _, c in batch) / samples, 2),

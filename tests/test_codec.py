@@ -307,3 +307,16 @@ def test_decode_many_names_the_bad_block() -> None:
         codec.decode_many(data, offs)
     with pytest.raises(CorruptError, match="block 2 of 3: header"):
         codec.decode_many(a + a + b"XZ" + a[2:], [0, len(a), 2 * len(a), 3 * len(a)])
+
+
+def test_decode_many_into_reused_arrays() -> None:
+    blocks = [codec.encode(np.arange(n) * 1000 + 1, np.arange(n) * 0.5) for n in (3, 0, 7)]
+    data = b"".join(blocks)
+    offs = np.cumsum([0] + [len(b) for b in blocks])
+    bufs = (np.full(20, -1, dtype=np.int64), np.full(20, -1.0))
+    ts, vs, so = codec.decode_many(data, offs, out=bufs)
+    assert ts.base is bufs[0] and len(ts) == 10 and list(so) == [0, 3, 3, 10]
+    np.testing.assert_array_equal(vs[3:], np.arange(7) * 0.5)
+    small = (np.empty(2, dtype=np.int64), np.empty(2))  # too small: fresh arrays instead
+    ts2, _, _ = codec.decode_many(data, offs, out=small)
+    assert ts2.base is not small[0] and np.array_equal(ts2, ts)
