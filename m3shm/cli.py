@@ -50,6 +50,19 @@ def cmd_codec_stats(args: argparse.Namespace) -> int:
     return 0 if out["lossless"] else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon: a supervisor and one worker per core (m3shm/supervisor.py)."""
+    from m3shm.config import ConfigError, load
+    from m3shm.supervisor import serve
+
+    try:
+        cfg = load(args.config, listen=args.listen, data_dir=args.data, workers=args.workers)
+    except ConfigError as e:
+        print(f"m3shm serve: {e}", file=sys.stderr)
+        return 2
+    return serve(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from m3shm.dataset import default_dataset
 
@@ -66,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     cs.add_argument("--top", type=int, default=10, help="series to list (default 10)")
     cs.set_defaults(func=cmd_codec_stats)
+
+    sv = sub.add_parser("serve", help="run the daemon", description=cmd_serve.__doc__)
+    sv.add_argument("-c", "--config", help="YAML config file (default: embedded defaults)")
+    sv.add_argument("--listen", help="HOST:PORT for HTTP (default 127.0.0.1:7201)")
+    sv.add_argument("--data", help="data directory (default ./data or $M3SHM_DATA)")
+    sv.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -43,8 +43,9 @@ def _batch(producer: int, inc: int, thread: int, counter: int, nrec: int) -> byt
 
 
 def _producer(seg: Segment, producer: int, inc: int, threads: int, batches: int,
-              stall_after: int | None = None) -> None:
-    """Child process body. With stall_after, reserve one more batch and never publish it."""
+              stall_after: int | None = None, stall_fd: int = -1) -> None:
+    """Child process body. With stall_after, reserve one more batch, never publish it, say so
+    on stall_fd and wait to be killed."""
     seg.recover_producer(producer)
     lock = threading.Lock()
 
@@ -64,7 +65,9 @@ def _producer(seg: Segment, producer: int, inc: int, threads: int, batches: int,
                 with lock:
                     while not seg.reserve(producer, _batch(producer, inc, t, counter, 3), 1):
                         time.sleep(0.0002)
-                    os.kill(os.getpid(), signal.SIGSTOP)  # reserved, never published
+                    os.write(stall_fd, b"x")  # reserved, never published
+                    while True:
+                        time.sleep(1)
 
     ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for th in ths:
@@ -152,12 +155,11 @@ def test_lane_per_producer_order(seg):
 
 def test_lane_killed_producer_half_written_record_is_skipped(seg):
     # incarnation 0 reserves a batch it never publishes, then is killed
-    pid = _fork(_producer, seg, 2, 0, 1, 50, 30)
-    # wait for the SIGSTOP (the unpublished reservation is in place)
-    while True:
-        _, status = os.waitpid(pid, os.WUNTRACED)
-        if os.WIFSTOPPED(status):
-            break
+    rfd, wfd = os.pipe()
+    pid = _fork(_producer, seg, 2, 0, 1, 50, 30, wfd)
+    assert os.read(rfd, 1) == b"x"  # the unpublished reservation is in place
+    os.close(rfd)
+    os.close(wfd)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     # incarnation 1 recovers its lanes and produces normally
@@ -224,8 +226,8 @@ def test_owner_killed_mid_apply_loses_nothing(seg):
     rng = random.Random(3)
     owner = _fork(_owner, seg)
     kills = 0
-    while prods:
-        time.sleep(rng.uniform(0.01, 0.06))
+    while prods or kills < 6:
+        time.sleep(rng.uniform(0.005, 0.05))
         os.kill(owner, signal.SIGKILL)
         os.waitpid(owner, 0)
         kills += 1
@@ -241,7 +243,7 @@ def test_owner_killed_mid_apply_loses_nothing(seg):
         time.sleep(0.01)
     os.kill(owner, signal.SIGKILL)
     os.waitpid(owner, 0)
-    assert kills >= 3
+    assert kills >= 6
     found = 0
     for shard in range(SHARDS):
         assert seg.shard_stats(shard)["dropped"] == 0

@@ -1,0 +1,197 @@
+"""Daemon configuration: YAML -> frozen dataclasses, validated once at load.
+
+Every key has an embedded default, so ``m3shm serve`` runs with no file at all. A YAML file
+overrides any subset; an unknown key or a bad value stops start-up with a :class:`ConfigError`
+that names the key (``commitlog.fsync: must be one of every_batch, interval``). Durations are
+strings like ``10m``, ``48h``, ``500ms``; sizes are integers or strings like ``64MiB``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message names the key."""
+
+
+_DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DUR_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
+_SIZE_MUL = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3,
+             "MB": 10**6, "GB": 10**9}
+
+
+def parse_duration_ms(v: Any, key: str) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(f"{key}: expected a duration like 10m, got {v!r}")
+    if isinstance(v, int | float):
+        return int(v * 1000)
+    m = _DUR.match(str(v).strip())
+    if not m:
+        raise ConfigError(f"{key}: expected a duration like 500ms, 10s, 10m, 48h, got {v!r}")
+    return int(float(m.group(1)) * _DUR_MS[m.group(2)])
+
+
+def parse_size(v: Any, key: str) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    m = _SIZE.match(str(v).strip())
+    if not m:
+        raise ConfigError(f"{key}: expected a size like 1048576 or 64MiB, got {v!r}")
+    return int(m.group(1)) * _SIZE_MUL[m.group(2)]
+
+
+@dataclass(frozen=True)
+class ShmConfig:
+    lane_bytes: int = 1 << 20          # per (shard, producer) lane; a power of two
+    series_per_shard: int = 16384
+    arena_bytes: int = 16 << 20        # per shard: labels and open-block chunks
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 32 << 20          # compressed request body
+    max_decompressed_bytes: int = 128 << 20
+    max_labels: int = 64
+    max_label_name_bytes: int = 256
+    max_label_value_bytes: int = 4096
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    retention_ms: int = 48 * 3_600_000
+    buffer_past_ms: int = 10 * 60_000       # how far behind now the open blocks accept
+    buffer_future_ms: int = 2 * 60_000
+    block_size_ms: int = 2 * 3_600_000
+    reserve_wait_ms: int = 250              # wait for lane room before answering 503
+    max_pending_batches: int = 256          # per worker, before 503
+
+
+@dataclass(frozen=True)
+class CommitLogConfig:
+    fsync: str = "every_batch"              # every_batch | interval
+    fsync_interval_ms: int = 1000
+    max_segment_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:7201"
+    data_dir: str = field(default_factory=lambda: os.environ.get("M3SHM_DATA", "./data"))
+    workers: int = 0                        # 0 = one per core
+    shards: int = 64
+    threads: int = 2                        # C-call thread pool per worker
+    shm: ShmConfig = field(default_factory=ShmConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    commitlog: CommitLogConfig = field(default_factory=CommitLogConfig)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    def num_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+_DURATION_KEYS = {"retention_ms": "retention", "buffer_past_ms": "buffer_past",
+                  "buffer_future_ms": "buffer_future", "block_size_ms": "block_size",
+                  "reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval"}
+_SIZE_KEYS = {"lane_bytes", "arena_bytes", "max_body_bytes", "max_decompressed_bytes",
+              "max_segment_bytes"}
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    by_yaml = {}
+    for f in fields(cls):
+        by_yaml[_DURATION_KEYS.get(f.name, f.name)] = f
+    kwargs: dict[str, Any] = {}
+    for key, val in raw.items():
+        full = f"{prefix}{key}"
+        f = by_yaml.get(key)
+        if f is None:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(by_yaml))})")
+        default = getattr(cls(), f.name) if f.name != "data_dir" else ""
+        if dataclasses.is_dataclass(default):
+            kwargs[f.name] = _build(type(default), val, full + ".")
+        elif f.name in _DURATION_KEYS:
+            kwargs[f.name] = parse_duration_ms(val, full)
+        elif f.name in _SIZE_KEYS:
+            kwargs[f.name] = parse_size(val, full)
+        elif isinstance(default, bool) or not isinstance(default, int | str):
+            kwargs[f.name] = val
+        elif isinstance(default, int):
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise ConfigError(f"{full}: expected an integer, got {val!r}")
+            kwargs[f.name] = val
+        else:
+            if not isinstance(val, str):
+                raise ConfigError(f"{full}: expected a string, got {val!r}")
+            kwargs[f.name] = val
+    return cls(**kwargs)
+
+
+def validate(c: Config) -> Config:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {what}")
+
+    m = re.match(r"^(.+):(\d+)$", c.listen)
+    need(bool(m) and 0 <= int(m.group(2)) < 65536, "listen", f"expected HOST:PORT, got "
+         f"{c.listen!r}")
+    need(c.workers >= 0 and c.workers <= 256, "workers", "must be 0 (one per core) .. 256")
+    need(1 <= c.shards <= 4096, "shards", "must be 1..4096")
+    need(c.shards >= c.num_workers(), "shards", f"must be at least the number of workers "
+         f"({c.num_workers()})")
+    need(1 <= c.threads <= 64, "threads", "must be 1..64")
+    lb = c.shm.lane_bytes
+    need(lb >= 64 << 10 and lb & (lb - 1) == 0, "shm.lane_bytes",
+         "must be a power of two >= 64KiB")
+    need(c.shm.series_per_shard >= 1, "shm.series_per_shard", "must be >= 1")
+    need(c.shm.arena_bytes >= 64 << 10 and c.shm.arena_bytes % 512 == 0, "shm.arena_bytes",
+         "must be >= 64KiB and a multiple of 512")
+    need(c.limits.max_body_bytes > 0, "limits.max_body_bytes", "must be > 0")
+    need(c.limits.max_decompressed_bytes > 0, "limits.max_decompressed_bytes", "must be > 0")
+    need(1 <= c.limits.max_labels <= 256, "limits.max_labels", "must be 1..256")
+    need(1 <= c.limits.max_label_name_bytes <= 4096, "limits.max_label_name_bytes",
+         "must be 1..4096")
+    need(1 <= c.limits.max_label_value_bytes <= 16384, "limits.max_label_value_bytes",
+         "must be 1..16384")
+    need(c.ingest.block_size_ms > 0, "ingest.block_size", "must be > 0")
+    need(c.ingest.retention_ms >= c.ingest.buffer_past_ms, "ingest.retention",
+         "must be at least ingest.buffer_past")
+    need(c.commitlog.fsync in ("every_batch", "interval"), "commitlog.fsync",
+         "must be one of every_batch, interval")
+    need(c.commitlog.fsync_interval_ms > 0, "commitlog.fsync_interval", "must be > 0")
+    return c
+
+
+def load(path: str | None = None, **overrides: Any) -> Config:
+    """Load the YAML file at ``path`` (or the defaults) and apply command-line overrides."""
+    raw: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+    cfg = _build(Config, raw, "")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return validate(cfg)

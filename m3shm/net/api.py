@@ -1,0 +1,244 @@
+"""HTTP endpoints of a worker: remote write 1.0, /api/v1/export, /ready, /health.
+
+Remote write: headers and size limits are checked first, then snappy decompression and the C
+decoder run on the worker's thread pool (the event loop never decodes), then the batch goes to
+the ingest pipeline (commit log, lanes) and the answer is 204, 400 naming the first rejected
+series (the valid ones are still written, and the counts say so), 415 for a body it cannot
+read, or 503 with Retry-After when the daemon is overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import cramjam
+import snappy
+
+from m3shm.net.http import Handler, Request, Response, text
+from m3shm.net.rwdecode import Limits, MalformedError, decode_rw1
+from m3shm.shm import parse_labels
+from m3shm.workers.ingest import Overloaded
+
+if TYPE_CHECKING:
+    from m3shm.workers.worker import Worker
+
+RW_PATHS = ("/api/v1/prom/remote/write", "/api/v1/write")
+
+
+class Api:
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+        self.cfg = w.cfg
+
+    def route(self, req: Request) -> Handler:
+        if req.path in RW_PATHS:
+            return self.remote_write
+        return {"/api/v1/export": self.export, "/ready": self.ready,
+                "/health": self.health, "/-/healthy": self.health,
+                "/-/ready": self.ready}.get(req.path, self.not_found)
+
+    async def not_found(self, req: Request) -> Response:
+        return text(404, f"no such endpoint: {req.path}")
+
+    async def health(self, req: Request) -> Response:
+        return text(200, "ok")
+
+    async def ready(self, req: Request) -> Response:
+        if self.w.seg.all_recovered() and not self.w.stopping:
+            return text(200, "ready")
+        return text(503, "recovering: replaying commit logs", **{"Retry-After": "1"})
+
+    # -- remote write ------------------------------------------------------------------------
+    async def remote_write(self, req: Request) -> Response:
+        lim = self.cfg.limits
+        if req.method != "POST":
+            return text(405, "remote write takes POST")
+        if req.too_large:
+            return text(400, f"request body is larger than limits.max_body_bytes="
+                             f"{lim.max_body_bytes}")
+        ctype = req.headers.get("content-type", "application/x-protobuf")
+        base, _, params = ctype.partition(";")
+        if base.strip().lower() != "application/x-protobuf":
+            return text(415, f"unsupported Content-Type {ctype!r}: remote write 1.0 takes "
+                             "application/x-protobuf")
+        proto = re.search(r"proto=([^;\s]+)", params)
+        if proto and proto.group(1) != "prometheus.WriteRequest":
+            return text(415, f"unsupported protobuf message {proto.group(1)!r}: this daemon "
+                             "reads remote write 1.0 (prometheus.WriteRequest)")
+        enc = req.headers.get("content-encoding", "snappy").strip().lower()
+        if enc != "snappy":
+            return text(415, f"unsupported Content-Encoding {enc!r}: remote write bodies are "
+                             "snappy block-compressed")
+        if self.w.stopping:
+            return text(503, "shutting down", **{"Retry-After": "1"})
+        now = int(time.time() * 1000)
+        ing = self.cfg.ingest
+        limits = Limits(min_ts=now - min(ing.buffer_past_ms, ing.retention_ms),
+                        max_ts=now + ing.buffer_future_ms,
+                        num_shards=self.cfg.shards, max_labels=lim.max_labels,
+                        max_name_bytes=lim.max_label_name_bytes,
+                        max_value_bytes=lim.max_label_value_bytes)
+        loop = asyncio.get_running_loop()
+        try:
+            d = await loop.run_in_executor(self.w.pool, _decode, req.body,
+                                           lim.max_decompressed_bytes, limits)
+        except _BadBody as e:
+            return text(400, str(e))
+        adm = None
+        if d.length:
+            try:
+                adm = await self.w.pipeline.submit(d.batch, d.length, d.records)
+            except Overloaded as e:
+                return text(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"})
+        rej_s, rej_msg = 0, ""
+        if adm is not None and adm.rejected_records:
+            rej_s, rej_msg = adm.rejected_samples, adm.message
+        if d.series_bad or rej_s:
+            first = d.message if d.series_bad else rej_msg
+            if d.reason in ("too_old", "too_new") and d.series_bad:
+                first += (f" (accepted window: now-{ing.buffer_past_ms // 1000}s .. "
+                          f"now+{ing.buffer_future_ms // 1000}s; older samples need cold "
+                          "writes, not supported yet)")
+            return text(400, f"{first}\nwritten: {d.samples_ok - rej_s} samples; rejected: "
+                             f"{d.samples_bad + rej_s} samples of {d.series_bad} series "
+                             f"(+{rej_s} samples over capacity)")
+        return Response(204)
+
+    # -- export ------------------------------------------------------------------------------
+    async def export(self, req: Request) -> Response:
+        matches = req.query.get("match[]", []) + req.query.get("match", [])
+        if not matches:
+            return text(400, "missing match[] parameter, e.g. match[]={__name__=\"up\"}")
+        try:
+            selectors = [parse_selector(m) for m in matches]
+            start = _parse_time(req.query.get("start", [None])[0], -(1 << 62), "start")
+            end = _parse_time(req.query.get("end", [None])[0], 1 << 62, "end")
+        except ValueError as e:
+            return text(400, str(e))
+        # see everything acknowledged before this request: wait until every shard applied
+        # what was published before now
+        seg = self.w.seg
+        tails = seg.tails()
+        deadline = time.monotonic() + 10
+        while not seg.caught_up(tails):
+            if time.monotonic() > deadline:
+                return text(503, "shards are behind; retry", **{"Retry-After": "1"})
+            await asyncio.sleep(0.001)
+        return Response(200, content_type="application/stream+json",
+                        stream=self._export_stream(selectors, start, end))
+
+    async def _export_stream(self, selectors: list[dict[str, str]], start: int,
+                             end: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        seg = self.w.seg
+        for shard in range(seg.params.num_shards):
+            chunk = await loop.run_in_executor(self.w.pool, _export_shard, seg, shard,
+                                               selectors, start, end)
+            if chunk:
+                yield chunk
+
+
+class _BadBody(ValueError):
+    pass
+
+
+def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the pool
+    try:
+        n = cramjam.snappy.decompress_raw_len(body) if body else 0
+    except Exception as e:  # noqa: BLE001 - any library error means a bad body
+        raise _BadBody(f"malformed snappy body: {e}") from None
+    if n > max_decompressed:
+        raise _BadBody(f"decompressed body would be {n} bytes, more than "
+                       f"limits.max_decompressed_bytes={max_decompressed}")
+    try:
+        raw = snappy.uncompress(body) if body else b""
+    except Exception as e:  # noqa: BLE001
+        raise _BadBody(f"malformed snappy body: {e}") from None
+    try:
+        return decode_rw1(raw, limits)
+    except MalformedError as e:
+        raise _BadBody(str(e)) from None
+
+
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|!~|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def parse_selector(s: str) -> dict[str, str]:
+    """``name{a="b",...}`` or ``{__name__="x",...}`` with = matchers only."""
+    s = s.strip()
+    m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*(\{.*\})?$", s, re.S)
+    if not m or not (m.group(1) or m.group(2)):
+        raise ValueError(f"match[]: cannot parse selector {s!r}")
+    out: dict[str, str] = {}
+    if m.group(1):
+        out["__name__"] = m.group(1)
+    body = (m.group(2) or "{}")[1:-1]
+    pos = 0
+    while pos < len(body):
+        mm = _MATCHER.match(body, pos)
+        if not mm:
+            if body[pos:].strip():
+                raise ValueError(f"match[]: cannot parse selector {s!r} at {body[pos:]!r}")
+            break
+        name, op, val = mm.group(1), mm.group(2), mm.group(3)
+        if op != "=":
+            raise ValueError(f"match[]: matcher {name}{op}\"{val}\" is not supported yet: "
+                             "export takes = matchers only (regex comes with the storage "
+                             "issue)")
+        out[name] = json.loads(f'"{val}"')
+        pos = mm.end()
+    if not out:
+        raise ValueError(f"match[]: selector {s!r} matches everything; name at least one label")
+    return out
+
+
+def _parse_time(v: str | None, default: int, key: str) -> int:
+    if v is None or v == "":
+        return default
+    try:
+        return int(float(v) * 1000)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        raise ValueError(f"{key}: expected unix seconds or RFC3339, got {v!r}") from None
+
+
+def _fmt_values(vs) -> str:  # VictoriaMetrics style: integers without ".0", NaN bare
+    out = []
+    for v in vs.tolist():
+        if v != v:
+            out.append("NaN")
+        elif math.isinf(v):
+            out.append("Infinity" if v > 0 else "-Infinity")
+        elif v == int(v) and abs(v) < 1e15:
+            out.append(str(int(v)))
+        else:
+            out.append(repr(v))
+    return ",".join(out)
+
+
+def _export_shard(seg, shard: int, selectors: list[dict[str, str]], start: int,
+                  end: int) -> bytes:  # runs on the pool
+    lines = []
+    for slot in range(seg.nseries(shard)):
+        labels = parse_labels(seg.series_labels(shard, slot))
+        if not any(all(labels.get(k, "") == v for k, v in sel.items()) for sel in selectors):
+            continue
+        ts, vs = seg.read_series(shard, slot, start, end)
+        if not len(ts):
+            continue
+        metric = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+        stamps = ",".join(map(str, ts.tolist()))
+        lines.append(f'{{"metric":{metric},"values":[{_fmt_values(vs)}],'
+                     f'"timestamps":[{stamps}]}}\n')
+    return "".join(lines).encode()

@@ -1,0 +1,214 @@
+"""The commit log: every accepted batch, durable before its 2xx (docs/formats/commitlog.md).
+
+Each worker appends to its own files, named ``cl-<boot>-w<worker>-<incarnation>-<part>.log``
+under ``<data>/commitlog/``: ``boot`` grows at every daemon start, ``incarnation`` at every
+restart of the worker, ``part`` when a file reaches ``max_segment_bytes``. A file is only ever
+appended to by the process that created it, so a restarted worker never writes after a torn
+tail: it starts a new file.
+
+Records are length-prefixed and CRC-checked; the payload is the batch of lane records exactly as
+the workers published it, so replay (merge every older file by global sequence number, apply
+each record to its shard) reproduces what the live path did. Writes of several batches are
+grouped into one ``write`` + ``fsync`` (group commit); the fsync policy is ``every_batch``
+(nothing acknowledged is lost to a power cut) or ``interval`` (a power cut may lose up to one
+interval of acknowledged batches; a process crash loses nothing, the page cache survives it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("m3shm.commitlog")
+
+FILE_MAGIC = b"M3CL"
+FILE_VERSION = 1
+FILE_HEADER = struct.Struct("<4sIIIQQ")      # magic, version, worker, reserved, boot, created_ms
+REC_HEADER = struct.Struct("<IIQqII")        # length, crc32, seq, arrival_ms, nrecords, flags
+NAME = re.compile(r"^cl-(\d{10})-w(\d{3})-(\d{4})-(\d{4})\.log$")
+
+
+@dataclass(frozen=True)
+class Batch:
+    seq: int
+    arrival_ms: int
+    nrecords: int
+    payload: bytes | memoryview
+
+
+def file_name(boot: int, worker: int, incarnation: int, part: int) -> str:
+    return f"cl-{boot:010d}-w{worker:03d}-{incarnation:04d}-{part:04d}.log"
+
+
+def _crc(header_tail: bytes, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(header_tail)) & 0xFFFFFFFF
+
+
+def encode_record(b: Batch) -> bytes:
+    tail = struct.pack("<QqII", b.seq, b.arrival_ms, b.nrecords, 0)
+    pad = (-len(b.payload)) % 8
+    return (struct.pack("<II", len(b.payload), _crc(tail, b.payload)) + tail +
+            bytes(b.payload) + b"\0" * pad)
+
+
+class CommitLog:
+    """One worker's writer. ``append`` is called from a single thread at a time (the worker's
+    ingest pipeline hands it to the thread pool and awaits it)."""
+
+    def __init__(self, directory: str, boot: int, worker: int, incarnation: int,
+                 fsync: str = "every_batch", fsync_interval_ms: int = 1000,
+                 max_segment_bytes: int = 256 << 20) -> None:
+        self.dir = directory
+        self.boot, self.worker, self.incarnation = boot, worker, incarnation
+        self.fsync_every = fsync == "every_batch"
+        self.interval = fsync_interval_ms / 1000
+        self.max_bytes = max_segment_bytes
+        self.part = 0
+        self.fd = -1
+        self.size = 0
+        self.fsync_seconds = 0.0
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        os.makedirs(directory, exist_ok=True)
+        self._open()
+        self._syncer: threading.Thread | None = None
+        if not self.fsync_every:
+            self._syncer = threading.Thread(target=self._sync_loop, name="commitlog-fsync",
+                                            daemon=True)
+            self._syncer.start()
+
+    def _open(self) -> None:
+        path = os.path.join(self.dir, file_name(self.boot, self.worker, self.incarnation,
+                                                self.part))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        hdr = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, self.worker, 0, self.boot,
+                               int(time.time() * 1000))
+        os.write(fd, hdr)
+        os.fsync(fd)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the new name is durable too
+        finally:
+            os.close(dfd)
+        self.fd, self.size, self.path = fd, len(hdr), path
+
+    def append(self, batches: list[Batch]) -> None:
+        """Write the batches with one write (group commit); fsync under every_batch."""
+        blob = b"".join(encode_record(b) for b in batches)
+        with self._lock:
+            if self.size + len(blob) > self.max_bytes and self.size > FILE_HEADER.size:
+                self._sync_locked()
+                os.close(self.fd)
+                self.part += 1
+                self._open()
+            view = memoryview(blob)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.size += len(blob)
+            self._dirty = True
+            if self.fsync_every:
+                self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if self._dirty:
+            t = time.perf_counter()
+            os.fdatasync(self.fd)
+            self.fsync_seconds += time.perf_counter() - t
+            self._dirty = False
+
+    def sync(self) -> None:
+        with self._lock:
+            self._sync_locked()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sync()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self.fd >= 0:
+                self._sync_locked()
+                os.close(self.fd)
+                self.fd = -1
+
+
+def read_file(path: str, repair: bool = False) -> Iterator[Batch]:
+    """Yield the valid batches of one file in order. A torn or corrupt tail ends the file
+    with a warning naming the file and offset; with ``repair`` the file is truncated there."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < FILE_HEADER.size:
+        _cut(path, 0, "file header is incomplete", repair)
+        return
+    magic, version, *_ = FILE_HEADER.unpack_from(data)
+    if magic != FILE_MAGIC:
+        _cut(path, 0, f"bad magic {magic!r}", repair)
+        return
+    if version != FILE_VERSION:
+        log.warning("commit log %s: version %d is not supported; skipping the file", path,
+                    version)
+        return
+    off = FILE_HEADER.size
+    view = memoryview(data)
+    while off < len(data):
+        if len(data) - off < REC_HEADER.size:
+            _cut(path, off, "record header is incomplete", repair)
+            return
+        length, crc, seq, arrival, nrec, _flags = REC_HEADER.unpack_from(data, off)
+        end = off + REC_HEADER.size + length
+        if end > len(data):
+            _cut(path, off, f"record of {length} bytes runs past the end of the file", repair)
+            return
+        payload = view[off + REC_HEADER.size : end]
+        if _crc(data[off + 8 : off + REC_HEADER.size], payload) != crc:
+            _cut(path, off, "CRC mismatch", repair)
+            return
+        yield Batch(seq, arrival, nrec, payload)
+        off = end + (-length) % 8
+
+
+def _cut(path: str, off: int, why: str, repair: bool) -> None:
+    log.warning("commit log %s: torn or corrupt tail at offset %d (%s); %s", path, off, why,
+                "cutting it off" if repair else "ignoring the rest")
+    if repair:
+        os.truncate(path, off)
+
+
+def list_files(directory: str, before_boot: int | None = None) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in sorted(names):
+        m = NAME.match(n)
+        if m and (before_boot is None or int(m.group(1)) < before_boot):
+            out.append(os.path.join(directory, n))
+    return out
+
+
+def replay(directory: str, before_boot: int, repair: bool = False) -> Iterator[Batch]:
+    """Every batch of the files of earlier boots, merged in global sequence order."""
+    files = list_files(directory, before_boot)
+    return heapq.merge(*(read_file(p, repair) for p in files), key=lambda b: b.seq)
+
+
+def next_boot(directory: str) -> int:
+    """One more than the highest boot number of any file (1 for an empty directory)."""
+    best = 0
+    for p in list_files(directory):
+        m = NAME.match(os.path.basename(p))
+        if m:
+            best = max(best, int(m.group(1)))
+    return best + 1

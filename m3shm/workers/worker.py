@@ -1,0 +1,169 @@
+"""A worker process: one uvloop event loop, a contiguous range of shards, a small thread pool.
+
+Started by the supervisor with fork (it inherits the shared segment's mapping and the data
+directory lock). At start it (1) resets its own lanes as a producer, dropping anything a
+previous incarnation reserved but never published; (2) repairs its shards (encoder states torn
+mid-append, chain ends, the last series' table entry); (3) if its shards are not yet marked
+recovered, replays every commit log of earlier boots into them (this happens once per boot,
+or again if the worker died during replay: applying a record twice is harmless); and only then
+(4) starts the drain thread that applies its shards' lanes. HTTP is served from the beginning
+(``/ready`` says 503 until every shard is recovered) on a SO_REUSEPORT socket of its own.
+
+C calls that take real time (snappy, decoding, commit-log writes, export reads) run on a
+fixed ThreadPoolExecutor; the drain loop is one long-lived thread. All release the GIL in C.
+
+SIGTERM: stop accepting, finish in-flight requests, commit every queued batch, fsync and close
+the commit log, flag this producer done, keep draining until every producer is done and its
+shards' lanes are empty, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from m3shm.config import Config
+from m3shm.shm import Segment
+from m3shm.storage import commitlog
+from m3shm.workers.ingest import IngestPipeline
+
+log = logging.getLogger("m3shm.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+def shard_range(index: int, nworkers: int, nshards: int) -> tuple[int, int]:
+    """The contiguous shards worker ``index`` owns."""
+    return index * nshards // nworkers, (index + 1) * nshards // nworkers
+
+
+def die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+class Worker:
+    def __init__(self, cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
+                 data_dir: str) -> None:
+        self.cfg = cfg
+        self.seg = seg
+        self.index = index
+        self.nworkers = seg.params.num_producers
+        self.lo, self.hi = shard_range(index, self.nworkers, seg.params.num_shards)
+        self.boot = boot
+        self.incarnation = incarnation
+        self.data_dir = data_dir
+        self.cl_dir = os.path.join(data_dir, "commitlog")
+        self.stopping = False
+        self.tasks: set[asyncio.Task] = set()
+        self._drain_stop = threading.Event()
+        self._drain_thread: threading.Thread | None = None
+
+    def run(self) -> int:
+        import uvloop
+
+        return uvloop.run(self.main())
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        seg = self.seg
+        seg.set_producer_done(self.index, False)
+        seg.recover_producer(self.index)
+        for s in range(self.lo, self.hi):
+            seg.recover_shard(s)
+        self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="m3shm-c")
+        cl = self.cfg.commitlog
+        self.clog = commitlog.CommitLog(self.cl_dir, self.boot, self.index, self.incarnation,
+                                        cl.fsync, cl.fsync_interval_ms, cl.max_segment_bytes)
+        ing = self.cfg.ingest
+        self.pipeline = IngestPipeline(seg, self.index, self.clog, self.pool,
+                                       ing.reserve_wait_ms, ing.max_pending_batches)
+        self.pipeline.start()
+        from m3shm.net.api import Api
+        from m3shm.net.http import HttpProtocol
+
+        api = Api(self)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((self.cfg.host, self.cfg.port))
+        sock.listen(1024)
+        server = await loop.create_server(
+            lambda: HttpProtocol(api.route, self.cfg.limits.max_body_bytes, self.tasks),
+            sock=sock)
+        if not all(seg.shard_stats(s)["recovered"] for s in range(self.lo, self.hi)):
+            t0 = time.monotonic()
+            n = await loop.run_in_executor(self.pool, self._replay)
+            log.info("worker %d: replayed %d records into shards [%d, %d) in %.3fs",
+                     self.index, n, self.lo, self.hi, time.monotonic() - t0)
+            for s in range(self.lo, self.hi):
+                seg.set_recovered(s, True)
+        self._drain_thread = threading.Thread(target=self._drain_loop, name="m3shm-drain",
+                                              daemon=True)
+        self._drain_thread.start()
+        log.info("worker %d (pid %d, incarnation %d) serving shards [%d, %d)", self.index,
+                 os.getpid(), self.incarnation, self.lo, self.hi)
+        await stop.wait()
+        await self._shutdown(server)
+        return 0
+
+    def _replay(self) -> int:
+        n = 0
+        for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0):
+            n += self.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
+        return n
+
+    def _drain_loop(self) -> None:
+        idle = 0
+        while not self._drain_stop.is_set():
+            n = self.seg.drain_range(self.lo, self.hi, 1024)
+            if n:
+                idle = 0
+                continue
+            idle += 1
+            time.sleep(0.0002 if idle < 100 else 0.002)
+
+    async def _shutdown(self, server: asyncio.base_events.Server) -> None:
+        self.stopping = True
+        server.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=20)
+        await self.pipeline.close()
+        self.clog.close()
+        self.seg.set_producer_done(self.index, True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.seg.all_producers_done() and not any(
+                    self.seg.backlog(s) for s in range(self.lo, self.hi)):
+                break
+            await asyncio.sleep(0.005)
+        self._drain_stop.set()
+        if self._drain_thread is not None:
+            self._drain_thread.join()
+        self.pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+        log.info("worker %d: stopped cleanly", self.index)
+
+
+def worker_main(cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
+                data_dir: str, parent: int) -> int:
+    """Entry point in the forked child."""
+    die_with_parent(parent)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    return Worker(cfg, seg, index, boot, incarnation, data_dir).run()
