@@ -1,0 +1,168 @@
+"""Harness for the daemon tests (no tests here): start `m3shm serve` as a real subprocess on
+127.0.0.1 with a small config, talk HTTP to it, find and kill its processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import snappy
+
+from m3shm.proto import remote_pb2
+
+SMALL = """
+shards: 8
+workers: {workers}
+shm:
+  lane_bytes: 256KiB
+  series_per_shard: {series}
+  arena_bytes: {arena}
+commitlog:
+  fsync: {fsync}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def write_request(series: list[tuple[dict[str, str], list[tuple[int, float]]]]) -> bytes:
+    w = remote_pb2.WriteRequest()
+    for labels, samples in series:
+        ts = w.timeseries.add()
+        for k, v in labels.items():
+            lab = ts.labels.add()
+            lab.name, lab.value = k, v
+        for t, v in samples:
+            s = ts.samples.add()
+            s.timestamp, s.value = t, v
+    return w.SerializeToString()
+
+
+class Daemon:
+    def __init__(self, tmp: Path, workers: int = 2, series: int = 4096, arena: str = "2MiB",
+                 fsync: str = "every_batch", extra: str = "") -> None:
+        self.data = tmp / "data"
+        self.cfg = tmp / "m3shm.yaml"
+        self.cfg.write_text(SMALL.format(workers=workers, series=series, arena=arena,
+                                         fsync=fsync) + extra)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Daemon:
+        logf = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from m3shm.cli import main; sys.exit(main())",
+             "serve", "-c", str(self.cfg), "--data", str(self.data), "--listen",
+             f"127.0.0.1:{self.port}"], stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.logtext()}")
+            try:
+                if self.get("/ready")[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.logtext()}")
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def workers(self) -> list[int]:
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and every worker at once."""
+        assert self.proc is not None
+        pids = self.workers()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    # -- HTTP --------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None,
+             timeout: float = 30) -> tuple[int, bytes, dict[str, str]]:
+        h = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+             "X-Prometheus-Remote-Write-Version": "0.1.0"}
+        h.update(headers or {})
+        req = urllib.request.Request(self.url + path, data=body, headers=h, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def write(self, series, path: str = "/api/v1/prom/remote/write"):
+        return self.post(path, snappy.compress(write_request(series)))
+
+    def export(self, match: str, start: str = "", end: str = "") -> list[dict]:
+        q = urllib.parse.urlencode([("match[]", match), ("start", start), ("end", end)])
+        code, body = self.get(f"/api/v1/export?{q}")
+        assert code == 200, body
+        return [json.loads(line) for line in body.decode().splitlines() if line]
+
+    def export_map(self, match: str) -> dict[tuple, dict[int, float]]:
+        out = {}
+        for row in self.export(match):
+            key = tuple(sorted(row["metric"].items()))
+            out[key] = dict(zip(row["timestamps"], row["values"], strict=True))
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
