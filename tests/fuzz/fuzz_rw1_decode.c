@@ -26,7 +26,7 @@ static void setup(void)
     p.num_producers = 1;
     p.lane_bytes = 1 << 16;
     p.series_per_shard = 64;
-    p.arena_bytes = 1 << 20;
+    p.arena_bytes = 1 << 18;
     p.block_ms = 7200000;
     seg_size = m3_seg_size(&p);
     seg = calloc(1, seg_size);
@@ -65,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         /* apply into a fresh segment every time the arena gets crowded */
         m3_shard_stats st;
         m3_shard_stats_get(seg, 0, &st);
-        if (st.arena_used > (1 << 19) || st.nseries > 32) {
+        if (st.arena_used > (1 << 17) || st.nseries > 16) {
             memset(seg, 0, seg_size);
             free(seg);
             seg = NULL;
