@@ -15,8 +15,7 @@ ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-
 .PHONY: run test build venv lint test-py test-asan fuzz clean bench
 
 run: build
-	$(VENV)/bin/m3shm --version
-	$(VENV)/bin/m3shm codec-stats
+	$(VENV)/bin/m3shm serve
 
 test: build lint test-py test-asan fuzz
 
