@@ -203,3 +203,72 @@ def test_second_daemon_on_same_data_dir_refused(tmp_path, daemon):
     other.start(wait=False)
     assert other.proc.wait(60) == 2
     assert "is locked by another m3shm process" in other.logtext()
+
+
+def test_batch_larger_than_a_lane_is_split(tmp_path):
+    d = Daemon(tmp_path, lane="64KiB", arena="4MiB").start()
+    try:
+        t = now_ms() - 30_000
+        series = [({"__name__": "wide", "i": str(i)}, [(t + k, float(k)) for k in range(100)])
+                  for i in range(200)]  # ~350 KB of records, 5x a lane
+        code, body, _ = d.write(series)
+        assert code == 204, body
+        got = d.export_map("wide")
+        assert len(got) == 200 and all(len(v) == 100 for v in got.values())
+    finally:
+        assert d.stop() == 0
+
+
+def test_overload_answers_503_with_retry_after_then_recovers(tmp_path):
+    import os
+    import signal
+    import threading
+
+    d = Daemon(tmp_path, lane="64KiB", arena="4MiB").start()
+    acked: dict[int, list] = {}
+    statuses: list[tuple[int, dict]] = []
+    stop = threading.Event()
+    t0 = now_ms() - 30_000
+
+    def client(c: int) -> None:
+        k = 0
+        while not stop.is_set():
+            series = [({"__name__": "ovl", "c": str(c), "i": str(i)},
+                       [(t0 + k * 10 + j, float(k)) for j in range(10)]) for i in range(40)]
+            try:
+                code, _, headers = d.write(series, timeout=0.5)
+            except OSError:
+                code, headers = 0, {}
+            statuses.append((code, headers))
+            if code == 204:
+                acked[c * 100_000 + k] = series
+            k += 1
+
+    owner = d.workers()[1]
+    os.kill(owner, signal.SIGSTOP)  # its lanes fill up: producers must push back, not grow
+    try:
+        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(3)]
+        for th in threads:
+            th.start()
+        deadline = now_ms() + 20_000
+        while not any(code == 503 for code, _ in statuses):
+            assert now_ms() < deadline, statuses[-5:]
+            import time
+
+            time.sleep(0.05)
+    finally:
+        os.kill(owner, signal.SIGCONT)
+    stop.set()
+    for th in threads:
+        th.join(30)
+    try:
+        h = next(h for code, h in statuses if code == 503)
+        assert h.get("Retry-After") == "1"
+        got = d.export_map("ovl")
+        for series in acked.values():
+            for lab, samples in series:
+                stored = got[tuple(sorted(lab.items()))]
+                assert all(stored[ts] == v for ts, v in samples)
+        assert d.write([({"__name__": "after"}, [(now_ms(), 1.0)])])[0] == 204
+    finally:
+        assert d.stop() == 0

@@ -23,7 +23,7 @@ SMALL = """
 shards: 8
 workers: {workers}
 shm:
-  lane_bytes: 256KiB
+  lane_bytes: {lane}
   series_per_shard: {series}
   arena_bytes: {arena}
 commitlog:
@@ -56,11 +56,11 @@ def write_request(series: list[tuple[dict[str, str], list[tuple[int, float]]]]) 
 
 class Daemon:
     def __init__(self, tmp: Path, workers: int = 2, series: int = 4096, arena: str = "2MiB",
-                 fsync: str = "every_batch", extra: str = "") -> None:
+                 fsync: str = "every_batch", extra: str = "", lane: str = "256KiB") -> None:
         self.data = tmp / "data"
         self.cfg = tmp / "m3shm.yaml"
         self.cfg.write_text(SMALL.format(workers=workers, series=series, arena=arena,
-                                         fsync=fsync) + extra)
+                                         fsync=fsync, lane=lane) + extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "daemon.log"
@@ -143,8 +143,8 @@ class Daemon:
         except urllib.error.HTTPError as e:
             return e.code, e.read(), dict(e.headers)
 
-    def write(self, series, path: str = "/api/v1/prom/remote/write"):
-        return self.post(path, snappy.compress(write_request(series)))
+    def write(self, series, path: str = "/api/v1/prom/remote/write", timeout: float = 30):
+        return self.post(path, snappy.compress(write_request(series)), timeout=timeout)
 
     def export(self, match: str, start: str = "", end: str = "") -> list[dict]:
         q = urllib.parse.urlencode([("match[]", match), ("start", start), ("end", end)])

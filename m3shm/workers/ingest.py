@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -42,6 +43,24 @@ class _Item:
     fut: asyncio.Future
 
 
+def split_batch(batch: bytearray, length: int, limit: int) -> list[tuple[bytearray, int]]:
+    """Cut a batch into parts of at most ``limit`` bytes at record boundaries (one header read
+    per record; only oversized batches take this path)."""
+    parts: list[tuple[bytearray, int]] = []
+    view = memoryview(batch)
+    start = off = n = 0
+    while off < length:
+        (rlen,) = struct.unpack_from("<I", batch, off)
+        if off + rlen - start > limit and off > start:
+            parts.append((bytearray(view[start:off]), n))
+            start, n = off, 0
+        off += rlen
+        n += 1
+    if off > start:
+        parts.append((bytearray(view[start:off]), n))
+    return parts
+
+
 class IngestPipeline:
     def __init__(self, seg: Segment, producer: int, clog: CommitLog, pool: Executor,
                  reserve_wait_ms: int, max_pending: int) -> None:
@@ -61,6 +80,23 @@ class IngestPipeline:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def submit(self, batch: bytearray, length: int, nrecords: int) -> Admitted:
+        """Commit a batch; answers once it is durable and published. A batch larger than
+        half a lane is split at record boundaries into parts committed one after the other
+        (the request is acknowledged only when every part is; a retry after a 503 rewrites
+        the parts that made it, which is harmless)."""
+        limit = self.seg.params.lane_bytes // 2
+        if length <= limit:
+            return await self._submit_one(batch, length, nrecords)
+        total = Admitted(0, 0, 0, "")
+        for part, n in split_batch(batch, length, limit):
+            adm = await self._submit_one(part, len(part), n)
+            total.records += adm.records
+            total.rejected_records += adm.rejected_records
+            total.rejected_samples += adm.rejected_samples
+            total.message = total.message or adm.message
+        return total
+
+    async def _submit_one(self, batch: bytearray, length: int, nrecords: int) -> Admitted:
         if self.closed:
             raise Overloaded("shutting down")
         if len(self.queue) >= self.max_pending:
