@@ -67,11 +67,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         memset(buf + size, 0xA5, rcap - size); /* garbage past the input */
         tsz_enc e;
         memset(&e, 0, sizeof e);
-        if (tsz_enc_resume(&e, buf, rcap) == M3_OK) {
+        /* (only when every published sample was decoded, i.e. n < CAP) */
+        if (n < CAP && tsz_enc_resume(&e, buf, rcap) == M3_OK &&
+            !(n && ts[n - 1] == INT64_MAX)) { /* nothing can follow INT64_MAX */
             int64_t next = n ? ts[n - 1] + 1 : 0;
-            if (n && ts[n - 1] == INT64_MAX)
-                next = 0; /* cannot go later; skip the append */
-            else if (tsz_enc_append(&e, buf, rcap, next, 1.5) == M3_OK) {
+            if (tsz_enc_append(&e, buf, rcap, next, 1.5) == M3_OK) {
                 got = tsz_decode(buf, rcap, ts2, v2, CAP);
                 if (got < 0 || (size_t)got != n + 1)
                     abort();
