@@ -16,8 +16,10 @@ from m3shm import __version__
 def cmd_codec_stats(args: argparse.Namespace) -> int:
     """Encode every series of an export file and report the codec's size figures."""
     from m3shm import codec
-    from m3shm.dataset import read_export
+    from m3shm.dataset import default_dataset, read_export
 
+    if args.dataset is None:
+        args.dataset = str(default_dataset())
     rows = []
     for s in read_export(args.dataset):
         if len(s.timestamps) == 0:
@@ -64,8 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3shm.dataset import default_dataset
-
     p = argparse.ArgumentParser(
         prog="m3shm", description="m3shm: a Prometheus long-term metrics store.")
     p.add_argument("--version", action="version", version=f"m3shm {__version__}")
@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cs = sub.add_parser("codec-stats", help="codec size figures on a series export file",
                         description=cmd_codec_stats.__doc__)
-    cs.add_argument("--dataset", default=str(default_dataset()),
+    # no numpy at parser-build time: `serve` forks workers and must not have loaded it
+    cs.add_argument("--dataset", default=None,
                     help="VictoriaMetrics export JSON lines, .gz or plain "
-                         "(default: %(default)s)")
+                         "(default: the shared reference dataset)")
     cs.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     cs.add_argument("--top", type=int, default=10, help="series to list (default 10)")
     cs.set_defaults(func=cmd_codec_stats)

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from m3shm.config import Config, ConfigError
@@ -117,6 +118,10 @@ class Supervisor:
         self.stopping = True
 
     def _spawn(self, index: int) -> None:
+        # fork hygiene: no threads, no event loop, no numpy in the process that forks
+        if threading.active_count() > 1 or "numpy" in sys.modules or "uvloop" in sys.modules:
+            raise RuntimeError("supervisor must stay single-threaded without numpy/uvloop "
+                               f"before fork (threads={threading.active_count()})")
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
