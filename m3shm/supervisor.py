@@ -15,6 +15,7 @@ make everything durable and drain), unlink the segment, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -100,7 +101,17 @@ class Supervisor:
                            lane_bytes=c.shm.lane_bytes, series_per_shard=c.shm.series_per_shard,
                            arena_bytes=c.shm.arena_bytes, block_ms=c.ingest.block_size_ms,
                            seq_base=seq_base_now())
-        self.seg = Segment.create(segment_path(self.data), params)
+        path = segment_path(self.data)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a previous boot's segment: its data is in the commit logs
+        st = os.statvfs(os.path.dirname(path))
+        if st.f_bavail * st.f_frsize < params.size():
+            raise ConfigError(
+                f"shm.arena_bytes: the segment needs {params.size() >> 20} MiB "
+                f"(shards x (arena_bytes + series tables) + lanes) but "
+                f"{os.path.dirname(path)} has {st.f_bavail * st.f_frsize >> 20} MiB free; "
+                "lower shm.arena_bytes / shm.series_per_shard / shm.lane_bytes or enlarge it")
+        self.seg = Segment.create(path, params)
         log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s (%d MiB)",
                  os.getpid(), self.boot, self.nworkers, c.shards, self.seg.path,
                  params.size() >> 20)

@@ -137,3 +137,27 @@ def test_sigkill_everything_during_load_then_restart(tmp_path):
         assert check_stored(d, load) > 100
     finally:
         assert d.stop() == 0
+
+
+def test_workers_die_with_the_supervisor_and_release_the_data_dir(tmp_path):
+    d = Daemon(tmp_path).start()
+    workers = d.workers()
+    assert len(workers) == 2
+    os.kill(d.proc.pid, signal.SIGKILL)  # PR_SET_PDEATHSIG takes the workers down too
+    d.proc.wait()
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{p}") for p in workers):
+        assert time.monotonic() < deadline, "orphaned workers survived the supervisor"
+        time.sleep(0.02)
+    d.start()  # the flock is free again; the data comes back from the commit log
+    try:
+        assert d.get("/ready")[0] == 200
+    finally:
+        assert d.stop() == 0
+
+
+def test_segment_larger_than_dev_shm_is_refused(tmp_path):
+    d = Daemon(tmp_path, arena="512GiB")
+    d.start(wait=False)
+    assert d.proc.wait(30) == 2
+    assert "shm.arena_bytes: the segment needs" in d.logtext()
