@@ -118,9 +118,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for i in range(self.nworkers):
-            self._spawn(i)
         try:
+            for i in range(self.nworkers):
+                self._spawn(i)
             return self._loop()
         finally:
             self.seg.unlink()

@@ -223,6 +223,7 @@ def test_overload_answers_503_with_retry_after_then_recovers(tmp_path):
     import os
     import signal
     import threading
+    import time
 
     d = Daemon(tmp_path, lane="64KiB", arena="4MiB").start()
     acked: dict[int, list] = {}
@@ -244,24 +245,23 @@ def test_overload_answers_503_with_retry_after_then_recovers(tmp_path):
                 acked[c * 100_000 + k] = series
             k += 1
 
-    owner = d.workers()[1]
-    os.kill(owner, signal.SIGSTOP)  # its lanes fill up: producers must push back, not grow
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(3)]
     try:
-        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(3)]
-        for th in threads:
-            th.start()
-        deadline = now_ms() + 20_000
-        while not any(code == 503 for code, _ in statuses):
-            assert now_ms() < deadline, statuses[-5:]
-            import time
-
-            time.sleep(0.05)
-    finally:
-        os.kill(owner, signal.SIGCONT)
-    stop.set()
-    for th in threads:
-        th.join(30)
-    try:
+        owner = d.workers()[1]
+        os.kill(owner, signal.SIGSTOP)  # its lanes fill up: producers push back, not grow
+        try:
+            for th in threads:
+                th.start()
+            deadline = time.monotonic() + 20
+            while not any(code == 503 for code, _ in statuses):
+                assert time.monotonic() < deadline, statuses[-5:]
+                time.sleep(0.05)
+        finally:
+            os.kill(owner, signal.SIGCONT)
+            stop.set()
+            for th in threads:
+                if th.is_alive() or th.ident:
+                    th.join(30)
         h = next(h for code, h in statuses if code == 503)
         assert h.get("Retry-After") == "1"
         got = d.export_map("ovl")

@@ -107,7 +107,12 @@ class Daemon:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        from m3shm.supervisor import segment_path
+
+        with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
+            os.unlink(segment_path(str(self.data)))
+        return code
 
     def kill_all(self) -> None:
         """SIGKILL the supervisor and every worker at once."""
