@@ -100,6 +100,13 @@ static inline int64_t rescale(int64_t n, unsigned from, unsigned to)
     return n * f;
 }
 
+/* The bit pattern of integer-mode value n / 10^k (as_int checked the encoder's side). */
+static inline uint64_t int_value_bits(int64_t n, unsigned k)
+{
+    double dn = (double)n;
+    return f2u(k ? dn / POW10[k] : dn);
+}
+
 /* ---- bit writer: pending bits in acc, flushed MSB-first to buf[byte...] ----------------- */
 
 typedef struct {
@@ -133,12 +140,6 @@ static inline void bw_put(bw *b, uint64_t v, unsigned w)
         bw_drain(b);
     b->acc = (b->acc << w) | v;
     b->n += w;
-}
-
-static inline void bw_put64(bw *b, uint64_t v)
-{
-    bw_put(b, v >> 32, 32);
-    bw_put(b, v & 0xffffffffu, 32);
 }
 
 static inline void bw_putn(bw *b, uint64_t v, unsigned w) /* any w in 0..64 */
@@ -175,7 +176,7 @@ static inline void put_signed(bw *b, int64_t d, unsigned len)
 static inline void enc_ts(tsz_enc *s, bw *b, uint64_t uts)
 {
     if (s->count == 0) {
-        bw_put64(b, uts);
+        bw_putn(b, uts, 64);
     } else {
         uint64_t delta = uts - s->prev_ts;
         uint64_t dod = delta - s->prev_delta;
@@ -190,7 +191,7 @@ static inline void enc_ts(tsz_enc *s, bw *b, uint64_t uts)
             bw_put(b, (UINT64_C(14) << 24) | (dod & 0xffffff), 28);
         else {
             bw_put(b, 15, 4);
-            bw_put64(b, dod);
+            bw_putn(b, dod, 64);
         }
         s->prev_delta = delta;
     }
@@ -570,8 +571,7 @@ static inline int decode_core(const uint8_t *buf, size_t len, uint32_t want, int
             }
             if (!INT_OK(n_int))
                 FAIL(M3_ECORRUPT);
-            double dv = (double)(int64_t)n_int;
-            prev_bits = f2u(mult ? dv / POW10[mult] : dv);
+            prev_bits = int_value_bits((int64_t)n_int, mult);
             goto store;
         }
         if (top < 8) { /* '0': same bits */
@@ -586,8 +586,7 @@ static inline int decode_core(const uint8_t *buf, size_t len, uint32_t want, int
             if (!INT_OK(n_int))
                 FAIL(M3_ECORRUPT);
             mode = MODE_INT;
-            double dv = (double)(int64_t)n_int;
-            prev_bits = f2u(mult ? dv / POW10[mult] : dv);
+            prev_bits = int_value_bits((int64_t)n_int, mult);
             goto store;
         }
     xor_window:
