@@ -41,11 +41,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def write_request(series: list[tuple[dict[str, str], list[tuple[int, float]]]]) -> bytes:
+Labels = dict[str, str] | list[tuple[str, str]]
+
+
+def write_request(series: list[tuple[Labels, list[tuple[int, float]]]]) -> bytes:
+    """An uncompressed remote write 1.0 body. Labels as a list of pairs keep their order and
+    may repeat a name (for the decoder's validation tests)."""
     w = remote_pb2.WriteRequest()
     for labels, samples in series:
         ts = w.timeseries.add()
-        for k, v in labels.items():
+        for k, v in (labels.items() if isinstance(labels, dict) else labels):
             lab = ts.labels.add()
             lab.name, lab.value = k, v
         for t, v in samples:

@@ -10,6 +10,7 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_daemon_harness import write_request
 
 from m3shm.net.rwdecode import Limits, MalformedError, decode_rw1
 from m3shm.proto import remote_pb2
@@ -18,19 +19,6 @@ from m3shm.shm import REC_HEADER, canonical_labels, labels_hash, parse_labels
 pytestmark = pytest.mark.native
 
 LIM = Limits(min_ts=0, max_ts=10**13, num_shards=16)
-
-
-def body(series: list[tuple[list[tuple[str, str]], list[tuple[int, float]]]]) -> bytes:
-    w = remote_pb2.WriteRequest()
-    for labels, samples in series:
-        ts = w.timeseries.add()
-        for k, v in labels:
-            lab = ts.labels.add()
-            lab.name, lab.value = k, v
-        for t, v in samples:
-            s = ts.samples.add()
-            s.timestamp, s.value = t, v
-    return w.SerializeToString()
 
 
 def records(d) -> list[tuple[dict, list[int], list[float], int]]:
@@ -49,7 +37,7 @@ def records(d) -> list[tuple[dict, list[int], list[float], int]]:
 
 
 def test_roundtrip_simple():
-    d = decode_rw1(body([([("job", "a"), ("__name__", "up")], [(1000, 1.0), (2000, 0.5)]),
+    d = decode_rw1(write_request([([("job", "a"), ("__name__", "up")], [(1000, 1.0), (2000, 0.5)]),
                          ([("__name__", "x"), ("e", "")], [(5, -3.25)])]), LIM)
     assert (d.series_ok, d.samples_ok, d.series_bad, d.reason) == (2, 3, 0, None)
     recs = records(d)
@@ -58,7 +46,8 @@ def test_roundtrip_simple():
 
 
 def test_long_series_split_into_records():
-    d = decode_rw1(body([([("__name__", "m")], [(i, float(i)) for i in range(1300)])]), LIM)
+    samples = [(i, float(i)) for i in range(1300)]
+    d = decode_rw1(write_request([([("__name__", "m")], samples)]), LIM)
     recs = records(d)
     assert [len(r[1]) for r in recs] == [512, 512, 276]
     assert sum((r[1] for r in recs), []) == list(range(1300))
@@ -66,7 +55,7 @@ def test_long_series_split_into_records():
 
 def test_nan_bits_preserved():
     stale = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
-    d = decode_rw1(body([([("__name__", "m")], [(1, stale), (2, math.inf)])]), LIM)
+    d = decode_rw1(write_request([([("__name__", "m")], [(1, stale), (2, math.inf)])]), LIM)
     _, _, vs, _ = records(d)[0]
     assert struct.pack("<d", vs[0]) == struct.pack("<Q", 0x7FF0000000000002)
     assert vs[1] == math.inf
@@ -84,7 +73,7 @@ def test_nan_bits_preserved():
 ])
 def test_validation_rules_keep_valid_series(labels, reason, needle):
     good = ([("__name__", "good")], [(10, 1.0)])
-    d = decode_rw1(body([good, (labels, [(10, 2.0)]), good]), LIM)
+    d = decode_rw1(write_request([good, (labels, [(10, 2.0)]), good]), LIM)
     assert d.reason == reason
     assert needle in d.message and "series #1" in d.message
     assert (d.series_ok, d.samples_ok, d.series_bad, d.samples_bad) == (2, 2, 1, 1)
@@ -92,7 +81,7 @@ def test_validation_rules_keep_valid_series(labels, reason, needle):
 
 
 def test_bad_utf8_value():
-    w = body([([("__name__", "m")], [(1, 1.0)])])
+    w = write_request([([("__name__", "m")], [(1, 1.0)])])
     raw = w.replace(b"\x12\x01m", b"\x12\x01\xff")
     d = decode_rw1(raw, LIM)
     assert d.reason == "bad_utf8" and d.series_bad == 1
@@ -100,11 +89,11 @@ def test_bad_utf8_value():
 
 def test_window():
     lim = Limits(min_ts=100, max_ts=200, num_shards=16)
-    d = decode_rw1(body([([("__name__", "m")], [(50, 1.0), (150, 2.0), (250, 3.0)])]), lim)
+    d = decode_rw1(write_request([([("__name__", "m")], [(50, 1.0), (150, 2.0), (250, 3.0)])]), lim)
     assert d.reason == "too_old" and "50 ms is too old" in d.message and '__name__="m"' in d.message
     assert (d.samples_ok, d.samples_bad) == (1, 2)
     assert records(d)[0][1] == [150]
-    d = decode_rw1(body([([("__name__", "m")], [(250, 3.0)])]), lim)
+    d = decode_rw1(write_request([([("__name__", "m")], [(250, 3.0)])]), lim)
     assert d.reason == "too_new" and d.samples_ok == 0
 
 
@@ -129,7 +118,7 @@ def test_malformed(raw):
 
 
 def test_unknown_fields_skipped():
-    raw = body([([("__name__", "m")], [(1, 1.0)])])
+    raw = write_request([([("__name__", "m")], [(1, 1.0)])])
     extra = b"\x1a\x00" + b"\x28\x07" + b"\x35\x00\x00\x00\x00"  # metadata, varint, fixed32
     d = decode_rw1(extra + raw, LIM)
     assert d.samples_ok == 1
@@ -145,7 +134,7 @@ names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,10}", fullmatch=True)
 def test_roundtrip_property(series):
     req = [([("__name__", "p")] + [(k, v) for k, v in lab.items() if k != "__name__"], smp)
            for lab, smp in series]
-    d = decode_rw1(body(req), LIM)
+    d = decode_rw1(write_request(req), LIM)
     want = [(dict(lab), [t for t, _ in smp], [v for _, v in smp]) for lab, smp in req if smp]
     got = [r[:3] for r in records(d)]
     assert got == want
