@@ -60,12 +60,16 @@ def test_out_of_order_duplicates_and_overwrite(daemon):
 def test_nan_stale_and_range(daemon):
     t0 = now_ms() - 30_000
     code, _, _ = daemon.write([({"__name__": "nan"}, [(t0, _stale()), (t0 + 1, math.nan),
-                                                      (t0 + 2, math.inf), (t0 + 3, 2.5)])])
+                                                      (t0 + 2, math.inf), (t0 + 3, 2.5),
+                                                      (t0 + 4, -math.inf)])])
     assert code == 204
+    code, body = daemon.get("/api/v1/export?match[]=nan")
+    assert code == 200 and b'"values":[NaN,NaN,+Inf,2.5,-Inf]' in body, body  # as VM writes
     rows = daemon.export("nan")
-    assert rows[0]["timestamps"] == [t0, t0 + 1, t0 + 2, t0 + 3]
+    assert rows[0]["timestamps"] == [t0, t0 + 1, t0 + 2, t0 + 3, t0 + 4]
     v = rows[0]["values"]
     assert math.isnan(v[0]) and math.isnan(v[1]) and v[2] == math.inf and v[3] == 2.5
+    assert v[4] == -math.inf
     rows = daemon.export("nan", start=str((t0 + 1) / 1000), end=str((t0 + 2) / 1000))
     assert rows[0]["timestamps"] == [t0 + 1, t0 + 2]
 

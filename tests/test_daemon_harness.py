@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,7 +161,7 @@ class Daemon:
         q = urllib.parse.urlencode([("match[]", match), ("start", start), ("end", end)])
         code, body = self.get(f"/api/v1/export?{q}")
         assert code == 200, body
-        return [json.loads(line) for line in body.decode().splitlines() if line]
+        return [parse_export_line(line) for line in body.decode().splitlines() if line]
 
     def export_map(self, match: str) -> dict[tuple, dict[int, float]]:
         out = {}
@@ -168,6 +169,16 @@ class Daemon:
             key = tuple(sorted(row["metric"].items()))
             out[key] = dict(zip(row["timestamps"], row["values"], strict=True))
         return out
+
+
+_BARE_INF = re.compile(r"(?<=[\[,])([+-])Inf(?=[,\]])")
+
+
+def parse_export_line(line: str) -> dict:
+    """One line of VictoriaMetrics' export format: JSON except that the values array holds
+    bare NaN, +Inf and -Inf (Python's json reads NaN but spells infinity 'Infinity')."""
+    return json.loads(_BARE_INF.sub(lambda m: "-Infinity" if m.group(1) == "-" else "Infinity",
+                                    line))
 
 
 def _alive(pid: int) -> bool:

@@ -213,13 +213,13 @@ def _parse_time(v: str | None, default: int, key: str) -> int:
         raise ValueError(f"{key}: expected unix seconds or RFC3339, got {v!r}") from None
 
 
-def _fmt_values(vs) -> str:  # VictoriaMetrics style: integers without ".0", NaN bare
+def _fmt_values(vs) -> str:  # VictoriaMetrics style: integers without ".0"; NaN, +Inf, -Inf bare
     out = []
     for v in vs.tolist():
         if v != v:
             out.append("NaN")
         elif math.isinf(v):
-            out.append("Infinity" if v > 0 else "-Infinity")
+            out.append("+Inf" if v > 0 else "-Inf")
         elif v == int(v) and abs(v) < 1e15:
             out.append(str(int(v)))
         else:
