@@ -3,7 +3,13 @@
 Every key has an embedded default, so ``m3shm serve`` runs with no file at all. A YAML file
 overrides any subset; an unknown key or a bad value stops start-up with a :class:`ConfigError`
 that names the key (``commitlog.fsync: must be one of every_batch, interval``). Durations are
-strings like ``10m``, ``48h``, ``500ms``; sizes are integers or strings like ``64MiB``.
+strings as Prometheus writes them (``500ms``, ``10s``, ``10m``, ``48h``, ``30d``, ``5y``,
+``1h30m``); sizes are integers or strings like ``64MiB``.
+
+Storage namespaces use M3's names (``namespaces: [{name: default, retention: 48h, blockSize: 2h,
+bufferPast: 10m, bufferFuture: 2m, coldWrites: true}, {name: agg_1m_30d, resolution: 1m,
+retention: 30d, blockSize: 12h}]``). Exactly one namespace is unaggregated (no ``resolution``):
+remote-written samples land there. The embedded default is that one namespace, ``default``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid; the message names the key."""
 
 
-_DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_DUR_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DUR = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w|y))+$")
+_DUR_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+_DUR_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+           "w": 7 * 86_400_000, "y": 365 * 86_400_000}
 _SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
 _SIZE_MUL = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3,
              "MB": 10**6, "GB": 10**9}
@@ -31,10 +39,11 @@ def parse_duration_ms(v: Any, key: str) -> int:
         raise ConfigError(f"{key}: expected a duration like 10m, got {v!r}")
     if isinstance(v, int | float):
         return int(v * 1000)
-    m = _DUR.match(str(v).strip())
-    if not m:
-        raise ConfigError(f"{key}: expected a duration like 500ms, 10s, 10m, 48h, got {v!r}")
-    return int(float(m.group(1)) * _DUR_MS[m.group(2)])
+    text = str(v).strip()
+    if not _DUR.match(text):
+        raise ConfigError(f"{key}: expected a duration like 500ms, 10s, 10m, 48h, 30d, 5y, "
+                          f"got {v!r}")
+    return sum(int(float(n) * _DUR_MS[u]) for n, u in _DUR_PART.findall(text))
 
 
 def parse_size(v: Any, key: str) -> int:
@@ -63,11 +72,95 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class NamespaceConfig:
+    """One storage namespace (M3's names in YAML). ``resolution_ms`` 0 = unaggregated."""
+
+    name: str = "default"
     retention_ms: int = 48 * 3_600_000
-    buffer_past_ms: int = 10 * 60_000       # how far behind now the open blocks accept
-    buffer_future_ms: int = 2 * 60_000
     block_size_ms: int = 2 * 3_600_000
+    buffer_past_ms: int = 10 * 60_000       # out-of-order window behind now (warm writes)
+    buffer_future_ms: int = 2 * 60_000
+    cold_writes: bool = True                # older than buffer past, within retention
+    resolution_ms: int = 0
+
+    @property
+    def aggregated(self) -> bool:
+        return self.resolution_ms > 0
+
+
+_NS_KEYS = {"name": "name", "retention": "retention_ms", "blockSize": "block_size_ms",
+            "bufferPast": "buffer_past_ms", "bufferFuture": "buffer_future_ms",
+            "coldWrites": "cold_writes", "resolution": "resolution_ms"}
+_NS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_namespaces(raw: Any) -> tuple[NamespaceConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("namespaces: expected a non-empty list of namespaces, e.g. "
+                          "[{name: default, retention: 48h, blockSize: 2h}]")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"namespaces[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(item).__name__}")
+        kw: dict[str, Any] = {}
+        for key, val in item.items():
+            f = _NS_KEYS.get(key)
+            if f is None:
+                raise ConfigError(f"{where}.{key}: unknown key (known: "
+                                  f"{', '.join(sorted(_NS_KEYS))})")
+            if f == "name":
+                if not isinstance(val, str) or not _NS_NAME.match(val):
+                    raise ConfigError(f"{where}.name: expected letters, digits, _ . - "
+                                      f"(a directory name), got {val!r}")
+                kw[f] = val
+            elif f == "cold_writes":
+                if not isinstance(val, bool):
+                    raise ConfigError(f"{where}.coldWrites: expected true or false, got "
+                                      f"{val!r}")
+                kw[f] = val
+            else:
+                kw[f] = parse_duration_ms(val, f"{where}.{key}")
+        if "name" not in kw:
+            raise ConfigError(f"{where}.name: every namespace needs a name")
+        out.append(NamespaceConfig(**kw))
+    return tuple(out)
+
+
+def _validate_namespaces(nss: tuple[NamespaceConfig, ...]) -> None:
+    seen: set[str] = set()
+    for i, ns in enumerate(nss):
+        where = f"namespaces[{i}] ({ns.name})"
+        if ns.name in seen:
+            raise ConfigError(f"{where}.name: namespace {ns.name!r} is defined twice")
+        seen.add(ns.name)
+        if ns.block_size_ms < 1000:
+            raise ConfigError(f"{where}.blockSize: must be at least 1s")
+        if 86_400_000 % ns.block_size_ms and ns.block_size_ms % 86_400_000:
+            raise ConfigError(f"{where}.blockSize: must divide a day or be whole days "
+                              f"(blocks are aligned to the epoch)")
+        if ns.retention_ms < ns.block_size_ms:
+            raise ConfigError(f"{where}.retention: must be at least blockSize")
+        if not 0 < ns.buffer_past_ms <= ns.block_size_ms:
+            raise ConfigError(f"{where}.bufferPast: must be > 0 and at most blockSize")
+        if not 0 < ns.buffer_future_ms <= ns.block_size_ms:
+            raise ConfigError(f"{where}.bufferFuture: must be > 0 and at most blockSize")
+        if ns.aggregated and ns.block_size_ms % ns.resolution_ms:
+            raise ConfigError(f"{where}.resolution: must divide blockSize")
+    raw = [ns.name for ns in nss if not ns.aggregated]
+    if len(raw) != 1:
+        raise ConfigError(f"namespaces: exactly one namespace must be unaggregated (no "
+                          f"resolution); found {len(raw)}: {raw}")
+
+
+@dataclass(frozen=True)
+class FlushConfig:
+    interval_ms: int = 60_000               # how often each worker looks for closed blocks
+    retention_interval_ms: int = 300_000    # how often expired filesets are deleted
+
+
+@dataclass(frozen=True)
+class IngestConfig:
     reserve_wait_ms: int = 250              # wait for lane room before answering 503
     max_pending_batches: int = 256          # per worker, before 503
 
@@ -90,6 +183,19 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     commitlog: CommitLogConfig = field(default_factory=CommitLogConfig)
+    flush: FlushConfig = field(default_factory=FlushConfig)
+    namespaces: tuple[NamespaceConfig, ...] = (NamespaceConfig(),)
+
+    @property
+    def raw_namespace(self) -> NamespaceConfig:
+        """The unaggregated namespace, where remote-written samples land."""
+        return next(ns for ns in self.namespaces if not ns.aggregated)
+
+    def namespace(self, name: str) -> NamespaceConfig:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        raise KeyError(name)
 
     @property
     def host(self) -> str:
@@ -103,9 +209,9 @@ class Config:
         return self.workers or os.cpu_count() or 1
 
 
-_DURATION_KEYS = {"retention_ms": "retention", "buffer_past_ms": "buffer_past",
-                  "buffer_future_ms": "buffer_future", "block_size_ms": "block_size",
-                  "reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval"}
+_DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval",
+                  "interval_ms": "interval", "retention_interval_ms": "retention_interval"}
+_MOVED = {"ingest.retention", "ingest.buffer_past", "ingest.buffer_future", "ingest.block_size"}
 _SIZE_KEYS = {"lane_bytes", "arena_bytes", "max_body_bytes", "max_decompressed_bytes",
               "max_segment_bytes"}
 
@@ -122,10 +228,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, val in raw.items():
         full = f"{prefix}{key}"
         f = by_yaml.get(key)
+        if full in _MOVED:
+            raise ConfigError(f"{full}: moved to the namespaces list (retention, blockSize, "
+                              "bufferPast, bufferFuture per namespace)")
         if f is None:
             raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(by_yaml))})")
         default = getattr(cls(), f.name) if f.name != "data_dir" else ""
-        if dataclasses.is_dataclass(default):
+        if f.name == "namespaces":
+            kwargs[f.name] = parse_namespaces(val)
+        elif dataclasses.is_dataclass(default):
             kwargs[f.name] = _build(type(default), val, full + ".")
         elif f.name in _DURATION_KEYS:
             kwargs[f.name] = parse_duration_ms(val, full)
@@ -170,9 +281,9 @@ def validate(c: Config) -> Config:
          "must be 1..4096")
     need(1 <= c.limits.max_label_value_bytes <= 16384, "limits.max_label_value_bytes",
          "must be 1..16384")
-    need(c.ingest.block_size_ms > 0, "ingest.block_size", "must be > 0")
-    need(c.ingest.retention_ms >= c.ingest.buffer_past_ms, "ingest.retention",
-         "must be at least ingest.buffer_past")
+    _validate_namespaces(c.namespaces)
+    need(c.flush.interval_ms > 0, "flush.interval", "must be > 0")
+    need(c.flush.retention_interval_ms > 0, "flush.retention_interval", "must be > 0")
     need(c.commitlog.fsync in ("every_batch", "interval"), "commitlog.fsync",
          "must be one of every_batch, interval")
     need(c.commitlog.fsync_interval_ms > 0, "commitlog.fsync_interval", "must be > 0")

@@ -54,9 +54,22 @@ def lock_data_dir(data: str, wait_s: float = 10.0) -> int:
     return fd
 
 
+FILESETS_DIR = "filesets"
+
+
+def _has_data(data: str, ns: str, raw: bool) -> bool:
+    nsdir = os.path.join(data, FILESETS_DIR, ns)
+    if os.path.isdir(nsdir) and any(os.scandir(nsdir)):
+        return True
+    return raw and bool(commitlog.list_files(os.path.join(data, "commitlog")))
+
+
 def check_meta(data: str, cfg: Config) -> None:
+    """Check (or first write) ``<data>/meta.json``: the shard count, the series hash and each
+    namespace's block size are fixed once a namespace has data; a change is refused with an
+    error naming the key. Namespaces without data may be added or changed freely."""
     path = os.path.join(data, "meta.json")
-    want = {"format": 1, "shards": cfg.shards, "hash": HASH_NAME}
+    have: dict = {}
     if os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
@@ -67,6 +80,21 @@ def check_meta(data: str, cfg: Config) -> None:
         if have.get("hash") != HASH_NAME:
             raise ConfigError(f"data_dir: {data} uses series hash {have.get('hash')!r}, this "
                               f"build knows {HASH_NAME!r}")
+    recorded = have.get("namespaces", {})
+    nss = {}
+    for i, ns in enumerate(cfg.namespaces):
+        old = recorded.get(ns.name)
+        if (old and old.get("blockSize") != ns.block_size_ms
+                and _has_data(data, ns.name, not ns.aggregated)):
+            raise ConfigError(
+                f"namespaces[{i}].blockSize: namespace {ns.name!r} holds data written with "
+                f"blockSize={old.get('blockSize')}ms; it cannot change (configured "
+                f"{ns.block_size_ms}ms). Use a new namespace, or remove its data")
+        nss[ns.name] = {"blockSize": ns.block_size_ms, "resolution": ns.resolution_ms}
+    for name, old in recorded.items():  # keep what is on disk for namespaces not configured
+        nss.setdefault(name, old)
+    want = {"format": 1, "shards": cfg.shards, "hash": HASH_NAME, "namespaces": nss}
+    if want == have:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -99,7 +127,7 @@ class Supervisor:
         c = self.cfg
         params = SegParams(num_shards=c.shards, num_producers=self.nworkers,
                            lane_bytes=c.shm.lane_bytes, series_per_shard=c.shm.series_per_shard,
-                           arena_bytes=c.shm.arena_bytes, block_ms=c.ingest.block_size_ms,
+                           arena_bytes=c.shm.arena_bytes, block_ms=c.raw_namespace.block_size_ms,
                            seq_base=seq_base_now())
         path = segment_path(self.data)
         with contextlib.suppress(FileNotFoundError):

@@ -78,9 +78,9 @@ class Api:
         if self.w.stopping:
             return text(503, "shutting down", **{"Retry-After": "1"})
         now = int(time.time() * 1000)
-        ing = self.cfg.ingest
-        limits = Limits(min_ts=now - min(ing.buffer_past_ms, ing.retention_ms),
-                        max_ts=now + ing.buffer_future_ms,
+        ns = self.cfg.raw_namespace
+        limits = Limits(min_ts=now - ns.buffer_past_ms,
+                        max_ts=now + ns.buffer_future_ms,
                         num_shards=self.cfg.shards, max_labels=lim.max_labels,
                         max_name_bytes=lim.max_label_name_bytes,
                         max_value_bytes=lim.max_label_value_bytes)
@@ -102,8 +102,8 @@ class Api:
         if d.series_bad or rej_s:
             first = d.message if d.series_bad else rej_msg
             if d.reason in ("too_old", "too_new") and d.series_bad:
-                first += (f" (accepted window: now-{ing.buffer_past_ms // 1000}s .. "
-                          f"now+{ing.buffer_future_ms // 1000}s; older samples need cold "
+                first += (f" (namespace {ns.name!r} accepts now-{ns.buffer_past_ms // 1000}s"
+                          f" .. now+{ns.buffer_future_ms // 1000}s; older samples need cold "
                           "writes, not supported yet)")
             return text(400, f"{first}\nwritten: {d.samples_ok - rej_s} samples; rejected: "
                              f"{d.samples_bad + rej_s} samples of {d.series_bad} series "
