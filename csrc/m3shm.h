@@ -262,3 +262,32 @@ typedef struct m3_rw_result {
    small (retry with more). Invalid series are counted and skipped, not fatal. */
 int m3_rw1_decode(const uint8_t *in, size_t len, const m3_rw_limits *lim, uint8_t *out,
                   size_t cap, m3_rw_result *res);
+
+/* ---- shard_read.c: bulk reads of shards for queries, by any process (docs/formats/shm.md) */
+
+/* One chunk copied out of a shard: its stream is out[off, off + len), a tsz stream whose
+   header count is `count`. */
+typedef struct m3_chunk_ref {
+    uint32_t series;       /* index into the caller's slot list */
+    uint32_t count;        /* published samples held by the copy */
+    int64_t block_start;   /* ms; every sample is in [block_start, block_start + block_ms) */
+    uint64_t stream;       /* higher = written later (wins equal timestamps) */
+    uint64_t off;          /* bytes into the caller's out buffer */
+    uint64_t len;          /* bytes of the copied stream */
+} m3_chunk_ref;
+
+/* Canonical labels of slots [from, to) back to back into out; offs[0..to-from] receive their
+   boundaries. Stops at a slot that does not fit: *done = slots copied (M3_ENOSPC if none). */
+int m3_shard_labels_many(const uint8_t *base, uint32_t shard, uint32_t from, uint32_t to,
+                         uint8_t *out, size_t cap, uint64_t *offs, uint32_t *done);
+/* Per series of slots[0..n): chunks whose block overlaps [mint, maxt] and their published
+   samples (what m3_series_chunks would copy now). */
+int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
+                     int64_t mint, int64_t maxt, uint32_t *chunks, uint64_t *samples);
+/* Copy the published streams of those chunks into out, each series' chunks sorted by
+   (block_start, stream), described by refs. Stops before a series that does not fit in
+   out_cap bytes / max_refs refs: *done = series copied, *nrefs = refs written (M3_ENOSPC if
+   not even the first series fits). */
+int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
+                     int64_t mint, int64_t maxt, uint8_t *out, size_t out_cap,
+                     m3_chunk_ref *refs, size_t max_refs, size_t *done, size_t *nrefs);

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m3shm.query.labels import Labels
-from m3shm.query.storage import Block, Encoding, SeriesBlocks
+from m3shm.query.storage import Block, BlockBatch, Encoding, SelectResult, SeriesBlocks
 
 STALE_BITS = np.uint64(0x7FF0000000000002)
 STALE_NAN: float = float(np.array([STALE_BITS], dtype=np.uint64).view(np.float64)[0])
@@ -75,14 +75,69 @@ def _decode_tsz_batch(series: list[SeriesBlocks], mint: int, maxt: int
     return ts, vs, offsets
 
 
+def _normalise(labels: list[Labels], ts: np.ndarray, vals: np.ndarray, ser: np.ndarray,
+               mint: int, maxt: int) -> FlatSeries:
+    """Samples tagged with their series index -> FlatSeries: only [mint, maxt], each series
+    sorted by time with one sample per timestamp (of equal timestamps, the one that came last
+    in block order wins: later streams hold later writes). Sorting happens only when blocks
+    overlap (out-of-order writes); the common case is one vectorised check."""
+    inside = (ts >= mint) & (ts <= maxt)
+    if not inside.all():
+        ts, vals, ser = ts[inside], vals[inside], ser[inside]
+    if len(ts) > 1:
+        ordered = (ser[1:] > ser[:-1]) | ((ser[1:] == ser[:-1]) & (ts[1:] > ts[:-1]))
+        if not ordered.all():
+            order = np.lexsort((ts, ser))  # stable: equal keys keep block order
+            ts, vals, ser = ts[order], vals[order], ser[order]
+            last = np.ones(len(ts), dtype=bool)
+            last[:-1] = (ser[1:] != ser[:-1]) | (ts[1:] != ts[:-1])
+            if not last.all():
+                ts, vals, ser = ts[last], vals[last], ser[last]
+    offsets = np.searchsorted(ser, np.arange(len(labels) + 1, dtype=ser.dtype)).astype(np.int64)
+    return FlatSeries(labels, ts, vals, offsets)
+
+
+def decode_batch(batch: BlockBatch, mint: int, maxt: int) -> FlatSeries:
+    """Decode a whole BlockBatch in one C call and keep the samples inside [mint, maxt]."""
+    from m3shm import codec
+
+    if not len(batch.counts):
+        return FlatSeries(list(batch.labels), np.zeros(0, dtype=np.int64),
+                          np.zeros(0, dtype=np.float64), np.zeros(len(batch) + 1, np.int64))
+    ts, vals, soffs = codec.decode_many(batch.data, batch.offsets)
+    ser = np.repeat(batch.series.astype(np.int64), np.diff(soffs))
+    return _normalise(list(batch.labels), ts, vals, ser, mint, maxt)
+
+
+def concat(parts: list[FlatSeries]) -> FlatSeries:
+    if len(parts) == 1:
+        return parts[0]
+    labels = [lb for p in parts for lb in p.labels]
+    ts = np.concatenate([p.ts for p in parts]) if parts else np.zeros(0, np.int64)
+    vals = np.concatenate([p.vals for p in parts]) if parts else np.zeros(0, np.float64)
+    offs = [np.zeros(1, np.int64)]
+    base = 0
+    for p in parts:
+        offs.append(p.offsets[1:] + base)
+        base += int(p.offsets[-1])
+    return FlatSeries(labels, ts, vals, np.concatenate(offs))
+
+
+def decode_result(res: SelectResult, mint: int, maxt: int) -> FlatSeries:
+    """Every series of a select answer, decoded (batches in one C call each)."""
+    parts = [decode_batch(b, mint, maxt) for b in res.batches]
+    if res.series or not parts:
+        parts.insert(0, decode_series(res.series, mint, maxt))
+    return concat(parts)
+
+
 def decode_series(series: list[SeriesBlocks], mint: int, maxt: int) -> FlatSeries:
     """Decode the blocks overlapping [mint, maxt] and keep the samples inside it."""
     batch = _decode_tsz_batch(series, mint, maxt) if series else None
     if batch is not None:
         ts, vals, offsets = batch
-        flat = FlatSeries([s.labels for s in series], ts, vals, offsets)
-        inside = (ts >= mint) & (ts <= maxt)
-        return flat if inside.all() else flat.keep(inside)
+        ser = np.repeat(np.arange(len(series), dtype=np.int64), np.diff(offsets))
+        return _normalise([s.labels for s in series], ts, vals, ser, mint, maxt)
     ts_parts: list[np.ndarray] = []
     val_parts: list[np.ndarray] = []
     counts = np.zeros(len(series), dtype=np.int64)
@@ -102,8 +157,5 @@ def decode_series(series: list[SeriesBlocks], mint: int, maxt: int) -> FlatSerie
     else:
         ts = np.zeros(0, dtype=np.int64)
         vals = np.zeros(0, dtype=np.float64)
-    flat = FlatSeries([s.labels for s in series], ts, vals, offsets)
-    inside = (ts >= mint) & (ts <= maxt)
-    if not inside.all():
-        flat = flat.keep(inside)
-    return flat
+    ser = np.repeat(np.arange(len(series), dtype=np.int64), counts)
+    return _normalise([s.labels for s in series], ts, vals, ser, mint, maxt)

@@ -35,8 +35,9 @@ def parse_request(req: pb.SelectRequest) -> tuple[list[Matcher], int, int]:
 
 def frames(result: SelectResult, series_per_frame: int = 256) -> Iterator[pb.SelectFrame]:
     """The frames of one answer; partial and warnings ride on the last frame."""
-    chunks = [result.series[i:i + series_per_frame]
-              for i in range(0, len(result.series), series_per_frame)] or [[]]
+    series = result.all_series()
+    chunks = [series[i:i + series_per_frame]
+              for i in range(0, len(series), series_per_frame)] or [[]]
     for i, chunk in enumerate(chunks):
         frame = pb.SelectFrame(last=i == len(chunks) - 1)
         for s in chunk:

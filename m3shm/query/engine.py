@@ -10,6 +10,7 @@ series groups and AST nodes, never over samples or series x steps.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import promql_parser
 
 from m3shm.query import aggregate, binop, functions
-from m3shm.query.blocks import FlatSeries, decode_series, is_stale
+from m3shm.query.blocks import FlatSeries, decode_result, is_stale
 from m3shm.query.errors import QueryError, QueryLimitError
 from m3shm.query.labels import drop_name
 from m3shm.query.matchers import from_selector
@@ -64,6 +65,7 @@ class Evaluator:
     subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS
     limits: Limits = field(default_factory=Limits)
     stats: Stats = field(default_factory=Stats)
+    checkpoint: Callable[[], None] | None = None  # raises to stop the query (cancel, timeout)
 
     @property
     def nsteps(self) -> int:
@@ -71,6 +73,8 @@ class Evaluator:
 
     # ---- dispatch ------------------------------------------------------------------------
     def eval(self, node: Any) -> Value:
+        if self.checkpoint is not None:
+            self.checkpoint()
         kind = type(node).__name__
         if kind == "ParenExpr":
             return self.eval(node.expr)
@@ -136,11 +140,14 @@ class Evaluator:
         if res.partial:
             self.stats.partial = True
         self.stats.warnings.extend(res.warnings)
-        if self.limits.max_series and len(res.series) > self.limits.max_series:
-            raise QueryLimitError(f"query selects {len(res.series)} series, more than the "
+        nseries = res.nseries
+        if self.limits.max_series and nseries > self.limits.max_series:
+            raise QueryLimitError(f"query selects {nseries} series, more than the "
                                   f"limit of {self.limits.max_series}")
-        flat = decode_series(res.series, mint, maxt)
-        self.stats.series_selected += len(res.series)
+        if self.checkpoint is not None:
+            self.checkpoint()
+        flat = decode_result(res, mint, maxt)
+        self.stats.series_selected += nseries
         self.account(len(flat.ts))
         return flat
 
@@ -184,7 +191,8 @@ class Evaluator:
         inner_start = -((-first) // step) * step  # the first multiple of step >= first
         inner_steps = np.arange(inner_start, int(ends.max()) + 1, step, dtype=np.int64)
         inner = Evaluator(self.storage, inner_steps, self.start_ms, self.end_ms,
-                          self.lookback_ms, self.subquery_step_ms, self.limits, self.stats)
+                          self.lookback_ms, self.subquery_step_ms, self.limits, self.stats,
+                          self.checkpoint)
         v = inner.eval(sq.expr)
         if not isinstance(v, Vector):
             raise QueryError("subquery is only allowed on instant vector expressions")
@@ -231,10 +239,11 @@ class Engine:
     lookback_ms: int = DEFAULT_LOOKBACK_MS
     subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS
     limits: Limits = field(default_factory=Limits)
+    checkpoint: Callable[[], None] | None = None
 
     def _evaluator(self, steps: np.ndarray, start: int, end: int) -> Evaluator:
         return Evaluator(self.storage, steps, start, end, self.lookback_ms,
-                         self.subquery_step_ms, self.limits, Stats())
+                         self.subquery_step_ms, self.limits, Stats(), self.checkpoint)
 
     @staticmethod
     def parse(query: str) -> Any:

@@ -9,3 +9,11 @@ class QueryError(Exception):
 
 class QueryLimitError(QueryError):
     """A query that would exceed a limit (samples, series) and was stopped before it did."""
+
+
+class QueryCanceledError(QueryError):
+    """The client went away (or asked to stop); the query was stopped between two steps."""
+
+
+class QueryTimeoutError(QueryError):
+    """The query ran past its timeout and was stopped between two steps."""

@@ -44,10 +44,59 @@ class SeriesBlocks:
 
 
 @dataclass
+class BlockBatch:
+    """The blocks of many series in one buffer: the form local stores answer in.
+
+    Block ``i`` is ``data[offsets[i]:offsets[i + 1]]`` (TSZ), holds ``counts[i]`` samples, all
+    within ``[start_ms[i], end_ms[i]]``, and belongs to series ``series[i]`` (an index into
+    ``labels``). A series' blocks may overlap in time (out-of-order streams of one block): in
+    the order given, a later block's sample wins over an earlier one at the same timestamp.
+    No Python object per block: the engine decodes the whole buffer in one C call.
+    """
+
+    labels: list[Labels]
+    data: np.ndarray  # uint8
+    offsets: np.ndarray  # uint64, nblocks + 1
+    series: np.ndarray  # int64 per block
+    counts: np.ndarray  # int64 per block
+    start_ms: np.ndarray  # int64 per block (bounds, not necessarily sample times)
+    end_ms: np.ndarray  # int64 per block
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def samples(self) -> int:
+        return int(self.counts.sum())
+
+    def to_series(self) -> list[SeriesBlocks]:
+        """One SeriesBlocks per series (for the wire and other per-series consumers)."""
+        out = [SeriesBlocks(lbl, []) for lbl in self.labels]
+        data = self.data.tobytes()
+        offs = self.offsets.tolist()
+        for i, (s, a, b) in enumerate(zip(self.series.tolist(), self.start_ms.tolist(),
+                                          self.end_ms.tolist(), strict=True)):
+            out[s].blocks.append(Block(a, b, data[offs[i]:offs[i + 1]], Encoding.TSZ))
+        return out
+
+
+@dataclass
 class SelectResult:
     series: list[SeriesBlocks]
     partial: bool = False
     warnings: list[str] = field(default_factory=list)
+    batches: list[BlockBatch] = field(default_factory=list)
+
+    @property
+    def nseries(self) -> int:
+        return len(self.series) + sum(len(b) for b in self.batches)
+
+    def all_series(self) -> list[SeriesBlocks]:
+        """Every series as SeriesBlocks, batches materialised."""
+        out = list(self.series)
+        for b in self.batches:
+            out.extend(b.to_series())
+        return out
 
 
 class Storage(Protocol):

@@ -1,0 +1,229 @@
+"""The daemon's own data as the engine's Storage: the shards in shared memory, and the seam
+where flushed filesets plug in.
+
+:class:`LocalStorage` is that seam: it asks each of its sources (today :class:`ShmSource`,
+the open blocks of every shard; a fileset source implements the same three methods) and
+merges their answers by label set, so a series whose older blocks are on disk and newer ones
+in memory comes out as one series. Sources answer in :class:`BlockBatch` form (one buffer of
+compressed blocks per source, no Python object per block); the engine decodes each batch in
+one C call.
+
+Every source charges its selection to the query's :class:`QueryContext` before copying
+anything (limits are refused before memory is spent) and checks the stop flag between
+shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from m3shm.query.context import QueryContext
+from m3shm.query.errors import QueryError
+from m3shm.query.labels import Labels
+from m3shm.query.matchers import Matcher
+from m3shm.query.storage import BlockBatch, SelectResult
+from m3shm.storage.shm_index import ShmIndex
+
+
+class Source(Protocol):
+    def select(self, matchers: list[Matcher], mint: int, maxt: int,
+               ctx: QueryContext) -> SelectResult: ...
+
+    def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,
+               ctx: QueryContext) -> list[Labels]: ...
+
+    def label_names(self, matchers: list[list[Matcher]] | None, mint: int | None,
+                    maxt: int | None, ctx: QueryContext) -> set[str]: ...
+
+    def label_values(self, name: str, matchers: list[list[Matcher]] | None, mint: int | None,
+                     maxt: int | None, ctx: QueryContext) -> set[str]: ...
+
+
+def _select_ids(index: ShmIndex, matchers: list[Matcher]) -> np.ndarray:
+    try:
+        return index.select(matchers)
+    except ValueError as e:
+        raise QueryError(str(e)) from None
+
+
+class ShmSource:
+    """Open blocks of every shard, read straight from the shared segment."""
+
+    def __init__(self, index: ShmIndex) -> None:
+        self.index = index
+
+    def _in_range(self, ids: np.ndarray, mint: int | None, maxt: int | None,
+                  ctx: QueryContext) -> np.ndarray:
+        if mint is None and maxt is None:
+            return ids
+        lo = -(1 << 62) if mint is None else mint
+        hi = (1 << 62) if maxt is None else maxt
+        keep = []
+        for shard, part, slots in self.index.by_shard(ids):
+            ctx.check()
+            chunks, _ = self.index.extent(shard, slots, lo, hi)
+            keep.append(part[chunks > 0])
+        return np.sort(np.concatenate(keep)) if keep else ids[:0]
+
+    def select(self, matchers: list[Matcher], mint: int, maxt: int,
+               ctx: QueryContext) -> SelectResult:
+        idx = self.index
+        idx.refresh()
+        ids = _select_ids(idx, matchers)
+        groups = []
+        nseries = nsamples = nchunks = 0
+        for shard, part, slots in idx.by_shard(ids):
+            ctx.check()
+            chunks, samples = idx.extent(shard, slots, mint, maxt)
+            has = chunks > 0
+            if has.any():
+                groups.append((shard, part[has], slots[has], int(chunks[has].sum())))
+                nseries += int(has.sum())
+                nsamples += int(samples.sum())
+                nchunks += int(chunks.sum())
+        # charge before copying: ~1.3 bytes per sample compressed plus the chunk headers
+        ctx.admit(nseries, nsamples, nsamples * 2 + nchunks * 64)
+        datas, offs, sers, counts, starts = [], [], [], [], []
+        labels: list[Labels] = []
+        base = 0
+        for shard, part, slots, nch in groups:
+            ctx.check()
+            ch = idx.chunks(shard, part, slots, mint, maxt, nch)
+            refs = ch.refs
+            datas.append(ch.data)
+            offs.append(refs["off"].astype(np.uint64) + np.uint64(base))
+            sers.append(refs["series"].astype(np.int64) + len(labels))
+            counts.append(refs["count"].astype(np.int64))
+            starts.append(refs["block_start"])
+            labels.extend(idx.labels[i] for i in ch.ids.tolist())
+            base += len(ch.data)
+        if not datas:
+            return SelectResult([])
+        data = np.concatenate(datas)
+        offsets = np.concatenate(offs + [np.array([base], dtype=np.uint64)])
+        start = np.concatenate(starts).astype(np.int64)
+        batch = BlockBatch(labels, data, offsets, np.concatenate(sers), np.concatenate(counts),
+                           start, start + idx.block_ms - 1)
+        return SelectResult([], batches=[batch])
+
+    def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,
+               ctx: QueryContext) -> list[Labels]:
+        self.index.refresh()
+        ids = self._in_range(_select_ids(self.index, matchers), mint, maxt, ctx)
+        ctx.admit(len(ids), 0, 0)
+        return [self.index.labels[i] for i in ids.tolist()]
+
+    def _ids(self, matchers: list[list[Matcher]] | None, mint: int | None, maxt: int | None,
+             ctx: QueryContext) -> np.ndarray | None:
+        self.index.refresh()
+        if not matchers:
+            if mint is None and maxt is None:
+                return None
+            return self._in_range(self.index.all_ids(), mint, maxt, ctx)
+        parts = [self._in_range(_select_ids(self.index, m), mint, maxt, ctx) for m in matchers]
+        return np.unique(np.concatenate(parts)).astype(np.uint32)
+
+    def label_names(self, matchers: list[list[Matcher]] | None, mint: int | None,
+                    maxt: int | None, ctx: QueryContext) -> set[str]:
+        return set(self.index.label_names(self._ids(matchers, mint, maxt, ctx)))
+
+    def label_values(self, name: str, matchers: list[list[Matcher]] | None, mint: int | None,
+                     maxt: int | None, ctx: QueryContext) -> set[str]:
+        return set(self.index.label_values(name, self._ids(matchers, mint, maxt, ctx)))
+
+
+def merge(results: list[SelectResult]) -> SelectResult:
+    """Answers of several sources as one: series with equal label sets become one series
+    (blocks of earlier sources first, so at equal timestamps the later source wins)."""
+    results = [r for r in results if r.nseries]
+    if len(results) <= 1:
+        return results[0] if results else SelectResult([])
+    out = SelectResult([], any(r.partial for r in results),
+                       [w for r in results for w in r.warnings])
+    batches = [b for r in results for b in r.batches]
+    series = [s for r in results for s in r.series]
+    if series:  # per-series answers (remote sources): merge by labels in Python (per series)
+        by: dict[Labels, Any] = {}
+        for s in series + [s for b in batches for s in b.to_series()]:
+            if s.labels in by:
+                by[s.labels].blocks.extend(s.blocks)
+            else:
+                by[s.labels] = s
+        out.series = list(by.values())
+        return out
+    index: dict[Labels, int] = {}
+    labels: list[Labels] = []
+    remapped = []
+    for b in batches:
+        m = np.empty(len(b.labels), dtype=np.int64)
+        for i, lbl in enumerate(b.labels):
+            j = index.get(lbl)
+            if j is None:
+                j = index[lbl] = len(labels)
+                labels.append(lbl)
+            m[i] = j
+        remapped.append(m[b.series])
+    base, offs, datas = 0, [], []
+    for b in batches:
+        offs.append(b.offsets[:-1] + np.uint64(base))
+        datas.append(b.data[:int(b.offsets[-1])])
+        base += int(b.offsets[-1])
+    sers = np.concatenate(remapped)
+    order = np.argsort(sers, kind="stable")  # a series' blocks adjacent, source order kept
+    starts = np.concatenate([b.offsets[:-1] + 0 for b in batches])
+    ends = np.concatenate([b.offsets[1:] + 0 for b in batches])
+    data = np.concatenate(datas)
+    glob_start = np.concatenate(offs)[order].astype(np.int64)
+    lens = (ends - starts)[order].astype(np.int64)
+    pos = np.repeat(glob_start - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    new_offs = np.zeros(len(lens) + 1, dtype=np.uint64)
+    np.cumsum(lens, out=new_offs[1:])
+    out.batches = [BlockBatch(labels, data[pos], new_offs, sers[order],
+                              np.concatenate([b.counts for b in batches])[order],
+                              np.concatenate([b.start_ms for b in batches])[order],
+                              np.concatenate([b.end_ms for b in batches])[order])]
+    return out
+
+
+class LocalStorage:
+    """The Storage one query evaluates over: every local source, bound to its context."""
+
+    def __init__(self, sources: list[Source], ctx: QueryContext) -> None:
+        self.sources = sources
+        self.ctx = ctx
+
+    def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
+        res = merge([s.select(matchers, mint, maxt, self.ctx) for s in self.sources])
+        if self.ctx.warnings:
+            res.partial = True
+            res.warnings.extend(w for w in self.ctx.warnings if w not in res.warnings)
+        return res
+
+    def series(self, matchers: list[list[Matcher]], mint: int | None,
+               maxt: int | None) -> list[Labels]:
+        seen: set[Labels] = set()
+        out: list[Labels] = []
+        for src in self.sources:
+            for m in matchers:
+                for lbl in src.series(m, mint, maxt, self.ctx):
+                    if lbl not in seen:
+                        seen.add(lbl)
+                        out.append(lbl)
+        out.sort()
+        return out
+
+    def label_names(self, matchers: list[list[Matcher]] | None, mint: int | None,
+                    maxt: int | None) -> list[str]:
+        names: set[str] = set()
+        for src in self.sources:
+            names |= src.label_names(matchers, mint, maxt, self.ctx)
+        return sorted(names)
+
+    def label_values(self, name: str, matchers: list[list[Matcher]] | None, mint: int | None,
+                     maxt: int | None) -> list[str]:
+        vals: set[str] = set()
+        for src in self.sources:
+            vals |= src.label_values(name, matchers, mint, maxt, self.ctx)
+        return sorted(vals)
