@@ -291,3 +291,143 @@ int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
 int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
                      int64_t mint, int64_t maxt, uint8_t *out, size_t out_cap,
                      m3_chunk_ref *refs, size_t max_refs, size_t *done, size_t *nrefs);
+
+/* ---- aggwin.c: aggregation windows and transforms for downsampling (docs/formats/aggwin.md) */
+
+/* Layout of a cell; changing any constant or struct below changes the format: bump it. */
+#define M3_AGG_VERSION 1
+#define M3_AGG_MAX_WINDOWS 64    /* open windows one cell can hold (its ring) */
+#define M3_AGG_MAX_OPS 4         /* transforms per chain (before / after the window) */
+#define M3_SKETCH_POS 256        /* buckets for positive values */
+#define M3_SKETCH_NEG 64         /* buckets for negative values */
+/* Aggregation bits that need the quantile sketch (Median, P10 .. P9999). */
+#define M3_AGG_SKETCH_MASK 0x3FFE10
+
+/* Aggregation types: bit numbers in an aggregation mask (persisted: explicit values). */
+enum m3_agg_type {
+    M3_AGG_LAST = 0, M3_AGG_MIN = 1, M3_AGG_MAX = 2, M3_AGG_MEAN = 3, M3_AGG_MEDIAN = 4,
+    M3_AGG_COUNT = 5, M3_AGG_SUM = 6, M3_AGG_SUMSQ = 7, M3_AGG_STDEV = 8,
+    M3_AGG_P10 = 9, M3_AGG_P20 = 10, M3_AGG_P30 = 11, M3_AGG_P40 = 12, M3_AGG_P50 = 13,
+    M3_AGG_P60 = 14, M3_AGG_P70 = 15, M3_AGG_P80 = 16, M3_AGG_P90 = 17, M3_AGG_P95 = 18,
+    M3_AGG_P99 = 19, M3_AGG_P999 = 20, M3_AGG_P9999 = 21
+};
+
+/* Transforms (persisted: explicit values). */
+enum m3_xform {
+    M3_XF_NONE = 0,
+    M3_XF_INCREASE = 1,   /* v - previous v; a drop means the counter restarted at 0: v */
+    M3_XF_PERSECOND = 2,  /* the increase per second */
+    M3_XF_ADD = 3,        /* running sum (re-accumulates increments into a counter) */
+    M3_XF_ABSOLUTE = 4    /* |v| */
+};
+
+/* Log-bucketed relative-error quantile sketch of one window (alpha = 2%, see aggwin.c). */
+typedef struct m3_sketch {
+    uint64_t zero;                  /* values equal to 0 */
+    int32_t pos_lo;                 /* bucket index held by pos[0]; INT32_MIN = empty */
+    int32_t neg_lo;                 /* bucket index (of |v|) held by neg[0]; INT32_MIN = empty */
+    uint32_t pos[M3_SKETCH_POS];
+    uint32_t neg[M3_SKETCH_NEG];
+} m3_sketch;
+
+/* One open window (widx*res, (widx+1)*res] of a cell. */
+typedef struct m3_aggwin {
+    int64_t widx;         /* window index; INT64_MIN = slot unused */
+    uint64_t count;
+    int64_t first_ts;     /* smallest span start (sample ts, or previous ts for PerSecond) */
+    int64_t last_ts;      /* timestamp of `last` */
+    double last;
+    double min;
+    double max;
+    double sum;           /* Neumaier-compensated: the sum is sum + sum_c */
+    double sum_c;
+    double mean;          /* Welford running mean and squared deviations, for Stdev */
+    double m2;
+    double sumsq;
+    uint64_t pad;
+} m3_aggwin;
+
+/* State of one transform in a chain. */
+typedef struct m3_xstate {
+    int64_t prev_ts;
+    double prev;
+    double acc;
+    uint32_t have;        /* 1 once prev is set */
+    uint32_t pad;
+} m3_xstate;
+
+/* What a cell aggregates and how (set once by m3_agg_cell_init). */
+typedef struct m3_agg_params {
+    int64_t res_ms;        /* window length, > 0 */
+    int64_t admission_ms;  /* a window is final once its end + admission_ms <= now */
+    uint32_t aggmask;      /* 1 << enum m3_agg_type for each aggregation emitted */
+    uint32_t nwin;         /* open windows held, 1 .. M3_AGG_MAX_WINDOWS */
+    uint8_t pre[M3_AGG_MAX_OPS];   /* per-sample transforms before the window (0-terminated) */
+    uint8_t post[M3_AGG_MAX_OPS];  /* per-window transforms of the finalised value */
+} m3_agg_params;
+
+/* A cell: the aggregation state of one (series or rollup group, storage policy, rule).
+   Fixed size, no pointers: it may live in shared memory. Windows (and their sketches) follow. */
+typedef struct m3_aggcell {
+    uint32_t magic;        /* "AGWC" */
+    uint16_t version;      /* M3_AGG_VERSION */
+    uint16_t flags;        /* 1 = windows carry sketches, 2 = rate (PerSecond before window) */
+    m3_agg_params p;
+    uint64_t last_seq;     /* highest batch sequence applied (0 = none) */
+    int64_t done_widx;     /* every window <= done_widx is final */
+    int64_t due_ms;        /* earliest time an open window becomes final; INT64_MAX = none */
+    uint64_t applied;      /* samples applied to a window */
+    uint64_t late;         /* samples for a final window: counted, not applied */
+    uint64_t ooo;          /* samples not after the previous one, skipped by a transform */
+    uint64_t dup;          /* samples skipped because their batch was applied already */
+    uint64_t invalid;      /* NaN values and timestamps beyond +-2^62 ms, skipped */
+    uint64_t evicted;      /* windows finalised early to make room in the ring */
+    uint64_t emitted;      /* windows finalised */
+    int64_t pre_last_ts;   /* timestamp of the last sample an ordered pre chain took */
+    uint64_t pre_seen;     /* 1 once pre_last_ts is set */
+    m3_xstate pre_st[M3_AGG_MAX_OPS];
+    m3_xstate post_st[M3_AGG_MAX_OPS];
+} m3_aggcell;
+
+/* One finalised aggregate: cell index, enum m3_agg_type, window end (ms), value. */
+typedef struct m3_agg_out {
+    uint32_t cell;
+    uint32_t agg;
+    int64_t ts;
+    double value;
+} m3_agg_out;
+
+/* Bytes of a cell with these parameters (header + windows + sketches), a multiple of 8, or 0
+   if they are invalid. */
+uint64_t m3_agg_cell_bytes(const m3_agg_params *p);
+/* Lay out a fresh cell in cell[0..cap). M3_EINVAL names nothing: m3_agg_params_check says why. */
+int m3_agg_cell_init(uint8_t *cell, uint64_t cap, const m3_agg_params *p);
+/* Why params are invalid: 0 if valid, else a short static message. */
+const char *m3_agg_params_check(const m3_agg_params *p);
+/* After a restart: check a cell's header and repair what a killed writer may have left
+   (window slots with impossible indexes are dropped). M3_ECORRUPT / M3_EVERSION if unusable. */
+int m3_agg_cell_check(uint8_t *cell, uint64_t cap);
+/* Apply samples ts/v[0..n) of one series to cell `cell` of an array of cells `stride` bytes
+   apart. seq > 0 is the batch's sequence number: a batch not above cell->last_seq is skipped
+   as already applied (seq 0: no check). Windows that must leave the ring early are finalised
+   into out. M3_ENOSPC when out has no room for them: *done samples were applied, resume there. */
+int m3_agg_apply(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell, uint64_t seq,
+                 const int64_t *ts, const double *v, size_t n, int64_t now_ms,
+                 m3_agg_out *out, size_t cap, size_t *nout, size_t *done);
+/* Many runs at once: run r applies samples [run_off[r], run_off[r+1]) to cell run_cell[r].
+   On M3_ENOSPC, runs [0, *done_runs) are applied and *done samples of the next one. */
+int m3_agg_apply_runs(uint8_t *base, uint64_t stride, uint32_t ncells, const uint32_t *run_cell,
+                      const uint64_t *run_off, size_t nruns, uint64_t seq, const int64_t *ts,
+                      const double *v, int64_t now_ms, m3_agg_out *out, size_t cap,
+                      size_t *nout, size_t *done_runs, size_t *done);
+/* Finalise, oldest first, every window of cells [first, ncells) whose end + admission <= now.
+   M3_ENOSPC when out is full: resume from cell *next (its remaining windows stay open). */
+int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t first,
+                    int64_t now_ms, m3_agg_out *out, size_t cap, size_t *nout, uint32_t *next);
+/* Quantile q (0 < q <= 1) of the samples a sketch holds, clamped to [lo, hi]; NaN if empty. */
+double m3_sketch_quantile(const m3_sketch *s, double q, double lo, double hi);
+/* Empty a sketch; add one value (NaN is ignored). Exposed for tests of the sketch alone. */
+void m3_sketch_init(m3_sketch *s);
+void m3_sketch_add(m3_sketch *s, double v);
+/* Relative error bound alpha of the sketch's estimates (for documentation and tests). */
+double m3_sketch_alpha(void);
