@@ -431,3 +431,8 @@ void m3_sketch_init(m3_sketch *s);
 void m3_sketch_add(m3_sketch *s, double v);
 /* Relative error bound alpha of the sketch's estimates (for documentation and tests). */
 double m3_sketch_alpha(void);
+/* ---- lttb.c: Largest-Triangle-Three-Buckets downsampling (query_range max_points) ----- */
+
+/* Indices (strictly increasing, first 0, last n - 1) of at most `threshold` points of the
+   series (ts, v)[0..n) that keep its shape; out must hold min(n, threshold) entries. */
+size_t m3_lttb(const int64_t *ts, const double *v, size_t n, size_t threshold, uint32_t *out);

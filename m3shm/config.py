@@ -173,6 +173,19 @@ class CommitLogConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    """Per-query limits (refused with 422 before the data is read) and the query service."""
+
+    max_series: int = 1_000_000            # series fetched per query (all selectors)
+    max_samples: int = 50_000_000          # samples decoded per query (Prometheus' default)
+    max_bytes: int = 2 << 30               # estimated memory per query
+    max_concurrency: int = 4               # queries evaluated at once per worker; others wait
+    timeout_ms: int = 120_000              # default and maximum `timeout` of a query
+    lookback_delta_ms: int = 300_000
+    catchup_wait_ms: int = 2_000           # wait for shards to apply acknowledged writes
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:7201"
     data_dir: str = field(default_factory=lambda: os.environ.get("M3SHM_DATA", "./data"))
@@ -184,6 +197,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     commitlog: CommitLogConfig = field(default_factory=CommitLogConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     namespaces: tuple[NamespaceConfig, ...] = (NamespaceConfig(),)
 
     @property
@@ -210,10 +224,12 @@ class Config:
 
 
 _DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval",
-                  "interval_ms": "interval", "retention_interval_ms": "retention_interval"}
+                  "interval_ms": "interval", "retention_interval_ms": "retention_interval",
+                  "timeout_ms": "timeout", "lookback_delta_ms": "lookback_delta",
+                  "catchup_wait_ms": "catchup_wait"}
 _MOVED = {"ingest.retention", "ingest.buffer_past", "ingest.buffer_future", "ingest.block_size"}
 _SIZE_KEYS = {"lane_bytes", "arena_bytes", "max_body_bytes", "max_decompressed_bytes",
-              "max_segment_bytes"}
+              "max_segment_bytes", "max_bytes"}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -286,6 +302,13 @@ def validate(c: Config) -> Config:
     need(c.flush.retention_interval_ms > 0, "flush.retention_interval", "must be > 0")
     need(c.commitlog.fsync in ("every_batch", "interval"), "commitlog.fsync",
          "must be one of every_batch, interval")
+    q = c.query
+    for key in ("max_series", "max_samples", "max_bytes"):
+        need(getattr(q, key) >= 0, f"query.{key}", "must be >= 0 (0 = unlimited)")
+    need(1 <= q.max_concurrency <= 256, "query.max_concurrency", "must be 1..256")
+    need(q.timeout_ms > 0, "query.timeout", "must be > 0")
+    need(q.lookback_delta_ms > 0, "query.lookback_delta", "must be > 0")
+    need(q.catchup_wait_ms >= 0, "query.catchup_wait", "must be >= 0")
     need(c.commitlog.fsync_interval_ms > 0, "commitlog.fsync_interval", "must be > 0")
     return c
 

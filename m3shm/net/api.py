@@ -35,10 +35,18 @@ class Api:
     def __init__(self, w: Worker) -> None:
         self.w = w
         self.cfg = w.cfg
+        from m3shm.net.promapi import PromApi
+
+        self.prom = PromApi(w)
 
     def route(self, req: Request) -> Handler:
+        if req.path.startswith("/prometheus/"):  # Prometheus' API also under /prometheus
+            req.path = req.path[len("/prometheus"):]
         if req.path in RW_PATHS:
             return self.remote_write
+        prom = self.prom.route(req.path)
+        if prom is not None:
+            return prom
         return {"/api/v1/export": self.export, "/ready": self.ready,
                 "/health": self.health, "/-/healthy": self.health,
                 "/-/ready": self.ready}.get(req.path, self.not_found)
@@ -115,12 +123,14 @@ class Api:
         matches = req.query.get("match[]", []) + req.query.get("match", [])
         if not matches:
             return text(400, "missing match[] parameter, e.g. match[]={__name__=\"up\"}")
+        from m3shm.net.promjson import ApiError
+
         try:
-            selectors = [parse_selector(m) for m in matches]
+            selectors = self.prom._matchers({"match[]": matches}, required=True)
             start = _parse_time(req.query.get("start", [None])[0], -(1 << 62), "start")
             end = _parse_time(req.query.get("end", [None])[0], 1 << 62, "end")
-        except ValueError as e:
-            return text(400, str(e))
+        except (ValueError, ApiError) as e:
+            return text(400, f"match[]: {e}" if isinstance(e, ApiError) else str(e))
         # see everything acknowledged before this request: wait until every shard applied
         # what was published before now
         seg = self.w.seg
@@ -133,13 +143,19 @@ class Api:
         return Response(200, content_type="application/stream+json",
                         stream=self._export_stream(selectors, start, end))
 
-    async def _export_stream(self, selectors: list[dict[str, str]], start: int,
+    async def _export_stream(self, selectors: list, start: int,
                              end: int) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         seg = self.w.seg
-        for shard in range(seg.params.num_shards):
+        index = self.prom.index
+        try:  # series from the reverse index (any matchers), read shard by shard
+            groups = await loop.run_in_executor(self.w.pool, _export_groups, index, selectors)
+        except ValueError as e:
+            yield f'{{"error":{json.dumps(str(e))}}}\n'.encode()
+            return
+        for shard, slots in groups:
             chunk = await loop.run_in_executor(self.w.pool, _export_shard, seg, shard,
-                                               selectors, start, end)
+                                               slots, start, end)
             if chunk:
                 yield chunk
 
@@ -164,38 +180,6 @@ def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the 
         return decode_rw1(raw, limits)
     except MalformedError as e:
         raise _BadBody(str(e)) from None
-
-
-_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|!~|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
-
-def parse_selector(s: str) -> dict[str, str]:
-    """``name{a="b",...}`` or ``{__name__="x",...}`` with = matchers only."""
-    s = s.strip()
-    m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*(\{.*\})?$", s, re.S)
-    if not m or not (m.group(1) or m.group(2)):
-        raise ValueError(f"match[]: cannot parse selector {s!r}")
-    out: dict[str, str] = {}
-    if m.group(1):
-        out["__name__"] = m.group(1)
-    body = (m.group(2) or "{}")[1:-1]
-    pos = 0
-    while pos < len(body):
-        mm = _MATCHER.match(body, pos)
-        if not mm:
-            if body[pos:].strip():
-                raise ValueError(f"match[]: cannot parse selector {s!r} at {body[pos:]!r}")
-            break
-        name, op, val = mm.group(1), mm.group(2), mm.group(3)
-        if op != "=":
-            raise ValueError(f"match[]: matcher {name}{op}\"{val}\" is not supported yet: "
-                             "export takes = matchers only (regex comes with the storage "
-                             "issue)")
-        out[name] = json.loads(f'"{val}"')
-        pos = mm.end()
-    if not out:
-        raise ValueError(f"match[]: selector {s!r} matches everything; name at least one label")
-    return out
 
 
 def _parse_time(v: str | None, default: int, key: str) -> int:
@@ -227,13 +211,19 @@ def _fmt_values(vs) -> str:  # VictoriaMetrics style: integers without ".0"; NaN
     return ",".join(out)
 
 
-def _export_shard(seg, shard: int, selectors: list[dict[str, str]], start: int,
+def _export_groups(index, selectors: list) -> list:  # runs on the pool
+    import numpy as np
+
+    index.refresh()
+    ids = np.unique(np.concatenate([index.select(m) for m in selectors]))
+    return [(shard, slots.tolist()) for shard, _, slots in index.by_shard(ids)]
+
+
+def _export_shard(seg, shard: int, slots: list[int], start: int,
                   end: int) -> bytes:  # runs on the pool
     lines = []
-    for slot in range(seg.nseries(shard)):
+    for slot in slots:
         labels = parse_labels(seg.series_labels(shard, slot))
-        if not any(all(labels.get(k, "") == v for k, v in sel.items()) for sel in selectors):
-            continue
         ts, vs = seg.read_series(shard, slot, start, end)
         if not len(ts):
             continue

@@ -23,6 +23,7 @@ log = logging.getLogger("m3shm.http")
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Entity", 499: "Client Closed Request",
            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -34,6 +35,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     too_large: bool = False
+    closed: asyncio.Event | None = None  # set when the client's connection is lost
 
 
 @dataclass
@@ -66,6 +68,7 @@ class HttpProtocol(asyncio.Protocol):
         self._size = 0
         self._too_large = False
         self._prev: asyncio.Task | None = None
+        self._closed = asyncio.Event()
         self.closing = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -82,6 +85,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._closed.set()  # handlers waiting on req.closed stop their work (queries cancel)
 
     # -- httptools callbacks (never raise out of these) ---------------------------------------
     def on_message_begin(self) -> None:
@@ -115,7 +119,7 @@ class HttpProtocol(asyncio.Protocol):
             u = urlsplit(self._url.decode("latin-1"))
             req = Request(self.parser.get_method().decode(), u.path,
                           parse_qs(u.query, keep_blank_values=True), self._headers,
-                          b"".join(self._body), self._too_large)
+                          b"".join(self._body), self._too_large, self._closed)
             keep = self.parser.should_keep_alive() and not self._too_large
             prev = self._prev
             task = asyncio.get_running_loop().create_task(self._run(req, keep, prev))

@@ -158,7 +158,7 @@ class Evaluator:
             self.stats.points += samples
         if self.stats.samples_decoded + self.stats.points > self.limits.max_samples:
             raise QueryLimitError("query processing would load too many samples into memory "
-                                  f"(limit {self.limits.max_samples})")
+                                  f"(query.max_samples={self.limits.max_samples})")
 
     def vector_selector(self, vs: Any) -> Vector:
         refs = self.ref_times(vs.at, vs.offset)
