@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ log = logging.getLogger("m3shm.promapi")
 MAX_POINTS_PER_SERIES = 11_000  # Prometheus' resolution limit for query_range
 INDEX_REFRESH_S = 1.0
 MIN_TIME, MAX_TIME = -(1 << 62), 1 << 62
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 class PromApi:
@@ -265,6 +267,9 @@ class PromApi:
             raise ApiError("bad_data", "no match[] parameter provided")
         out = []
         for s in sels:
+            if _METRIC_NAME.fullmatch(s.strip()):  # also names PromQL reads as numbers: nan, inf
+                out.append([Matcher("__name__", "=", s.strip())])
+                continue
             try:
                 node = Engine.parse(s)
             except QueryError as e:
