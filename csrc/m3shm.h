@@ -431,6 +431,7 @@ void m3_sketch_init(m3_sketch *s);
 void m3_sketch_add(m3_sketch *s, double v);
 /* Relative error bound alpha of the sketch's estimates (for documentation and tests). */
 double m3_sketch_alpha(void);
+
 /* ---- lttb.c: Largest-Triangle-Three-Buckets downsampling (query_range max_points) ----- */
 
 /* Indices (strictly increasing, first 0, last n - 1) of at most `threshold` points of the
