@@ -186,6 +186,24 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class DownsampleConfig:
+    """``downsample: {rules: {mappingRules: [...], rollupRules: [...]}, admission: 10m}``.
+
+    ``rules`` stays the raw mapping here (parsed and validated by m3shm.rules.ruleset at load,
+    errors naming ``downsample.rules...``); see docs/rules.md."""
+
+    rules: Any = None
+    admission_ms: int = 0                   # 0 = the raw namespace's bufferPast
+    forward_delay_ms: int = 5_000           # extra time rollup group windows stay open
+
+    def rule_set(self) -> Any:
+        """The parsed m3shm.rules.ruleset.RuleSet (the embedded default when rules is unset)."""
+        from m3shm.rules.ruleset import parse_rules
+
+        return parse_rules(self.rules, "downsample.rules")
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:7201"
     data_dir: str = field(default_factory=lambda: os.environ.get("M3SHM_DATA", "./data"))
@@ -199,6 +217,7 @@ class Config:
     flush: FlushConfig = field(default_factory=FlushConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     namespaces: tuple[NamespaceConfig, ...] = (NamespaceConfig(),)
+    downsample: DownsampleConfig = field(default_factory=DownsampleConfig)
 
     @property
     def raw_namespace(self) -> NamespaceConfig:
@@ -226,7 +245,8 @@ class Config:
 _DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval",
                   "interval_ms": "interval", "retention_interval_ms": "retention_interval",
                   "timeout_ms": "timeout", "lookback_delta_ms": "lookback_delta",
-                  "catchup_wait_ms": "catchup_wait"}
+                  "catchup_wait_ms": "catchup_wait",
+                  "admission_ms": "admission", "forward_delay_ms": "forward_delay"}
 _MOVED = {"ingest.retention", "ingest.buffer_past", "ingest.buffer_future", "ingest.block_size"}
 _SIZE_KEYS = {"lane_bytes", "arena_bytes", "max_body_bytes", "max_decompressed_bytes",
               "max_segment_bytes", "max_bytes"}
@@ -310,6 +330,9 @@ def validate(c: Config) -> Config:
     need(q.lookback_delta_ms > 0, "query.lookback_delta", "must be > 0")
     need(q.catchup_wait_ms >= 0, "query.catchup_wait", "must be >= 0")
     need(c.commitlog.fsync_interval_ms > 0, "commitlog.fsync_interval", "must be > 0")
+    need(c.downsample.admission_ms >= 0, "downsample.admission", "must be >= 0")
+    need(c.downsample.forward_delay_ms >= 0, "downsample.forward_delay", "must be >= 0")
+    c.downsample.rule_set()  # raises a ConfigError naming the downsample.rules key
     return c
 
 
