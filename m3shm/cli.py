@@ -58,11 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from m3shm.supervisor import serve
 
     try:
-        cfg = load(args.config, listen=args.listen, data_dir=args.data, workers=args.workers)
+        overrides = {"listen": args.listen, "data_dir": args.data, "workers": args.workers}
+        cfg = load(args.config, **overrides)
     except ConfigError as e:
         print(f"m3shm serve: {e}", file=sys.stderr)
         return 2
-    return serve(cfg)
+    return serve(cfg, args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

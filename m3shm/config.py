@@ -352,3 +352,63 @@ def load(path: str | None = None, **overrides: Any) -> Config:
     cfg = _build(Config, raw, "")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     return validate(cfg)
+
+
+# -- live reload (SIGHUP) -------------------------------------------------------------------
+# Keys a running daemon applies on SIGHUP; every other key is fixed for the life of the
+# process (listen address, data dir, workers, shards, segment sizes, threads, commit log).
+LIVE_SECTIONS = ("limits",)
+LIVE_KEYS = ("ingest.retention_ms", "ingest.buffer_past_ms", "ingest.buffer_future_ms",
+             "ingest.reserve_wait_ms", "ingest.max_pending_batches")
+
+
+def flatten(c: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"limits.max_labels": 64, ...}`` for a config (field names, not YAML keys)."""
+    out: dict[str, Any] = {}
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _is_live(key: str) -> bool:
+    return key.split(".", 1)[0] in LIVE_SECTIONS or key in LIVE_KEYS
+
+
+def yaml_key(key: str) -> str:
+    """The YAML spelling of a flattened field name (``ingest.retention_ms`` -> ``…retention``)."""
+    head, _, last = key.rpartition(".")
+    last = _DURATION_KEYS.get(last, last)
+    return f"{head}.{last}" if head else last
+
+
+def live_update(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The config to run after a reload: ``new``'s live keys over ``old``'s fixed ones.
+    Returns it with the YAML names of the live keys that changed and of the fixed keys that
+    changed but are kept (each with its old and new value)."""
+    fo, fn = flatten(old), flatten(new)
+    changed = [k for k in fo if fo[k] != fn[k]]
+    live = [k for k in changed if _is_live(k)]
+    fixed = [k for k in changed if not _is_live(k)]
+    merged = from_dict({**fo, **{k: fn[k] for k in live}})
+    return (validate(merged), [f"{yaml_key(k)}: {fo[k]!r} -> {fn[k]!r}" for k in live],
+            [f"{yaml_key(k)}: {fo[k]!r} -> {fn[k]!r}" for k in fixed])
+
+
+def from_dict(flat: dict[str, Any]) -> Config:
+    """Inverse of :func:`flatten` (used to hand an applied config to running workers)."""
+    def build(cls: type, prefix: str) -> Any:
+        kwargs: dict[str, Any] = {}
+        proto = cls()
+        for f in fields(cls):
+            default = getattr(proto, f.name)
+            if dataclasses.is_dataclass(default):
+                kwargs[f.name] = build(type(default), f"{prefix}{f.name}.")
+            else:
+                kwargs[f.name] = flat[f"{prefix}{f.name}"]
+        return cls(**kwargs)
+
+    return build(Config, "")

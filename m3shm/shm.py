@@ -194,6 +194,10 @@ class Segment:
     def caught_up(self, tails: Any) -> bool:
         return bool(lib.m3_lane_caught_up(self.base, tails))
 
+    def lane_backlog(self, shard: int) -> int:
+        """Bytes published to the shard's lanes and not yet consumed."""
+        return int(lib.m3_lane_backlog(self.base, shard))
+
     def shard_stats(self, shard: int) -> dict[str, int]:
         st = ffi.new("m3_shard_stats *")
         lib.m3_shard_stats_get(self.base, shard, st)

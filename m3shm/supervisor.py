@@ -11,6 +11,20 @@ Running: a worker that exits for any reason is forked again on the same index (s
 range, same lanes) with a new incarnation number; it re-attaches to the segment it inherits.
 SIGTERM/SIGINT: forward SIGTERM to every worker, wait for them (they finish in-flight requests,
 make everything durable and drain), unlink the segment, exit 0.
+
+systemd and health (m3shm/systemd.py, m3shm/stats.py): the supervisor also creates the stats
+file beside the segment, where every worker beats (its event loop, every HEARTBEAT_S, and only
+while its drain thread makes progress) and counts. The loop sends READY=1 once every worker
+serves (recovery done), WATCHDOG=1 every WATCHDOG_USEC/2 only while every worker's heartbeat is
+younger than HEARTBEAT_STALE_S (a hung or stopped worker stops the pings, so systemd's watchdog
+fires), STOPPING=1 at SIGTERM.
+
+SIGHUP: re-read and validate the YAML file (with the same command-line overrides). A bad file
+is logged and the running config kept. Otherwise the live keys (config.LIVE_SECTIONS/LIVE_KEYS:
+limits, the ingest window and back-pressure knobs) take the new values, every other changed key
+is named in the log as needing a restart, the applied config is written beside the stats file
+and its generation bumped, and the workers are sent SIGHUP to load it. RELOADING=1 goes out
+first; READY=1 once every worker reports the new generation.
 """
 
 from __future__ import annotations
@@ -26,13 +40,17 @@ import sys
 import threading
 import time
 
-from m3shm.config import Config, ConfigError
+from m3shm import stats as sf
+from m3shm.config import Config, ConfigError, flatten, live_update, load
 from m3shm.shm import Segment, SegParams, seq_base_now
 from m3shm.storage import commitlog
+from m3shm.systemd import Notifier
 
 log = logging.getLogger("m3shm.supervisor")
 
 HASH_NAME = "m3hash64-v1"
+HEARTBEAT_STALE_S = 2.0      # a worker whose last beat is older is not healthy
+RELOAD_WAIT_S = 10.0         # how long READY=1 after a reload waits for the workers
 
 
 def lock_data_dir(data: str, wait_s: float = 10.0) -> int:
@@ -109,9 +127,21 @@ def segment_path(data: str) -> str:
     return f"/dev/shm/m3shm-{h}.seg"
 
 
+def applied_config_path(stats_file: str) -> str:
+    """Where the supervisor leaves the config the workers must apply (JSON, flattened)."""
+    return os.path.splitext(stats_file)[0] + ".config.json"
+
+
 class Supervisor:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None,
+                 overrides: dict[str, object] | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.notifier = Notifier()
+        self.reload_requested = False
+        self.reload_pending: tuple[int, float] | None = None  # (generation, deadline)
+        self.ready_sent = False
         self.data = os.path.abspath(cfg.data_dir)
         self.nworkers = cfg.num_workers()
         self.pids: dict[int, int] = {}          # pid -> worker index
@@ -140,21 +170,34 @@ class Supervisor:
                 f"{os.path.dirname(path)} has {st.f_bavail * st.f_frsize >> 20} MiB free; "
                 "lower shm.arena_bytes / shm.series_per_shard / shm.lane_bytes or enlarge it")
         self.seg = Segment.create(path, params)
+        try:
+            self.stats = sf.StatsFile.create(sf.stats_path(path), self.nworkers)
+        except BaseException:
+            self.seg.unlink()
+            raise
         log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s (%d MiB)",
                  os.getpid(), self.boot, self.nworkers, c.shards, self.seg.path,
                  params.size() >> 20)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self.notifier.status(f"recovering: {self.nworkers} workers replaying commit logs")
         try:
             for i in range(self.nworkers):
                 self._spawn(i)
             return self._loop()
         finally:
             self.seg.unlink()
+            self.stats.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(applied_config_path(self.stats.path))
+            self.notifier.close()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
 
     def _spawn(self, index: int) -> None:
         # fork hygiene: no threads, no event loop, no numpy in the process that forks
@@ -162,6 +205,8 @@ class Supervisor:
             raise RuntimeError("supervisor must stay single-threaded without numpy/uvloop "
                                f"before fork (threads={threading.active_count()})")
         parent = os.getpid()
+        # the config the child inherits is the one of this generation
+        self.stats.worker(index).set(sf.W_CONFIG_GEN, self.stats.header(sf.H_CONFIG_GEN))
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -169,7 +214,7 @@ class Supervisor:
                 from m3shm.workers.worker import worker_main
 
                 code = worker_main(self.cfg, self.seg, index, self.boot,
-                                   self.incarnation[index], self.data, parent)
+                                   self.incarnation[index], self.data, parent, self.stats)
             except BaseException:
                 log.exception("worker %d crashed", index)
             finally:
@@ -184,6 +229,7 @@ class Supervisor:
         while True:
             if self.stopping and not forwarded:
                 log.info("supervisor: stopping %d workers", len(self.pids))
+                self.notifier.stopping()
                 for pid in self.pids:
                     with _suppress():
                         os.kill(pid, signal.SIGTERM)
@@ -198,9 +244,12 @@ class Supervisor:
                 if index is not None and not self.stopping:
                     log.warning("worker %d (pid %d) exited (%s); restarting", index, pid,
                                 _describe(status))
+                    self.stats.worker(index).add(sf.W_RESTARTS)
                     self._throttle()
                     self._spawn(index)
                 continue
+            if not forwarded:
+                self._tick()
             if forwarded and not self.pids:
                 log.info("supervisor: all workers stopped")
                 return 0
@@ -211,6 +260,81 @@ class Supervisor:
                         os.kill(p, signal.SIGKILL)
                 return 1
             time.sleep(0.02)
+
+    # -- systemd, health, reload ---------------------------------------------------------------
+    def _tick(self) -> None:
+        """One pass of the loop's housekeeping: readiness, reload, watchdog."""
+        if self.reload_requested:
+            self.reload_requested = False
+            self._reload()
+        if not self.ready_sent and self._all_workers(lambda w: w.get(sf.W_STATE) ==
+                                                     sf.ST_SERVING):
+            self.ready_sent = True
+            self.stats.set_header(sf.H_READY, 1)
+            log.info("supervisor: every worker recovered and serving; ready")
+            self.notifier.ready(self._status())
+        if self.reload_pending is not None:
+            gen, deadline = self.reload_pending
+            if self._all_workers(lambda w: w.get(sf.W_CONFIG_GEN) >= gen):
+                log.info("reload: config generation %d applied by every worker", gen)
+            elif time.monotonic() < deadline:
+                return
+            else:
+                log.warning("reload: not every worker applied config generation %d within "
+                            "%.0fs", gen, RELOAD_WAIT_S)
+            self.reload_pending = None
+            self.notifier.ready(self._status())
+        now = time.monotonic()
+        if self.notifier.watchdog_due(now) and self.all_fresh():
+            self.notifier.watchdog(now)
+
+    def _all_workers(self, pred) -> bool:  # noqa: ANN001
+        return len(self.pids) == self.nworkers and all(
+            pred(self.stats.worker(i)) for i in self.pids.values())
+
+    def all_fresh(self) -> bool:
+        """Every worker is alive and beat within HEARTBEAT_STALE_S."""
+        now = sf.monotonic_ms()
+        stale = HEARTBEAT_STALE_S * 1000
+        return self._all_workers(lambda w: w.get(sf.W_HEARTBEAT_MS) > 0 and
+                                 now - w.get(sf.W_HEARTBEAT_MS) <= stale)
+
+    def _status(self) -> str:
+        return (f"serving {self.cfg.listen}: {self.nworkers} workers, {self.cfg.shards} "
+                f"shards, config generation {self.stats.header(sf.H_CONFIG_GEN)}")
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reload: SIGHUP, re-reading %s", self.config_path or "(no config file: "
+                 "embedded defaults)")
+        try:
+            new = load(self.config_path, **self.overrides)
+            applied, live, fixed = live_update(self.cfg, new)
+        except ConfigError as e:
+            log.error("reload: %s; keeping the running config", e)
+            self.stats.set_header(sf.H_RELOAD_FAILURES,
+                                  self.stats.header(sf.H_RELOAD_FAILURES) + 1)
+            self.notifier.ready(self._status())
+            return
+        for what in fixed:
+            log.warning("reload: %s cannot change while running; kept the old value "
+                        "(restart m3shm to apply it)", what)
+        for what in live:
+            log.info("reload: %s", what)
+        if not live:
+            log.info("reload: no live setting changed")
+        self.cfg = applied
+        gen = self.stats.header(sf.H_CONFIG_GEN) + 1
+        path = applied_config_path(self.stats.path)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"generation": gen, "config": flatten(applied)}, f)
+        os.rename(path + ".tmp", path)
+        self.stats.set_header(sf.H_CONFIG_GEN, gen)  # after the file: a reader of gen finds it
+        self.stats.set_header(sf.H_RELOADS, self.stats.header(sf.H_RELOADS) + 1)
+        for pid in self.pids:
+            with _suppress():
+                os.kill(pid, signal.SIGHUP)
+        self.reload_pending = (gen, time.monotonic() + RELOAD_WAIT_S)
 
     def _throttle(self) -> None:
         now = time.monotonic()
@@ -233,11 +357,13 @@ def _describe(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, config_path: str | None = None,
+          overrides: dict[str, object] | None = None) -> int:
+    """Run the daemon; ``config_path`` and ``overrides`` are re-applied at every SIGHUP."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     try:
-        return Supervisor(cfg).run()
+        return Supervisor(cfg, config_path, overrides).run()
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import snappy
@@ -72,12 +73,15 @@ class Daemon:
         self.log = tmp / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> Daemon:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> Daemon:
+        """Start the daemon; ``env`` adds variables to this process's environment."""
         logf = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from m3shm.cli import main; sys.exit(main())",
              "serve", "-c", str(self.cfg), "--data", str(self.data), "--listen",
-             f"127.0.0.1:{self.port}"], stdout=logf, stderr=subprocess.STDOUT)
+             f"127.0.0.1:{self.port}"], stdout=logf, stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None, preexec_fn=preexec_fn)
         logf.close()
         if wait:
             self.wait_ready()
@@ -114,10 +118,13 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
-        from m3shm.supervisor import segment_path
+        from m3shm.stats import stats_path
+        from m3shm.supervisor import applied_config_path, segment_path
 
-        with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
-            os.unlink(segment_path(str(self.data)))
+        seg = segment_path(str(self.data))
+        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg))):
+            with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
+                os.unlink(p)
         return code
 
     def kill_all(self) -> None:

@@ -1,10 +1,11 @@
-"""HTTP endpoints of a worker: remote write 1.0, /api/v1/export, /ready, /health.
+"""HTTP endpoints of a worker: remote write 1.0, /api/v1/export, /metrics, /ready, /health.
 
 Remote write: headers and size limits are checked first, then snappy decompression and the C
 decoder run on the worker's thread pool (the event loop never decodes), then the batch goes to
 the ingest pipeline (commit log, lanes) and the answer is 204, 400 naming the first rejected
 series (the valid ones are still written, and the counts say so), 415 for a body it cannot
-read, or 503 with Retry-After when the daemon is overloaded.
+read, or 503 with Retry-After when the daemon is overloaded. Every outcome is counted in the
+worker's block of the stats file (per request, never per sample), which /metrics sums.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 import cramjam
 import snappy
 
+from m3shm import stats as st
+from m3shm.net import metrics
 from m3shm.net.http import Handler, Request, Response, text
 from m3shm.net.rwdecode import Limits, MalformedError, decode_rw1
 from m3shm.shm import parse_labels
@@ -34,10 +37,14 @@ RW_PATHS = ("/api/v1/prom/remote/write", "/api/v1/write")
 class Api:
     def __init__(self, w: Worker) -> None:
         self.w = w
-        self.cfg = w.cfg
+        self.st = w.stats
         from m3shm.net.promapi import PromApi
 
         self.prom = PromApi(w)
+
+    @property
+    def cfg(self):  # noqa: ANN201 - the worker's config, replaced whole by a reload
+        return self.w.cfg
 
     def route(self, req: Request) -> Handler:
         if req.path.startswith("/prometheus/"):  # Prometheus' API also under /prometheus
@@ -47,7 +54,7 @@ class Api:
         prom = self.prom.route(req.path)
         if prom is not None:
             return prom
-        return {"/api/v1/export": self.export, "/ready": self.ready,
+        return {"/api/v1/export": self.export, "/metrics": self.metrics, "/ready": self.ready,
                 "/health": self.health, "/-/healthy": self.health,
                 "/-/ready": self.ready}.get(req.path, self.not_found)
 
@@ -57,6 +64,11 @@ class Api:
     async def health(self, req: Request) -> Response:
         return text(200, "ok")
 
+    async def metrics(self, req: Request) -> Response:
+        body = await asyncio.get_running_loop().run_in_executor(
+            self.w.pool, metrics.render, self.w.statsfile, self.w.seg, self.w.nworkers)
+        return Response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def ready(self, req: Request) -> Response:
         if self.w.seg.all_recovered() and not self.w.stopping:
             return text(200, "ready")
@@ -65,25 +77,33 @@ class Api:
     # -- remote write ------------------------------------------------------------------------
     async def remote_write(self, req: Request) -> Response:
         lim = self.cfg.limits
+        stats = self.st
+        stats.add(st.W_REQUESTS)
         if req.method != "POST":
+            stats.reject_request("method")
             return text(405, "remote write takes POST")
         if req.too_large:
+            stats.reject_request("too_large")
             return text(400, f"request body is larger than limits.max_body_bytes="
                              f"{lim.max_body_bytes}")
         ctype = req.headers.get("content-type", "application/x-protobuf")
         base, _, params = ctype.partition(";")
         if base.strip().lower() != "application/x-protobuf":
+            stats.reject_request("unsupported_media_type")
             return text(415, f"unsupported Content-Type {ctype!r}: remote write 1.0 takes "
                              "application/x-protobuf")
         proto = re.search(r"proto=([^;\s]+)", params)
         if proto and proto.group(1) != "prometheus.WriteRequest":
+            stats.reject_request("unsupported_media_type")
             return text(415, f"unsupported protobuf message {proto.group(1)!r}: this daemon "
                              "reads remote write 1.0 (prometheus.WriteRequest)")
         enc = req.headers.get("content-encoding", "snappy").strip().lower()
         if enc != "snappy":
+            stats.reject_request("unsupported_media_type")
             return text(415, f"unsupported Content-Encoding {enc!r}: remote write bodies are "
                              "snappy block-compressed")
         if self.w.stopping:
+            stats.reject_request("shutting_down")
             return text(503, "shutting down", **{"Retry-After": "1"})
         now = int(time.time() * 1000)
         ns = self.cfg.raw_namespace
@@ -97,17 +117,27 @@ class Api:
             d = await loop.run_in_executor(self.w.pool, _decode, req.body,
                                            lim.max_decompressed_bytes, limits)
         except _BadBody as e:
+            stats.reject_request(e.reason)
             return text(400, str(e))
+        stats.add(st.W_SAMPLES_RECEIVED, d.samples_ok + d.samples_bad)
         adm = None
         if d.length:
             try:
                 adm = await self.w.pipeline.submit(d.batch, d.length, d.records)
             except Overloaded as e:
+                why = "shutting_down" if self.w.stopping else "overloaded"
+                stats.reject_request(why, d.samples_ok + d.samples_bad, why)
                 return text(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"})
         rej_s, rej_msg = 0, ""
         if adm is not None and adm.rejected_records:
             rej_s, rej_msg = adm.rejected_samples, adm.message
+        stats.add(st.W_SAMPLES_WRITTEN, d.samples_ok - rej_s)
         if d.series_bad or rej_s:
+            stats.reject_request("invalid_series" if d.series_bad else "segment_full")
+            if d.samples_bad:
+                stats.reject_samples(d.reason or "malformed", d.samples_bad)
+            if rej_s:
+                stats.reject_samples("segment_full", rej_s)
             first = d.message if d.series_bad else rej_msg
             if d.reason in ("too_old", "too_new") and d.series_bad:
                 first += (f" (namespace {ns.name!r} accepts now-{ns.buffer_past_ms // 1000}s"
@@ -161,7 +191,9 @@ class Api:
 
 
 class _BadBody(ValueError):
-    pass
+    def __init__(self, msg: str, reason: str = "malformed") -> None:
+        super().__init__(msg)
+        self.reason = reason  # one of stats.REQUEST_REASONS
 
 
 def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the pool
@@ -171,7 +203,7 @@ def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the 
         raise _BadBody(f"malformed snappy body: {e}") from None
     if n > max_decompressed:
         raise _BadBody(f"decompressed body would be {n} bytes, more than "
-                       f"limits.max_decompressed_bytes={max_decompressed}")
+                       f"limits.max_decompressed_bytes={max_decompressed}", "too_large")
     try:
         raw = snappy.uncompress(body) if body else b""
     except Exception as e:  # noqa: BLE001

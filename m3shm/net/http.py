@@ -55,7 +55,7 @@ def text(status: int, msg: str, **headers: str) -> Response:
 
 
 class HttpProtocol(asyncio.Protocol):
-    def __init__(self, router: Callable[[Request], Handler], max_body: int,
+    def __init__(self, router: Callable[[Request], Handler], max_body: Callable[[], int],
                  tracker: set[asyncio.Task]) -> None:
         self.router = router
         self.max_body = max_body
@@ -67,6 +67,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._limit = 0
         self._prev: asyncio.Task | None = None
         self._closed = asyncio.Event()
         self.closing = False
@@ -91,6 +92,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size = b"", {}, [], 0
         self._too_large = False
+        self._limit = self.max_body()  # read per request: a config reload applies at once
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -103,12 +105,12 @@ class HttpProtocol(asyncio.Protocol):
             n = int(self._headers.get("content-length", "0"))
         except ValueError:
             n = 0
-        if n > self.max_body:
+        if n > self._limit:
             self._too_large = True
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
-        if self._size > self.max_body:
+        if self._size > self._limit:
             self._too_large = True
             self._body = []
         elif not self._too_large:

@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger("m3shm.commitlog")
 
@@ -59,14 +60,24 @@ def encode_record(b: Batch) -> bytes:
             bytes(b.payload) + b"\0" * pad)
 
 
+class Observer(Protocol):
+    """Where a commit log reports what it wrote (m3shm.stats.WorkerStats); called with the
+    log's lock held."""
+
+    def wrote_commitlog(self, nbytes: int, nbatches: int) -> None: ...
+
+    def observe_fsync(self, seconds: float) -> None: ...
+
+
 class CommitLog:
     """One worker's writer. ``append`` is called from a single thread at a time (the worker's
     ingest pipeline hands it to the thread pool and awaits it)."""
 
     def __init__(self, directory: str, boot: int, worker: int, incarnation: int,
                  fsync: str = "every_batch", fsync_interval_ms: int = 1000,
-                 max_segment_bytes: int = 256 << 20) -> None:
+                 max_segment_bytes: int = 256 << 20, observer: Observer | None = None) -> None:
         self.dir = directory
+        self.observer = observer
         self.boot, self.worker, self.incarnation = boot, worker, incarnation
         self.fsync_every = fsync == "every_batch"
         self.interval = fsync_interval_ms / 1000
@@ -116,6 +127,8 @@ class CommitLog:
                 view = view[n:]
             self.size += len(blob)
             self._dirty = True
+            if self.observer is not None:
+                self.observer.wrote_commitlog(len(blob), len(batches))
             if self.fsync_every:
                 self._sync_locked()
 
@@ -123,7 +136,10 @@ class CommitLog:
         if self._dirty:
             t = time.perf_counter()
             os.fdatasync(self.fd)
-            self.fsync_seconds += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            self.fsync_seconds += dt
+            if self.observer is not None:
+                self.observer.observe_fsync(dt)
             self._dirty = False
 
     def sync(self) -> None:

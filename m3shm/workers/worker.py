@@ -12,6 +12,12 @@ or again if the worker died during replay: applying a record twice is harmless);
 C calls that take real time (snappy, decoding, commit-log writes, export reads) run on a
 fixed ThreadPoolExecutor; the drain loop is one long-lived thread. All release the GIL in C.
 
+Health and reload: a task on the event loop beats into the worker's block of the stats file
+(m3shm/stats.py) every HEARTBEAT_S, but only while the drain thread has made a pass within
+DRAIN_STALL_S, so a hung loop or a hung drain thread both stop the supervisor's watchdog pings.
+On SIGHUP (or when the beat sees a newer config generation) the worker loads the config the
+supervisor applied and uses its live keys from the next request on.
+
 SIGTERM: stop accepting, finish in-flight requests, commit every queued batch, fsync and close
 the commit log, flag this producer done, keep draining until every producer is done and its
 shards' lanes are empty, exit 0.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -30,7 +37,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from m3shm.config import Config
+from m3shm import stats as st
+from m3shm.config import Config, from_dict
 from m3shm.shm import Segment
 from m3shm.storage import commitlog
 from m3shm.workers.ingest import IngestPipeline
@@ -38,6 +46,8 @@ from m3shm.workers.ingest import IngestPipeline
 log = logging.getLogger("m3shm.worker")
 
 PR_SET_PDEATHSIG = 1
+HEARTBEAT_S = 0.25
+DRAIN_STALL_S = 1.0
 
 
 def shard_range(index: int, nworkers: int, nshards: int) -> tuple[int, int]:
@@ -54,8 +64,10 @@ def die_with_parent(parent: int) -> None:
 
 class Worker:
     def __init__(self, cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
-                 data_dir: str) -> None:
+                 data_dir: str, stats: st.StatsFile) -> None:
         self.cfg = cfg
+        self.statsfile = stats
+        self.stats = stats.worker(index)
         self.seg = seg
         self.index = index
         self.nworkers = seg.params.num_producers
@@ -68,6 +80,7 @@ class Worker:
         self.tasks: set[asyncio.Task] = set()
         self._drain_stop = threading.Event()
         self._drain_thread: threading.Thread | None = None
+        self._drain_beat = 0.0
 
     def run(self) -> int:
         import uvloop
@@ -79,7 +92,13 @@ class Worker:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        ws = self.stats
+        ws.set(st.W_PID, os.getpid())
+        ws.set(st.W_INCARNATION, self.incarnation)
+        ws.set(st.W_STATE, st.ST_STARTING)
+        ws.beat()
+        loop.add_signal_handler(signal.SIGHUP, self._check_config)
+        beat = loop.create_task(self._heartbeat())
         seg = self.seg
         seg.set_producer_done(self.index, False)
         seg.recover_producer(self.index)
@@ -88,7 +107,8 @@ class Worker:
         self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="m3shm-c")
         cl = self.cfg.commitlog
         self.clog = commitlog.CommitLog(self.cl_dir, self.boot, self.index, self.incarnation,
-                                        cl.fsync, cl.fsync_interval_ms, cl.max_segment_bytes)
+                                        cl.fsync, cl.fsync_interval_ms, cl.max_segment_bytes,
+                                        observer=ws)
         ing = self.cfg.ingest
         self.pipeline = IngestPipeline(seg, self.index, self.clog, self.pool,
                                        ing.reserve_wait_ms, ing.max_pending_batches)
@@ -103,10 +123,11 @@ class Worker:
         sock.bind((self.cfg.host, self.cfg.port))
         sock.listen(1024)
         server = await loop.create_server(
-            lambda: HttpProtocol(api.route, self.cfg.limits.max_body_bytes, self.tasks),
+            lambda: HttpProtocol(api.route, self._max_body, self.tasks),
             sock=sock)
         if not all(seg.shard_stats(s)["recovered"] for s in range(self.lo, self.hi)):
             t0 = time.monotonic()
+            ws.set(st.W_STATE, st.ST_RECOVERING)
             n = await loop.run_in_executor(self.pool, self._replay)
             log.info("worker %d: replayed %d records into shards [%d, %d) in %.3fs",
                      self.index, n, self.lo, self.hi, time.monotonic() - t0)
@@ -114,12 +135,58 @@ class Worker:
                 seg.set_recovered(s, True)
         self._drain_thread = threading.Thread(target=self._drain_loop, name="m3shm-drain",
                                               daemon=True)
+        self._drain_beat = time.monotonic()
         self._drain_thread.start()
+        ws.set(st.W_STATE, st.ST_SERVING)
         log.info("worker %d (pid %d, incarnation %d) serving shards [%d, %d)", self.index,
                  os.getpid(), self.incarnation, self.lo, self.hi)
         await stop.wait()
+        ws.set(st.W_STATE, st.ST_STOPPING)
         await self._shutdown(server)
+        beat.cancel()
         return 0
+
+    def _max_body(self) -> int:
+        return self.cfg.limits.max_body_bytes
+
+    async def _heartbeat(self) -> None:
+        stalled = False
+        while True:
+            if self.statsfile.header(st.H_CONFIG_GEN) != self.stats.get(st.W_CONFIG_GEN):
+                self._check_config()
+            drain = self._drain_thread
+            ok = drain is None or self.stopping or (drain.is_alive() and
+                                   time.monotonic() - self._drain_beat < DRAIN_STALL_S)
+            if ok:
+                self.stats.beat()
+            elif not stalled:
+                log.error("worker %d: drain thread made no progress for %.1fs; not beating",
+                          self.index, DRAIN_STALL_S)
+            stalled = not ok
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _check_config(self) -> None:
+        """Load the config the supervisor applied, if its generation is newer than ours."""
+        gen = self.statsfile.header(st.H_CONFIG_GEN)
+        if gen == self.stats.get(st.W_CONFIG_GEN):
+            return
+        from m3shm.supervisor import applied_config_path
+
+        try:
+            with open(applied_config_path(self.statsfile.path)) as f:
+                doc = json.load(f)
+            cfg = from_dict(doc["config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("worker %d: cannot load config generation %d: %s", self.index, gen, e)
+            return
+        self.cfg = cfg
+        ing = cfg.ingest
+        pipe: IngestPipeline | None = getattr(self, "pipeline", None)
+        if pipe is not None:
+            pipe.reserve_wait = ing.reserve_wait_ms / 1000
+            pipe.max_pending = ing.max_pending_batches
+        self.stats.set(st.W_CONFIG_GEN, int(doc["generation"]))
+        log.info("worker %d: applied config generation %d", self.index, doc["generation"])
 
     def _replay(self) -> int:
         n = 0
@@ -130,6 +197,7 @@ class Worker:
     def _drain_loop(self) -> None:
         idle = 0
         while not self._drain_stop.is_set():
+            self._drain_beat = time.monotonic()
             n = self.seg.drain_range(self.lo, self.hi, 1024)
             if n:
                 idle = 0
@@ -161,9 +229,9 @@ class Worker:
 
 
 def worker_main(cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
-                data_dir: str, parent: int) -> int:
+                data_dir: str, parent: int, stats: st.StatsFile) -> int:
     """Entry point in the forked child."""
     die_with_parent(parent)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    return Worker(cfg, seg, index, boot, incarnation, data_dir).run()
+    return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()
