@@ -356,10 +356,10 @@ def load(path: str | None = None, **overrides: Any) -> Config:
 
 # -- live reload (SIGHUP) -------------------------------------------------------------------
 # Keys a running daemon applies on SIGHUP; every other key is fixed for the life of the
-# process (listen address, data dir, workers, shards, segment sizes, threads, commit log).
-LIVE_SECTIONS = ("limits",)
-LIVE_KEYS = ("ingest.retention_ms", "ingest.buffer_past_ms", "ingest.buffer_future_ms",
-             "ingest.reserve_wait_ms", "ingest.max_pending_batches")
+# process (listen address, data dir, workers, shards, segment sizes, threads, commit log,
+# flush, namespaces).
+LIVE_SECTIONS = ("limits", "ingest")
+LIVE_KEYS: tuple[str, ...] = ()
 
 
 def flatten(c: Any, prefix: str = "") -> dict[str, Any]:

@@ -35,13 +35,14 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
 
 from m3shm import stats as sf
-from m3shm.config import Config, ConfigError, flatten, live_update, load
+from m3shm.config import Config, ConfigError, live_update, load
 from m3shm.shm import Segment, SegParams, seq_base_now
 from m3shm.storage import commitlog
 from m3shm.systemd import Notifier
@@ -128,8 +129,20 @@ def segment_path(data: str) -> str:
 
 
 def applied_config_path(stats_file: str) -> str:
-    """Where the supervisor leaves the config the workers must apply (JSON, flattened)."""
-    return os.path.splitext(stats_file)[0] + ".config.json"
+    """Where the supervisor leaves the config the workers must apply: a pickle of
+    ``(generation, Config)``, mode 0600, written only by the supervisor and read only by its
+    own workers (the same user)."""
+    return os.path.splitext(stats_file)[0] + ".config.pickle"
+
+
+def write_applied_config(path: str, generation: int, cfg: Config) -> None:
+    tmp = path + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump((generation, cfg), f)
+    os.rename(tmp, path)
 
 
 class Supervisor:
@@ -266,7 +279,11 @@ class Supervisor:
         """One pass of the loop's housekeeping: readiness, reload, watchdog."""
         if self.reload_requested:
             self.reload_requested = False
-            self._reload()
+            try:
+                self._reload()
+            except Exception:  # noqa: BLE001 - a reload must never take the daemon down
+                log.exception("reload failed; keeping the running config")
+                self.notifier.ready(self._status())
         if not self.ready_sent and self._all_workers(lambda w: w.get(sf.W_STATE) ==
                                                      sf.ST_SERVING):
             self.ready_sent = True
@@ -323,12 +340,9 @@ class Supervisor:
             log.info("reload: %s", what)
         if not live:
             log.info("reload: no live setting changed")
-        self.cfg = applied
         gen = self.stats.header(sf.H_CONFIG_GEN) + 1
-        path = applied_config_path(self.stats.path)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"generation": gen, "config": flatten(applied)}, f)
-        os.rename(path + ".tmp", path)
+        write_applied_config(applied_config_path(self.stats.path), gen, applied)
+        self.cfg = applied
         self.stats.set_header(sf.H_CONFIG_GEN, gen)  # after the file: a reader of gen finds it
         self.stats.set_header(sf.H_RELOADS, self.stats.header(sf.H_RELOADS) + 1)
         for pid in self.pids:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from m3shm import stats as st
-from m3shm.config import Config, from_dict
+from m3shm.config import Config
 from m3shm.shm import Segment
 from m3shm.storage import commitlog
 from m3shm.workers.ingest import IngestPipeline
@@ -173,11 +173,13 @@ class Worker:
         from m3shm.supervisor import applied_config_path
 
         try:
-            with open(applied_config_path(self.statsfile.path)) as f:
-                doc = json.load(f)
-            cfg = from_dict(doc["config"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            with open(applied_config_path(self.statsfile.path), "rb") as f:
+                loaded_gen, cfg = pickle.load(f)
+        except Exception as e:  # noqa: BLE001 - keep serving on the old config
             log.error("worker %d: cannot load config generation %d: %s", self.index, gen, e)
+            return
+        if not isinstance(cfg, Config):
+            log.error("worker %d: %s holds no config", self.index, f.name)
             return
         self.cfg = cfg
         ing = cfg.ingest
@@ -185,8 +187,8 @@ class Worker:
         if pipe is not None:
             pipe.reserve_wait = ing.reserve_wait_ms / 1000
             pipe.max_pending = ing.max_pending_batches
-        self.stats.set(st.W_CONFIG_GEN, int(doc["generation"]))
-        log.info("worker %d: applied config generation %d", self.index, doc["generation"])
+        self.stats.set(st.W_CONFIG_GEN, loaded_gen)
+        log.info("worker %d: applied config generation %d", self.index, loaded_gen)
 
     def _replay(self) -> int:
         n = 0
