@@ -437,3 +437,16 @@ double m3_sketch_alpha(void);
 /* Indices (strictly increasing, first 0, last n - 1) of at most `threshold` points of the
    series (ts, v)[0..n) that keep its shape; out must hold min(n, threshold) entries. */
 size_t m3_lttb(const int64_t *ts, const double *v, size_t n, size_t threshold, uint32_t *out);
+
+/* ---- remote_read.c: remote read response encoding (docs/formats/remote-read.md) ------ */
+
+/* Encode n (<= 65535) samples as one Prometheus XOR chunk into out: returns the bytes
+   written, M3_ENOSPC if cap is too small (m3_promxor_bound(n) always suffices). */
+int64_t m3_promxor_encode(const int64_t *ts, const double *v, size_t n, uint8_t *out,
+                          size_t cap);
+size_t m3_promxor_bound(size_t n);
+/* The `repeated Sample samples = 2` field of a prometheus.TimeSeries for n samples: returns
+   bytes written (at most 22 * n), M3_ENOSPC if cap is too small. */
+int64_t m3_pb_samples(const int64_t *ts, const double *v, size_t n, uint8_t *out, size_t cap);
+/* CRC-32C (Castagnoli) of p[0..n), continuing from crc (0 to start). */
+uint32_t m3_crc32c(uint32_t crc, const uint8_t *p, size_t n);

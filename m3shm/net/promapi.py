@@ -81,6 +81,10 @@ class PromApi:
             "/api/v1/format_query": self.format_query,
             "/api/v1/status/queries": self.running_queries,
         }
+        from m3shm.net.remoteread import READ_PATHS, remote_read
+
+        for path in READ_PATHS:
+            self.routes[path] = lambda req: remote_read(self, req)
 
     def route(self, path: str) -> Callable[[Request], Any] | None:
         h = self.routes.get(path)

@@ -1,0 +1,206 @@
+"""Prometheus remote read: ``POST /api/v1/read`` and M3's ``/api/v1/prom/remote/read``.
+
+The request is a snappy-compressed ``prometheus.ReadRequest`` (proto/remote_read.proto). The
+answer takes the first type the client accepts that we serve, in the client's order of
+preference as Prometheus does: ``STREAMED_XOR_CHUNKS`` (frames of ``ChunkedReadResponse``,
+each ``uvarint length | CRC-32C big-endian | message``, content type
+``application/x-streamed-protobuf; proto=prometheus.ChunkedReadResponse``) or ``SAMPLES`` (one
+snappy-compressed ``ReadResponse``). Wire details: docs/formats/remote-read.md.
+
+Series come from the same storage as PromQL (the shards, through the reverse index) under the
+same per-query limits, timeout and disconnect cancellation; the per-sample encoding (the
+``Sample`` fields, Prometheus XOR chunks, the frame CRC) happens in C (csrc/remote_read.c).
+The protobuf framing around it is written here by hand, per series and per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING
+
+import cramjam
+import numpy as np
+import snappy
+
+from m3shm._native import ffi, lib
+from m3shm.errors import check
+from m3shm.net.http import Request, Response, text
+from m3shm.net.promjson import ApiError
+from m3shm.proto import remote_read_pb2 as rr
+from m3shm.query.blocks import decode_result
+from m3shm.query.context import QueryContext
+from m3shm.query.errors import QueryError
+from m3shm.query.labels import Labels
+from m3shm.query.local import LocalStorage
+from m3shm.query.matchers import Matcher
+
+if TYPE_CHECKING:
+    from m3shm.net.promapi import PromApi
+
+READ_PATHS = ("/api/v1/read", "/api/v1/prom/remote/read")
+STREAM_CTYPE = "application/x-streamed-protobuf; proto=prometheus.ChunkedReadResponse"
+MAX_CHUNK_SAMPLES = 120  # as Prometheus cuts its own chunks
+FRAME_BYTES = 1 << 20  # a frame is sent once it holds this many bytes (Prometheus' default)
+_OPS = {rr.LabelMatcher.EQ: "=", rr.LabelMatcher.NEQ: "!=", rr.LabelMatcher.RE: "=~",
+        rr.LabelMatcher.NRE: "!~"}
+
+
+def uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field_bytes(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field: key (field << 3 | 2), length, payload."""
+    return bytes([tag << 3 | 2]) + uvarint(len(payload)) + payload
+
+
+def labels_bytes(labels: Labels) -> bytes:
+    return b"".join(field_bytes(1, field_bytes(1, k.encode()) + field_bytes(2, v.encode()))
+                    for k, v in labels)
+
+
+def samples_bytes(ts: np.ndarray, vals: np.ndarray) -> bytes:
+    n = len(ts)
+    if not n:
+        return b""
+    out = np.empty(22 * n, dtype=np.uint8)
+    got = lib.m3_pb_samples(ffi.from_buffer("int64_t[]", ts), ffi.from_buffer("double[]", vals),
+                            n, ffi.from_buffer("uint8_t[]", out), len(out))
+    check(got, "encoding remote read samples")
+    return out[:got].tobytes()
+
+
+def xor_chunks(ts: np.ndarray, vals: np.ndarray) -> list[tuple[int, int, bytes]]:
+    """A series' samples as Prometheus XOR chunks of at most 120 samples: (min, max, data)."""
+    out = []
+    buf = np.empty(lib.m3_promxor_bound(MAX_CHUNK_SAMPLES), dtype=np.uint8)
+    pbuf = ffi.from_buffer("uint8_t[]", buf)
+    for a in range(0, len(ts), MAX_CHUNK_SAMPLES):
+        t, v = ts[a:a + MAX_CHUNK_SAMPLES], vals[a:a + MAX_CHUNK_SAMPLES]
+        n = check(lib.m3_promxor_encode(ffi.from_buffer("int64_t[]", t),
+                                        ffi.from_buffer("double[]", v), len(t), pbuf,
+                                        len(buf)), "encoding an XOR chunk")
+        out.append((int(t[0]), int(t[-1]), buf[:n].tobytes()))
+    return out
+
+
+def chunked_series_bytes(labels: Labels, ts: np.ndarray, vals: np.ndarray) -> bytes:
+    parts = [labels_bytes(labels)]
+    for lo, hi, data in xor_chunks(ts, vals):
+        chunk = (b"\x08" + uvarint(lo & (2**64 - 1)) + b"\x10" + uvarint(hi & (2**64 - 1)) +
+                 b"\x18\x01" + field_bytes(4, data))
+        parts.append(field_bytes(2, chunk))
+    return b"".join(parts)
+
+
+def frame(msg: bytes) -> bytes:
+    crc = lib.m3_crc32c(0, msg, len(msg))
+    return uvarint(len(msg)) + struct.pack(">I", crc) + msg
+
+
+def parse_request(body: bytes, max_decompressed: int) -> rr.ReadRequest:
+    try:
+        n = cramjam.snappy.decompress_raw_len(body)
+    except Exception as e:  # noqa: BLE001 - any library error means a bad body
+        raise ApiError("bad_data", f"remote read: malformed snappy body: {e}") from None
+    if n > max_decompressed:
+        raise ApiError("bad_data", f"remote read: decompressed body would be {n} bytes, more "
+                                   f"than limits.max_decompressed_bytes={max_decompressed}")
+    try:
+        return rr.ReadRequest.FromString(snappy.uncompress(body))
+    except Exception as e:  # noqa: BLE001
+        raise ApiError("bad_data", "remote read: not a prometheus.ReadRequest: "
+                                   f"{e or type(e).__name__}") from None
+
+
+def query_matchers(q: rr.Query) -> list[Matcher]:
+    try:
+        return [Matcher(m.name, _OPS[m.type], m.value) for m in q.matchers]
+    except (KeyError, QueryError) as e:
+        raise ApiError("bad_data", f"remote read: bad matcher: {e}") from None
+
+
+def _series(st: LocalStorage, q: rr.Query):
+    matchers = query_matchers(q)
+    mint, maxt = q.start_timestamp_ms, q.end_timestamp_ms
+    flat = decode_result(st.select(matchers, mint, maxt), mint, maxt)
+    order = sorted(range(len(flat.labels)), key=lambda i: flat.labels[i])
+    for i in order:
+        a, b = int(flat.offsets[i]), int(flat.offsets[i + 1])
+        if b > a:
+            yield flat.labels[i], flat.ts[a:b], flat.vals[a:b]
+
+
+def samples_response(st: LocalStorage, req: rr.ReadRequest) -> bytes:
+    results = []
+    for q in req.queries:
+        ts_parts = [field_bytes(1, labels_bytes(lb) + samples_bytes(t, v))
+                    for lb, t, v in _series(st, q)]
+        results.append(field_bytes(1, b"".join(ts_parts)))
+    return snappy.compress(b"".join(results))
+
+
+def streamed_response(st: LocalStorage, req: rr.ReadRequest) -> bytes:
+    frames = []
+    for qi, q in enumerate(req.queries):
+        tail = b"\x10" + uvarint(qi) if qi else b""
+        pending: list[bytes] = []
+        size = 0
+        for lb, t, v in _series(st, q):
+            cs = field_bytes(1, chunked_series_bytes(lb, t, v))
+            pending.append(cs)
+            size += len(cs)
+            if size >= FRAME_BYTES:
+                frames.append(frame(b"".join(pending) + tail))
+                pending, size = [], 0
+        if pending:
+            frames.append(frame(b"".join(pending) + tail))
+    return b"".join(frames)
+
+
+async def remote_read(api: PromApi, req: Request) -> Response:
+    if req.method != "POST":
+        return text(405, "remote read takes POST")
+    lim = api.w.cfg.limits
+    if req.too_large:
+        return text(400, f"request body is larger than limits.max_body_bytes="
+                         f"{lim.max_body_bytes}")
+    loop = asyncio.get_running_loop()
+    try:
+        rq = await loop.run_in_executor(api.pool, parse_request, req.body,
+                                        lim.max_decompressed_bytes)
+        for q in rq.queries:
+            query_matchers(q)
+    except ApiError as e:
+        return text(400, str(e))
+    streamed = False
+    for t in rq.accepted_response_types:
+        if t in (rr.ReadRequest.SAMPLES, rr.ReadRequest.STREAMED_XOR_CHUNKS):
+            streamed = t == rr.ReadRequest.STREAMED_XOR_CHUNKS
+            break
+    else:
+        if rq.accepted_response_types:
+            return text(400, "remote read: none of the accepted response types is served "
+                             "(SAMPLES, STREAMED_XOR_CHUNKS)")
+    ctx: QueryContext = api._ctx({}, f"remote read ({len(rq.queries)} queries)")
+
+    def work(ctx: QueryContext) -> Response:
+        st = LocalStorage(api.sources, ctx)
+        if streamed:
+            return Response(200, streamed_response(st, rq), STREAM_CTYPE)
+        return Response(200, samples_response(st, rq), "application/x-protobuf",
+                        {"Content-Encoding": "snappy"})
+
+    resp = await api.run(req, ctx, work)
+    if resp.status != 200:  # remote read answers errors as plain text, as Prometheus does
+        import json
+
+        msg = json.loads(resp.body).get("error", "")
+        return text(resp.status if resp.status != 499 else 499, msg)
+    return resp
