@@ -173,6 +173,7 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
         /* Acquire: pairs with m3_lane_publish; every record before this tail is complete. */
         tails[p] = __atomic_load_n(&lane_at(base, shard, p)->tail, __ATOMIC_ACQUIRE);
     int applied = 0;
+    m3_shard_lock(base, shard);
     while ((uint32_t)applied < max_records) {
         lane_hdr *best = NULL;
         const m3_rec *br = NULL;
@@ -194,6 +195,7 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
         __atomic_store_n(&best->head, best->head + br->len, __ATOMIC_RELEASE);
         applied++;
     }
+    m3_shard_unlock(base, shard);
     return applied;
 }
 

@@ -22,7 +22,8 @@ enum m3_err {
     M3_ECORRUPT = -4,    /* input bytes are not a valid encoding */
     M3_ETRUNC = -5,      /* input bytes end before the encoding does */
     M3_EVERSION = -6,    /* an encoding or layout version this build does not know */
-    M3_ERANGE = -7       /* a value outside what the format can hold */
+    M3_ERANGE = -7,      /* a value outside what the format can hold */
+    M3_ENOENT = -8       /* no such series: a free slot, or a generation that is gone */
 };
 
 /* ---- codec.c: M3TSZ-style time-series codec (format: docs/formats/tsz.md) ------------ */
@@ -93,7 +94,7 @@ int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
 
 /* ---- segment.c: the shared-memory segment's header and layout (docs/formats/shm.md) ---- */
 
-#define M3_SEG_LAYOUT_VERSION 1
+#define M3_SEG_LAYOUT_VERSION 2
 #define M3_CACHE_LINE 64
 /* Bytes of one chunk of an open block (header + tsz stream); changing it changes the layout. */
 #define M3_CHUNK_BYTES 512
@@ -103,6 +104,10 @@ int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
 #define M3_REC_MAX_SAMPLES 512
 #define M3_MAX_SHARDS 4096
 #define M3_MAX_PRODUCERS 256
+/* Reader slots in the segment (epoch.c): threads of any process that read shards. */
+#define M3_MAX_READERS 256
+/* m3_seg_params.flags */
+#define M3_NS_COLD_WRITES 1
 
 /* Parameters fixed when a segment is created; recorded in its header. */
 typedef struct m3_seg_params {
@@ -110,10 +115,17 @@ typedef struct m3_seg_params {
     uint32_t num_producers;     /* workers; one lane per (shard, producer) */
     uint64_t lane_bytes;        /* data bytes per lane, a power of two >= 64 KiB */
     uint32_t series_per_shard;  /* new series are refused beyond this many per shard */
-    uint32_t pad0;
+    uint32_t ns_id;             /* namespace of the open blocks: 0 = the raw `default` one */
     uint64_t arena_bytes;       /* per shard: labels and chunks, a multiple of M3_CHUNK_BYTES */
     int64_t block_ms;           /* block size of the open blocks (ms) */
     uint64_t seq_base;          /* first global batch sequence number */
+    /* The namespace's write window, recorded for every process (the C core does not use
+       them: an owner stores whatever it is given, see m3_block_seal for warm vs cold). */
+    int64_t buffer_past_ms;
+    int64_t buffer_future_ms;
+    int64_t retention_ms;
+    uint32_t flags;             /* M3_NS_COLD_WRITES */
+    uint32_t pad1;
 } m3_seg_params;
 
 /* Bytes a segment with these parameters needs, or 0 if they are invalid. */
@@ -151,7 +163,7 @@ typedef struct m3_rec {
     uint32_t nsamples;
     uint32_t labels_len;  /* bytes of canonical labels (padded to 8 in the record) */
     uint32_t nlabels;
-    uint32_t pad;
+    uint32_t pad;         /* 0; reserved for a namespace id */
 } m3_rec;
 
 /* Copy every record of a batch into this producer's lanes past their published tails, stamped
@@ -182,13 +194,21 @@ uint64_t m3_lane_backlog(const uint8_t *base, uint32_t shard);
 uint64_t m3_labels_hash(const uint8_t *labels, size_t len);
 
 typedef struct m3_shard_stats {
-    uint64_t nseries;
-    uint64_t arena_used;
+    uint64_t nseries;        /* live series */
+    uint64_t arena_used;     /* arena bytes in use (bump pointer minus free and limbo bytes) */
     uint64_t arena_bytes;
     uint64_t samples;        /* samples applied */
     uint64_t ooo_samples;    /* samples that opened or went to a non-first stream */
     uint64_t dropped;        /* records the owner could not apply (capacity overshoot) */
     uint64_t recovered;      /* 1 once replay/recovery of the shard is done */
+    uint64_t slots;          /* slot high-water mark: iterate [0, slots), skip free slots */
+    uint64_t arena_bump;     /* bump pointer (never moves back) */
+    uint64_t chunks_free;    /* chunks on the free list, ready for reuse */
+    uint64_t chunks_limbo;   /* released chunks waiting for readers to pass their epoch */
+    uint64_t chunks_released;/* chunks released since the segment was created */
+    uint64_t series_removed; /* series expired since the segment was created */
+    uint64_t slots_limbo;    /* expired slots waiting for readers */
+    int64_t warm_floor;      /* blocks starting below it take only cold writes */
 } m3_shard_stats;
 
 /* Owner: apply a record directly (replay). */
@@ -207,17 +227,123 @@ void m3_shard_stats_get(const uint8_t *base, uint32_t shard, m3_shard_stats *out
    length; *rejected counts dropped records and msg (cap bytes) names the first. */
 size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t *rejected,
                       uint32_t *rejected_samples, char *msg, size_t msg_cap);
-/* Any process: published series count of a shard (acquire). */
+/* Any process: the slot high-water mark of a shard (acquire): slots [0, n) have been used;
+   some may be free now (m3_series_get says M3_ENOENT). */
 uint32_t m3_shard_nseries(const uint8_t *base, uint32_t shard);
-/* Any process: canonical labels of a series (pointer into the segment). */
+
+/* Series readers (any process) must be inside a read section (epoch.c) so that the slot,
+   its labels and its chunks are not reused under them. Within one section a live slot keeps
+   its generation; a series is named by (shard, slot, gen) across sections. */
+typedef struct m3_series_info {
+    uint64_t hash;
+    const uint8_t *labels;   /* canonical labels, in the segment (valid inside the section) */
+    uint32_t labels_len;
+    uint32_t nlabels;
+    uint32_t gen;            /* bumped each time the slot is reused */
+    uint32_t tenant;
+    int64_t max_ts;          /* largest timestamp ever applied to the series */
+} m3_series_info;
+/* M3_ENOENT if the slot is free (never used, or its series expired). */
+int m3_series_get(const uint8_t *base, uint32_t shard, uint32_t slot, m3_series_info *out);
+/* Canonical labels of a live series (pointer into the segment); M3_ENOENT if free. */
 int m3_series_labels(const uint8_t *base, uint32_t shard, uint32_t slot,
                      const uint8_t **labels, uint32_t *len);
-/* Any process: upper bound on the samples of a series (published counts of its chunks). */
+/* Upper bound on the samples of a series (published counts of its chunks); 0 if free. */
 uint64_t m3_series_count(const uint8_t *base, uint32_t shard, uint32_t slot);
-/* Any process: the series' samples in [mint, maxt], sorted, one per timestamp (the last
-   written wins). M3_ENOSPC if cap is too small. */
+/* The series' samples in [mint, maxt], sorted, one per timestamp (the last written wins).
+   M3_ENOSPC if cap is too small, M3_ENOENT if the slot is free. */
 int m3_series_read(const uint8_t *base, uint32_t shard, uint32_t slot, int64_t mint,
                    int64_t maxt, int64_t *ts, double *v, size_t cap, size_t *n);
+
+/* ---- epoch.c: reader slots and epochs, so freed memory is never reused under a reader --- */
+
+/* A reading thread claims a slot once (tagged with its pid and process start time) and
+   brackets every read of shard memory with m3_read_begin/m3_read_end (nestable). Memory an
+   owner releases is reused only after every reader that was inside a section at the release
+   has left it. A slot whose process is gone is cleared by m3_readers_reap, which owners call
+   themselves when a slot holds reclamation back, so a SIGKILLed reader blocks nothing for
+   long. M3_ENOSPC when all M3_MAX_READERS slots are held by live processes. */
+int m3_reader_claim(uint8_t *base, uint32_t *rslot);
+void m3_reader_release(uint8_t *base, uint32_t rslot);
+void m3_read_begin(uint8_t *base, uint32_t rslot);
+void m3_read_end(uint8_t *base, uint32_t rslot);
+/* Clear the slots of processes that no longer exist; returns how many were cleared. */
+uint32_t m3_readers_reap(uint8_t *base);
+/* The global epoch (starts at 1; every release advances it). */
+uint64_t m3_epoch_now(const uint8_t *base);
+
+/* ---- block.c: block lifecycle of the open blocks (flush, cold writes, reclamation, churn) */
+
+/* A chunk is warm if its block had not been sealed warm when the chunk was created (its
+   block start was >= the shard's warm floor), cold otherwise. Flushing one block of a shard:
+     1. m3_block_seal(warm)  - owner: no more appends to the block's warm chunks; the warm
+                               floor moves past the block, so later samples of it (late
+                               warm writes, cold writes, replay) go to new cold chunks;
+     2. m3_block_encode      - any thread in a read section: one merged tsz stream per series
+                               of the sealed chunks, into the caller's buffer (resumable);
+     3. write the fileset, make it durable;
+     4. m3_block_release     - owner: unlink the sealed chunks; they return to the free list
+                               once every reader has left the sections it was in.
+   Cold data of an already flushed block goes the same way with kind M3_BLK_COLD (the flush
+   side writes volume N+1 = volume N merged with it). Data that is never sealed is never
+   released, so nothing acknowledged is dropped by a flush that dies half-way. */
+enum m3_blk_kind {
+    M3_BLK_WARM = 0,
+    M3_BLK_COLD = 1
+};
+
+typedef struct m3_block_info {
+    int64_t block_start;     /* ms, a multiple of block_ms */
+    uint32_t kind;           /* enum m3_blk_kind */
+    uint32_t nseries;        /* series with at least one chunk of it */
+    uint64_t chunks;
+    uint64_t sealed;         /* of which sealed (awaiting m3_block_release) */
+    uint64_t samples;        /* published samples over its streams (duplicates included) */
+} m3_block_info;
+
+/* Any process: the (block start, kind) pairs a shard holds chunks for, sorted by block start
+   then kind. *n = how many exist; M3_ENOSPC (out filled up to cap) if more than cap. */
+int m3_shard_blocks(const uint8_t *base, uint32_t shard, m3_block_info *out, size_t cap,
+                    size_t *n);
+/* Owner: seal the unsealed chunks of (block_start, kind). Returns the chunks sealed. */
+int m3_block_seal(uint8_t *base, uint32_t shard, int64_t block_start, uint32_t kind);
+
+/* One series of an encoded block: out[labels_off, +labels_len) are its canonical labels and
+   out[data_off, +data_len) a tsz stream (docs/formats/tsz.md) of its `count` samples, sorted,
+   one per timestamp, the last write winning. */
+typedef struct m3_flush_entry {
+    uint32_t slot;
+    uint32_t gen;
+    uint64_t hash;
+    uint64_t labels_off;
+    uint32_t labels_len;
+    uint32_t count;
+    uint64_t data_off;
+    uint64_t data_len;
+    int64_t mint;
+    int64_t maxt;
+} m3_flush_entry;
+
+/* Inside a read section: encode the sealed chunks of (block_start, kind) for slots from
+   *cursor on, in slot order, into out (cap bytes) and idx (idx_cap entries). *used = bytes
+   written, *n = entries. Returns 1 if it stopped because out or idx was full (call again
+   with the updated *cursor and fresh buffers), 0 when every slot has been visited, M3_ENOSPC
+   if not even the next series fits in an empty out (needs more than cap bytes). */
+int m3_block_encode(const uint8_t *base, uint32_t shard, int64_t block_start, uint32_t kind,
+                    uint32_t *cursor, uint8_t *out, size_t cap, size_t *used,
+                    m3_flush_entry *idx, size_t idx_cap, size_t *n);
+/* Owner: unlink the sealed chunks of (block_start, kind) and hand them to the limbo list.
+   Returns the chunks released. */
+int m3_block_release(uint8_t *base, uint32_t shard, int64_t block_start, uint32_t kind);
+/* Owner: move limbo chunks and slots that no reader can still see to the free lists. Returns
+   how many objects were freed. (Allocation and release also call it.) */
+int m3_shard_reclaim(uint8_t *base, uint32_t shard);
+/* Owner: remove live series with no chunks left whose newest sample is older than
+   idle_before_ms: table entry deleted, slot and labels freed through limbo, slot reused later
+   with gen + 1. Returns the series removed. */
+int m3_shard_expire_series(uint8_t *base, uint32_t shard, int64_t idle_before_ms);
+/* Owner: raise the warm floor (e.g. at start-up, to the end of the newest flushed block). */
+void m3_shard_set_warm_floor(uint8_t *base, uint32_t shard, int64_t floor_ms);
 
 /* ---- rw_decode.c: Prometheus remote write wire format -> lane records ---------------- */
 

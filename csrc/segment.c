@@ -8,7 +8,8 @@
  *   [0, 4096)        header: magic "M3SG", layout version, size, the creation parameters,
  *                    every region's offset and stride, a checksum of all of that; at 256 the
  *                    global batch sequence (its own cache line); at 320 the producers'
- *                    shutdown flags.
+ *                    shutdown flags; at 1408 the global reclamation epoch (epoch.c).
+ *   [4096, 20480)    reader slots, one cache line each (epoch.c)
  *   lanes            num_shards * num_producers lanes, shard-major (lane.c)
  *   shards           num_shards regions: header, series hash table, series slots, arena
  *                    (series.c)
@@ -21,6 +22,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <limits.h>
 
 #include "seg_int.h"
 
@@ -43,7 +45,8 @@ static int params_ok(const m3_seg_params *p)
            p->lane_bytes <= (UINT64_C(1) << 34) && p->series_per_shard >= 1 &&
            p->series_per_shard <= (1u << 26) && p->arena_bytes >= (64u << 10) &&
            p->arena_bytes % M3_CHUNK_BYTES == 0 && p->arena_bytes <= (UINT64_C(1) << 40) &&
-           p->block_ms > 0;
+           p->block_ms > 0 && p->buffer_past_ms >= 0 && p->buffer_future_ms >= 0 &&
+           p->retention_ms >= 0 && (p->flags & ~(uint32_t)M3_NS_COLD_WRITES) == 0;
 }
 
 /* Fill the derived fields of h from h->p; returns the total size. */
@@ -90,8 +93,11 @@ int m3_seg_init(uint8_t *base, uint64_t size, const m3_seg_params *p)
         shard_hdr *sh = (shard_hdr *)(base + h.shards_off + (uint64_t)s * h.shard_stride);
         /* arena offset 0 means "none": the first cache line of every arena stays unused */
         sh->arena_used = M3_CACHE_LINE;
+        sh->warm_floor = INT64_MIN;
     }
     memcpy(base, &h, sizeof h);
+    /* Relaxed: published to the workers by the release store of the sequence below. */
+    __atomic_store_n((uint64_t *)(base + SEG_EPOCH_OFF), 1, __ATOMIC_RELAXED);
     /* Release: the layout above is visible before the sequence line that workers use first. */
     __atomic_store_n((uint64_t *)(base + SEG_SEQ_OFF), p->seq_base, __ATOMIC_RELEASE);
     return M3_OK;

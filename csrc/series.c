@@ -10,12 +10,18 @@
  *               stored (readers that look a series up see a complete slot).
  *   table       u64 entries: (hash >> 32) << 32 | (slot + 1); 0 = empty; linear probing;
  *               size a power of two at least twice the slots, so probes stay short.
- *   chunks      a series' samples live in an append-only chain of M3_CHUNK_BYTES chunks
- *               allocated from the arena by a bump pointer. A chunk is initialised, then
- *               linked by a release store of the previous chunk's `next` (or the slot's
- *               `head`). Chunks and labels are never freed or moved while the segment lives
- *               (flush and retention come with the storage issue), so a reader can never be
- *               looking at reused memory.
+ *   chunks      a series' samples live in a chain of M3_CHUNK_BYTES chunks allocated by
+ *               arena.c. A chunk is initialised, then linked by a release store of the
+ *               previous chunk's `next` (or the slot's `head`). Chunks leave a chain only
+ *               through m3_block_release (block.c) and labels and slots only through
+ *               m3_shard_expire_series; both hand them to arena.c, which reuses them only
+ *               after every reader has left the read section it was in (epoch.c). So a
+ *               reader inside a section never looks at reused memory.
+ *   slots       a slot is FREE, LIVE or RETIRED (state, release-stored). Readers iterate
+ *               [0, nseries) and skip slots that are not live; a reused slot gets gen + 1.
+ *   deletion    a series leaves the table by backward-shift deletion (no tombstones, so
+ *               probes stay short under churn) inside a seqlock (table_seq odd while entries
+ *               move); a reader's lookup that misses while the sequence moved looks again.
  *   streams     every chunk is one in-order tsz stream of one block. A sample goes to the
  *               first open stream of its block (lowest stream number) whose last timestamp is
  *               below it ("first fit", like M3's buckets), else to a new stream with the next
@@ -30,9 +36,14 @@
  * Crash safety of the owner: it can be killed between any two instructions. Applying a record
  * twice only adds equal (timestamp, value) pairs in higher streams, which the merge removes, so
  * the lane head moves only after a record is applied. m3_shard_recover repairs the rest at
- * attach: encoder states torn mid-append (tsz_enc_resume), chain ends not yet recorded, and a
- * last series published in nseries but not yet in the table. Leaked arena bytes (allocated,
- * never linked) are harmless.
+ * attach: encoder states torn mid-append (tsz_enc_resume), chain ends not yet recorded, a
+ * series being created or expired (the shard header names it), a retire cut short (arena.c).
+ * At most one object in flight leaks per crash (allocated, never linked); that is harmless.
+ *
+ * Threads: only the owner process writes a shard, but several of its threads may (the drain
+ * thread applies, a flush thread seals and releases), so every writer holds the shard lock
+ * (owner_lock, a spin lock in the shard header). A killed owner cannot leave it held for
+ * anyone but its own next incarnation, whose m3_shard_recover resets it.
  *
  * The label hash (m3_labels_hash, "m3hash64 v1") decides each series' shard and is recorded
  * on disk with the shard count, so it must never change.
@@ -42,6 +53,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sched.h>
 
 #include "seg_int.h"
 
@@ -127,30 +139,31 @@ void m3_labels_format(const uint8_t *l, size_t len, char *out, size_t cap)
 
 /* ---- shard access ----------------------------------------------------------------------- */
 
-typedef struct shard_view {
-    const seg_hdr *h;
-    shard_hdr *sh;
-    uint64_t *table;
-    series_slot *slots;
-    uint8_t *arena;
-} shard_view;
-
-static inline shard_view view(const uint8_t *base, uint32_t shard)
+void m3_shard_lock(uint8_t *base, uint32_t shard)
 {
-    shard_view v;
-    v.h = cseg_of(base);
-    uint8_t *s = shard_at((uint8_t *)base, shard);
-    v.sh = (shard_hdr *)s;
-    v.table = (uint64_t *)(s + v.h->table_off);
-    v.slots = (series_slot *)(s + v.h->slots_off);
-    v.arena = s + v.h->arena_off;
-    return v;
+    uint32_t *l = &shard_view_of(base, shard).sh->owner_lock;
+    /* Acquire: the previous holder's writes to the shard happen before ours. */
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            sched_yield();
 }
 
-static inline chunk *chunk_at(const shard_view *v, uint64_t off) { return (chunk *)(v->arena + off); }
+void m3_shard_unlock(uint8_t *base, uint32_t shard)
+{
+    /* Release: our writes to the shard happen before the next holder's. */
+    __atomic_store_n(&shard_view_of(base, shard).sh->owner_lock, 0, __ATOMIC_RELEASE);
+}
 
-/* Any process: the slot holding these labels, or -1. */
-static int64_t lookup(const shard_view *v, uint64_t hash, const uint8_t *labels, uint32_t len)
+static inline uint32_t slot_state(const series_slot *s)
+{
+    /* Acquire: pairs with the owner's release of SLOT_LIVE; the slot's fields and labels are
+       complete. */
+    return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+}
+
+/* The slot holding these labels, or -1 (one pass over the table). */
+static int64_t lookup_once(const shard_view *v, uint64_t hash, const uint8_t *labels,
+                           uint32_t len)
 {
     uint64_t mask = v->h->table_size - 1;
     for (uint64_t i = hash & mask, n = 0; n <= mask; i = (i + 1) & mask, n++) {
@@ -172,6 +185,25 @@ static int64_t lookup(const shard_view *v, uint64_t hash, const uint8_t *labels,
     return -1;
 }
 
+/* Owner: exact. Other processes: a miss is retried while the owner was moving entries. */
+static int64_t lookup(const shard_view *v, uint64_t hash, const uint8_t *labels, uint32_t len)
+{
+    for (int tries = 0; tries < 1000; tries++) {
+        /* Acquire: pairs with the owner's final release of table_seq; entries moved before
+           it are visible to the probe. */
+        uint32_t s1 = __atomic_load_n(&v->sh->table_seq, __ATOMIC_ACQUIRE);
+        int64_t r = lookup_once(v, hash, labels, len);
+        if (r >= 0)
+            return r;
+        /* Acquire fence: the probe's loads happen before the second load of the sequence. */
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (!(s1 & 1) && __atomic_load_n(&v->sh->table_seq, __ATOMIC_RELAXED) == s1)
+            return -1;
+        sched_yield();
+    }
+    return -1; /* the owner died mid-move; m3_shard_recover rebuilds the table */
+}
+
 static void table_insert(const shard_view *v, uint64_t hash, uint64_t slot)
 {
     uint64_t mask = v->h->table_size - 1;
@@ -185,38 +217,79 @@ static void table_insert(const shard_view *v, uint64_t hash, uint64_t slot)
     }
 }
 
-static uint64_t arena_alloc(const shard_view *v, uint64_t n)
+/* Owner: delete slot's entry by backward shift (Knuth 6.4 algorithm R). */
+static void table_remove(const shard_view *v, uint64_t hash, uint32_t slot)
 {
-    uint64_t used = v->sh->arena_used;
-    if (used + n > v->h->p.arena_bytes)
-        return 0;
-    /* Relaxed: only the owner allocates; readers load it for statistics only. */
-    __atomic_store_n(&v->sh->arena_used, used + n, __ATOMIC_RELAXED);
-    return used;
+    uint64_t mask = v->h->table_size - 1, i = hash & mask;
+    for (uint64_t n = 0;; i = (i + 1) & mask, n++) {
+        if (!v->table[i] || n > mask)
+            return; /* not there */
+        if ((v->table[i] & 0xffffffffu) == (uint64_t)slot + 1)
+            break;
+    }
+    uint32_t seq = v->sh->table_seq;
+    __atomic_store_n(&v->sh->table_seq, seq + 1, __ATOMIC_RELAXED);
+    /* Release fence: the odd sequence is visible before any entry moves (a reader that sees
+       a moved entry also sees the sequence changed). */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    for (uint64_t j = i;;) {
+        j = (j + 1) & mask;
+        uint64_t e = v->table[j];
+        if (!e)
+            break;
+        uint64_t k = v->slots[(e & 0xffffffffu) - 1].hash & mask; /* home of entry j */
+        int stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (stays)
+            continue;
+        /* Release: the slot named by the moved entry is complete (it was already). */
+        __atomic_store_n(&v->table[i], e, __ATOMIC_RELEASE);
+        i = j;
+    }
+    __atomic_store_n(&v->table[i], 0, __ATOMIC_RELAXED);
+    /* Release: every move is visible before the even sequence that ends it. */
+    __atomic_store_n(&v->sh->table_seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+int m3_series_unlink_table(const shard_view *v, uint32_t slot)
+{
+    table_remove(v, v->slots[slot].hash, slot);
+    return M3_OK;
 }
 
 static int64_t create_series(const shard_view *v, const m3_rec *r, const uint8_t *labels)
 {
-    uint32_t n = v->sh->nseries;
-    if (n >= v->h->slot_cap)
+    shard_hdr *sh = v->sh;
+    uint32_t n = arena_alloc_slot(v);
+    if (n == UINT32_MAX)
         return -1;
-    uint64_t off = arena_alloc(v, round8(r->labels_len));
-    if (!off)
+    int fresh = n == sh->nseries;
+    uint64_t off = arena_alloc_labels(v, r->labels_len);
+    if (!off) {
+        if (!fresh)
+            arena_free_slot(v, n);
         return -1;
+    }
+    sh->creating = n + 1;
     memcpy(v->arena + off, labels, r->labels_len);
     series_slot *s = &v->slots[n];
+    uint32_t gen = s->gen + 1;
     memset(s, 0, sizeof *s);
     s->hash = r->hash;
     s->labels_off = off;
-    s->labels_len = r->labels_len;
-    s->nlabels = r->nlabels;
+    s->labels_len = (uint16_t)r->labels_len;
+    s->nlabels = (uint16_t)r->nlabels;
     s->tenant = r->tenant;
     s->vtype = r->vtype;
-    s->gen = 1;
-    /* Release: the slot and its labels are visible before a reader iterating [0, nseries)
-       reaches it. */
-    __atomic_store_n(&v->sh->nseries, n + 1, __ATOMIC_RELEASE);
+    s->gen = gen ? gen : 1;
+    s->max_ts = INT64_MIN;
+    /* Release: the slot and its labels are visible before a reader that sees it live. */
+    __atomic_store_n(&s->state, SLOT_LIVE, __ATOMIC_RELEASE);
+    if (fresh)
+        /* Release: as above, for a reader iterating [0, nseries). */
+        __atomic_store_n(&sh->nseries, n + 1, __ATOMIC_RELEASE);
     table_insert(v, r->hash, n);
+    __atomic_store_n(&sh->live, sh->live + 1, __ATOMIC_RELAXED);
+    sh->creating = 0;
     return n;
 }
 
@@ -231,14 +304,15 @@ static inline int64_t block_of(int64_t ts, int64_t bms)
 /* A new chunk for stream `stream` of block `bs`, linked at the end of the chain. */
 static chunk *new_chunk(const shard_view *v, series_slot *s, int64_t bs, uint64_t *off_out)
 {
-    uint64_t off = arena_alloc(v, M3_CHUNK_BYTES);
+    uint64_t off = arena_alloc_chunk(v);
     if (!off)
         return NULL;
     chunk *c = chunk_at(v, off);
     memset(c, 0, CHUNK_BUF_OFF);
     c->block_start = bs;
     c->stream = s->next_stream++;
-    c->cap = (uint32_t)(M3_CHUNK_BYTES - CHUNK_BUF_OFF);
+    c->flags = bs < v->sh->warm_floor ? CHUNK_COLD : 0;
+    c->cap = (uint16_t)(M3_CHUNK_BYTES - CHUNK_BUF_OFF);
     tsz_enc_init(&c->enc, c->buf, c->cap);
     if (s->last)
         /* Release: the initialised chunk is visible before the link a reader follows. */
@@ -325,6 +399,9 @@ static int apply_samples(const shard_view *v, series_slot *s, const int64_t *ts,
         int rc = tsz_enc_append_many(&c->enc, c->buf, c->cap, ts + i, vals + i, j - i, &done);
         if (lower_open || c->stream != 0)
             ooo += done;
+        if (done && ts[i + done - 1] > s->max_ts)
+            /* Relaxed: a statistic for readers (expiry is decided by the owner). */
+            __atomic_store_n(&s->max_ts, ts[i + done - 1], __ATOMIC_RELAXED);
         i += (uint32_t)done;
         if (rc == M3_ENOSPC) {
             /* close the full chunk; the next sample opens a new stream */
@@ -342,7 +419,7 @@ static int apply_samples(const shard_view *v, series_slot *s, const int64_t *ts,
 
 int m3_shard_apply_rec(uint8_t *base, const m3_rec *r)
 {
-    shard_view v = view(base, r->shard);
+    shard_view v = shard_view_of(base, r->shard);
     const uint8_t *labels = (const uint8_t *)(r + 1);
     const int64_t *ts = (const int64_t *)(labels + round8(r->labels_len));
     const double *vals = (const double *)(ts + r->nsamples);
@@ -359,7 +436,10 @@ int m3_shard_apply(uint8_t *base, const m3_rec *rec)
 {
     if (!base || !rec || m3_rec_check(rec, rec->len, cseg_of(base)->p.num_shards))
         return M3_EINVAL;
-    return m3_shard_apply_rec(base, rec);
+    m3_shard_lock(base, rec->shard);
+    int rc = m3_shard_apply_rec(base, rec);
+    m3_shard_unlock(base, rec->shard);
+    return rc;
 }
 
 int m3_shard_apply_batch(uint8_t *base, const uint8_t *batch, size_t len, uint64_t seq,
@@ -377,7 +457,9 @@ int m3_shard_apply_batch(uint8_t *base, const uint8_t *batch, size_t len, uint64
         if (rc)
             return rc;
         if (r->shard >= lo && r->shard < hi) {
+            m3_shard_lock(base, r->shard);
             m3_shard_apply_rec(base, r);
+            m3_shard_unlock(base, r->shard);
             n++;
         }
         off += r->len;
@@ -385,20 +467,72 @@ int m3_shard_apply_batch(uint8_t *base, const uint8_t *batch, size_t len, uint64
     return n;
 }
 
+/* 1 if chunk off is in slot s's chain. */
+static int in_chain(const shard_view *v, const series_slot *s, uint64_t off)
+{
+    for (uint64_t o = s->head; o; o = chunk_at(v, o)->next)
+        if (o == off)
+            return 1;
+    return 0;
+}
+
 int m3_shard_recover(uint8_t *base, uint32_t shard)
 {
     const seg_hdr *h = cseg_of(base);
     if (shard >= h->p.num_shards)
         return M3_EINVAL;
-    shard_view v = view(base, shard);
-    uint32_t n = v.sh->nseries;
-    if (n) {
-        series_slot *s = &v.slots[n - 1];
-        if (lookup(&v, s->hash, v.arena + s->labels_off, s->labels_len) != (int64_t)(n - 1))
-            table_insert(&v, s->hash, n - 1);
+    shard_view v = shard_view_of(base, shard);
+    shard_hdr *sh = v.sh;
+    /* Only the owner process takes the lock, and it is being (re)started: whoever held it
+       is dead. Release: pairs with the acquire of the next holder. */
+    __atomic_store_n(&sh->owner_lock, 0, __ATOMIC_RELEASE);
+    if (sh->table_seq & 1) {
+        /* died while moving entries: rebuild the table from the live slots */
+        for (uint64_t i = 0; i < h->table_size; i++)
+            __atomic_store_n(&v.table[i], 0, __ATOMIC_RELAXED);
+        for (uint32_t i = 0; i < sh->nseries; i++)
+            if (v.slots[i].state == SLOT_LIVE)
+                table_insert(&v, v.slots[i].hash, i);
+        /* Release: the rebuilt table is visible before the even sequence. */
+        __atomic_store_n(&sh->table_seq, sh->table_seq + 1, __ATOMIC_RELEASE);
     }
+    if (sh->creating) {
+        uint32_t n = sh->creating - 1;
+        series_slot *s = &v.slots[n];
+        if (n >= sh->nseries)
+            __atomic_store_n(&sh->nseries, n + 1, __ATOMIC_RELEASE);
+        if (s->state == SLOT_LIVE) {
+            if (lookup_once(&v, s->hash, v.arena + s->labels_off, s->labels_len) != (int64_t)n) {
+                table_insert(&v, s->hash, n);
+                sh->live++;
+            }
+        } else {
+            arena_free_slot(&v, n); /* popped, never published (its labels leak) */
+        }
+        sh->creating = 0;
+    }
+    if (sh->expiring) {
+        uint32_t n = sh->expiring - 1;
+        series_slot *s = &v.slots[n];
+        if (s->state != SLOT_FREE) {
+            if (lookup_once(&v, s->hash, v.arena + s->labels_off, s->labels_len) == (int64_t)n)
+                table_remove(&v, s->hash, n);
+            if (s->state == SLOT_LIVE) {
+                __atomic_store_n(&s->state, SLOT_RETIRED, __ATOMIC_RELEASE);
+                sh->live--;
+            }
+            if (sh->slot_pending_tail != n + 1 && sh->slot_limbo_tail != n + 1)
+                arena_pend_slot(&v, n);
+        }
+        sh->expiring = 0;
+    }
+    arena_retire_pending(&v);
+    uint32_t n = sh->nseries, live = 0;
     for (uint32_t i = 0; i < n; i++) {
         series_slot *s = &v.slots[i];
+        if (s->state != SLOT_LIVE)
+            continue;
+        live++;
         uint64_t off = s->head, last = 0;
         while (off) {
             last = off;
@@ -409,8 +543,10 @@ int m3_shard_recover(uint8_t *base, uint32_t shard)
             if (!s->open[k])
                 continue;
             chunk *c = chunk_at(&v, s->open[k]);
-            if (c->stream >= s->next_stream)
-                s->next_stream = c->stream + 1;
+            if ((c->flags & CHUNK_SEALED) || !in_chain(&v, s, s->open[k])) {
+                s->open[k] = 0; /* sealed or released while the owner died */
+                continue;
+            }
             if (tsz_enc_resume(&c->enc, c->buf, c->cap) != M3_OK)
                 s->open[k] = 0; /* unreadable: never append to it again */
         }
@@ -419,6 +555,7 @@ int m3_shard_recover(uint8_t *base, uint32_t shard)
             if (chunk_at(&v, off)->stream >= s->next_stream)
                 s->next_stream = chunk_at(&v, off)->stream + 1;
     }
+    __atomic_store_n(&sh->live, live, __ATOMIC_RELAXED);
     return M3_OK;
 }
 
@@ -427,7 +564,7 @@ void m3_shard_set_recovered(uint8_t *base, uint32_t shard, uint32_t val)
     if (shard >= cseg_of(base)->p.num_shards)
         return;
     /* Release: everything replayed into the shard is visible before the flag. */
-    __atomic_store_n(&view(base, shard).sh->recovered, val, __ATOMIC_RELEASE);
+    __atomic_store_n(&shard_view_of(base, shard).sh->recovered, val, __ATOMIC_RELEASE);
 }
 
 void m3_shard_stats_get(const uint8_t *base, uint32_t shard, m3_shard_stats *out)
@@ -435,15 +572,26 @@ void m3_shard_stats_get(const uint8_t *base, uint32_t shard, m3_shard_stats *out
     memset(out, 0, sizeof *out);
     if (shard >= cseg_of(base)->p.num_shards)
         return;
-    shard_view v = view(base, shard);
-    out->nseries = __atomic_load_n(&v.sh->nseries, __ATOMIC_ACQUIRE);
-    out->arena_used = __atomic_load_n(&v.sh->arena_used, __ATOMIC_RELAXED);
+    shard_view v = shard_view_of(base, shard);
+    shard_hdr *sh = v.sh;
+    /* Relaxed loads: statistics, each exact on its own, not a consistent snapshot. */
+    out->nseries = __atomic_load_n(&sh->live, __ATOMIC_RELAXED);
+    out->arena_bump = __atomic_load_n(&sh->arena_used, __ATOMIC_RELAXED);
+    uint64_t fb = __atomic_load_n(&sh->free_bytes, __ATOMIC_RELAXED);
+    out->arena_used = out->arena_bump > fb ? out->arena_bump - fb : 0;
     out->arena_bytes = v.h->p.arena_bytes;
-    out->samples = __atomic_load_n(&v.sh->samples, __ATOMIC_RELAXED);
-    out->ooo_samples = __atomic_load_n(&v.sh->ooo_samples, __ATOMIC_RELAXED);
-    out->dropped = __atomic_load_n(&v.sh->dropped, __ATOMIC_RELAXED);
+    out->samples = __atomic_load_n(&sh->samples, __ATOMIC_RELAXED);
+    out->ooo_samples = __atomic_load_n(&sh->ooo_samples, __ATOMIC_RELAXED);
+    out->dropped = __atomic_load_n(&sh->dropped, __ATOMIC_RELAXED);
     /* Acquire: pairs with m3_shard_set_recovered. */
-    out->recovered = __atomic_load_n(&v.sh->recovered, __ATOMIC_ACQUIRE);
+    out->recovered = __atomic_load_n(&sh->recovered, __ATOMIC_ACQUIRE);
+    out->slots = __atomic_load_n(&sh->nseries, __ATOMIC_ACQUIRE);
+    out->chunks_free = __atomic_load_n(&sh->chunks_free, __ATOMIC_RELAXED);
+    out->chunks_limbo = __atomic_load_n(&sh->chunks_limbo, __ATOMIC_RELAXED);
+    out->chunks_released = __atomic_load_n(&sh->chunks_released, __ATOMIC_RELAXED);
+    out->series_removed = __atomic_load_n(&sh->series_removed, __ATOMIC_RELAXED);
+    out->slots_limbo = __atomic_load_n(&sh->slots_limbo, __ATOMIC_RELAXED);
+    out->warm_floor = __atomic_load_n(&sh->warm_floor, __ATOMIC_RELAXED);
 }
 
 size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t *rejected,
@@ -459,14 +607,17 @@ size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t 
         if (m3_rec_check(r, len - in, h->p.num_shards))
             break; /* malformed tail: m3_lane_reserve will refuse it */
         uint32_t rl = r->len;
-        shard_view v = view(base, r->shard);
+        shard_view v = shard_view_of(base, r->shard);
+        /* Relaxed: a capacity estimate; the owner re-checks when it allocates. */
         uint64_t used = __atomic_load_n(&v.sh->arena_used, __ATOMIC_RELAXED);
+        uint64_t fb = __atomic_load_n(&v.sh->free_bytes, __ATOMIC_RELAXED);
+        used = used > fb ? used - fb : 0;
         uint64_t ab = h->p.arena_bytes;
         int reject = 0;
         if (used >= ab - ab / 16) {
             reject = 1;
         } else if (used >= ab - ab / 8 ||
-                   __atomic_load_n(&v.sh->nseries, __ATOMIC_ACQUIRE) >=
+                   __atomic_load_n(&v.sh->live, __ATOMIC_RELAXED) >=
                        h->p.series_per_shard) {
             reject = lookup(&v, r->hash, (const uint8_t *)(r + 1), r->labels_len) < 0 ? 2 : 0;
         }
@@ -505,29 +656,57 @@ uint32_t m3_shard_nseries(const uint8_t *base, uint32_t shard)
 {
     if (shard >= cseg_of(base)->p.num_shards)
         return 0;
-    /* Acquire: pairs with create_series; slots below the count are complete. */
-    return __atomic_load_n(&view(base, shard).sh->nseries, __ATOMIC_ACQUIRE);
+    /* Acquire: pairs with create_series; slots below the count have been initialised. */
+    return __atomic_load_n(&shard_view_of(base, shard).sh->nseries, __ATOMIC_ACQUIRE);
+}
+
+/* The live slot `slot` of a shard, or NULL. */
+static const series_slot *live_slot(const uint8_t *base, uint32_t shard, uint32_t slot)
+{
+    if (slot >= m3_shard_nseries(base, shard))
+        return NULL;
+    const series_slot *s = &shard_view_of(base, shard).slots[slot];
+    return slot_state(s) == SLOT_LIVE ? s : NULL;
+}
+
+int m3_series_get(const uint8_t *base, uint32_t shard, uint32_t slot, m3_series_info *out)
+{
+    if (!base || !out)
+        return M3_EINVAL;
+    const series_slot *s = live_slot(base, shard, slot);
+    if (!s)
+        return M3_ENOENT;
+    shard_view v = shard_view_of(base, shard);
+    out->hash = s->hash;
+    out->labels = v.arena + s->labels_off;
+    out->labels_len = s->labels_len;
+    out->nlabels = s->nlabels;
+    out->gen = s->gen;
+    out->tenant = s->tenant;
+    out->max_ts = __atomic_load_n(&s->max_ts, __ATOMIC_RELAXED);
+    return M3_OK;
 }
 
 int m3_series_labels(const uint8_t *base, uint32_t shard, uint32_t slot,
                      const uint8_t **labels, uint32_t *len)
 {
-    if (slot >= m3_shard_nseries(base, shard))
-        return M3_EINVAL;
-    shard_view v = view(base, shard);
-    *labels = v.arena + v.slots[slot].labels_off;
-    *len = v.slots[slot].labels_len;
+    const series_slot *s = live_slot(base, shard, slot);
+    if (!s)
+        return M3_ENOENT;
+    *labels = shard_view_of(base, shard).arena + s->labels_off;
+    *len = s->labels_len;
     return M3_OK;
 }
 
 uint64_t m3_series_count(const uint8_t *base, uint32_t shard, uint32_t slot)
 {
-    if (slot >= m3_shard_nseries(base, shard))
+    const series_slot *s = live_slot(base, shard, slot);
+    if (!s)
         return 0;
-    shard_view v = view(base, shard);
+    shard_view v = shard_view_of(base, shard);
     uint64_t total = 0;
     /* Acquire (each link): pairs with new_chunk's release; the chunk is initialised. */
-    for (uint64_t off = __atomic_load_n(&v.slots[slot].head, __ATOMIC_ACQUIRE); off;
+    for (uint64_t off = __atomic_load_n(&s->head, __ATOMIC_ACQUIRE); off;
          off = __atomic_load_n(&chunk_at(&v, off)->next, __ATOMIC_ACQUIRE)) {
         chunk *c = chunk_at(&v, off);
         uint32_t cnt = 0;
@@ -557,9 +736,10 @@ int m3_series_read(const uint8_t *base, uint32_t shard, uint32_t slot, int64_t m
     if (!n)
         return M3_EINVAL;
     *n = 0;
-    if (slot >= m3_shard_nseries(base, shard))
-        return M3_EINVAL;
-    shard_view v = view(base, shard);
+    const series_slot *s = live_slot(base, shard, slot);
+    if (!s)
+        return M3_ENOENT;
+    shard_view v = shard_view_of(base, shard);
     int64_t bms = v.h->p.block_ms;
     uint64_t bound = m3_series_count(base, shard, slot) + 1;
     triple *all = malloc(bound * sizeof *all);
@@ -572,7 +752,7 @@ int m3_series_read(const uint8_t *base, uint32_t shard, uint32_t slot, int64_t m
     size_t m = 0;
     int rc = M3_OK;
     /* Acquire (each link): pairs with new_chunk's release; the chunk is initialised. */
-    for (uint64_t off = __atomic_load_n(&v.slots[slot].head, __ATOMIC_ACQUIRE); off;
+    for (uint64_t off = __atomic_load_n(&s->head, __ATOMIC_ACQUIRE); off;
          off = __atomic_load_n(&chunk_at(&v, off)->next, __ATOMIC_ACQUIRE)) {
         chunk *c = chunk_at(&v, off);
         if (c->block_start > maxt || c->block_start + bms <= mint)

@@ -44,6 +44,10 @@ class OutOfRangeError(M3shmError, ValueError):
     """A value outside what the format can hold."""
 
 
+class NoSuchSeriesError(M3shmError, LookupError):
+    """No such series: the slot is free, or the series expired and the slot was reused."""
+
+
 _BY_CODE: dict[int, type[M3shmError]] = {
     lib.M3_EINVAL: InvalidArgumentError,
     lib.M3_ENOSPC: BufferFullError,
@@ -52,6 +56,7 @@ _BY_CODE: dict[int, type[M3shmError]] = {
     lib.M3_ETRUNC: TruncatedError,
     lib.M3_EVERSION: VersionError,
     lib.M3_ERANGE: OutOfRangeError,
+    lib.M3_ENOENT: NoSuchSeriesError,
 }
 
 

@@ -6,8 +6,19 @@ creates it before forking, workers inherit the mapping, and any process can re-o
 segments on Python 3.11). Every call that can fail goes through :func:`m3shm.errors.check`.
 
 Nothing here touches samples one by one: batches, lanes and series are handed to C whole.
-numpy is imported lazily (only :meth:`Segment.read_series` needs it), so the supervisor can
-import this module before it forks without loading numpy.
+numpy is imported lazily (only the readers of samples need it), so the supervisor can import
+this module before it forks without loading numpy.
+
+Readers and reclamation (csrc/epoch.c): every thread that reads shard memory claims a reader
+slot in the segment once (per process: a forked child claims its own) and brackets its reads
+with :meth:`Segment.reading`; the owner reuses released chunks and expired series only after
+every reader has left the section it was in. The methods here that read shards open a section
+themselves; code that keeps a pointer into the segment (labels from :meth:`series_info`) must
+use it inside its own ``with seg.reading():``.
+
+Block life cycle (csrc/block.c), driven by the owner's flush: :meth:`blocks` lists what a
+shard holds, :meth:`seal` closes a block for appends, :meth:`encode_block` yields one merged
+tsz stream per series, :meth:`release` frees the block once its fileset is durable.
 """
 
 from __future__ import annotations
@@ -16,14 +27,51 @@ import contextlib
 import mmap
 import os
 import struct
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from m3shm._native import ffi, lib
 from m3shm.errors import check
 
 REC_HEADER = struct.Struct("<IHHIIQQIIII")  # m3_rec, 48 bytes
 assert REC_HEADER.size == 48
+WARM, COLD = 0, 1  # enum m3_blk_kind
+STATS_FIELDS = ("nseries", "arena_used", "arena_bytes", "samples", "ooo_samples", "dropped",
+                "recovered", "slots", "arena_bump", "chunks_free", "chunks_limbo",
+                "chunks_released", "series_removed", "slots_limbo", "warm_floor")
+# m3_flush_entry as a numpy dtype (built lazily: numpy is not imported before fork)
+FLUSH_ENTRY_FIELDS = [("slot", "<u4"), ("gen", "<u4"), ("hash", "<u8"), ("labels_off", "<u8"),
+                      ("labels_len", "<u4"), ("count", "<u4"), ("data_off", "<u8"),
+                      ("data_len", "<u8"), ("mint", "<i8"), ("maxt", "<i8")]
+
+
+class SeriesInfo(NamedTuple):
+    slot: int
+    gen: int
+    labels: bytes   # canonical label bytes (a copy)
+    max_ts: int
+
+
+class EncodedPart(NamedTuple):
+    """A part of an encoded block: ``data`` holds labels and tsz streams; ``entries`` (numpy,
+    FLUSH_ENTRY_FIELDS) says where each series' labels and stream are in it."""
+
+    data: memoryview
+    entries: Any
+
+
+class _ReaderSlot:
+    """A claimed reader slot, released when the owning thread's locals are destroyed."""
+
+    def __init__(self, buf: Any, slot: int) -> None:
+        # buf (the cffi view of the mapping) keeps the mapping alive; no cycle with Segment
+        self.buf, self.slot, self.pid = buf, slot, os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self.pid:
+            lib.m3_reader_release(ffi.cast("uint8_t *", self.buf), self.slot)
 
 
 @dataclass(frozen=True)
@@ -37,6 +85,11 @@ class SegParams:
     arena_bytes: int = 16 << 20
     block_ms: int = 2 * 3600 * 1000
     seq_base: int = 0
+    buffer_past_ms: int = 10 * 60_000
+    buffer_future_ms: int = 2 * 60_000
+    retention_ms: int = 48 * 3600 * 1000
+    cold_writes: bool = False
+    ns_id: int = 0
 
     def to_c(self) -> Any:
         p = ffi.new("m3_seg_params *")
@@ -47,7 +100,19 @@ class SegParams:
         p.arena_bytes = self.arena_bytes
         p.block_ms = self.block_ms
         p.seq_base = self.seq_base
+        p.buffer_past_ms = self.buffer_past_ms
+        p.buffer_future_ms = self.buffer_future_ms
+        p.retention_ms = self.retention_ms
+        p.flags = lib.M3_NS_COLD_WRITES if self.cold_writes else 0
+        p.ns_id = self.ns_id
         return p
+
+    @classmethod
+    def from_c(cls, p: Any) -> SegParams:
+        return cls(p.num_shards, p.num_producers, p.lane_bytes, p.series_per_shard,
+                   p.arena_bytes, p.block_ms, p.seq_base, p.buffer_past_ms,
+                   p.buffer_future_ms, p.retention_ms,
+                   bool(p.flags & lib.M3_NS_COLD_WRITES), p.ns_id)
 
     def size(self) -> int:
         n = lib.m3_seg_size(self.to_c())
@@ -75,6 +140,7 @@ class Segment:
         self.base = ffi.cast("uint8_t *", self._buf)
         self.params = params
         self.nlanes = params.num_shards * params.num_producers
+        self._local = threading.local()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -106,10 +172,17 @@ class Segment:
         buf = ffi.from_buffer("uint8_t[]", mm, require_writable=True)
         p = ffi.new("m3_seg_params *")
         check(lib.m3_seg_check(ffi.cast("uint8_t *", buf), size, p), f"opening segment {path}")
-        params = SegParams(p.num_shards, p.num_producers, p.lane_bytes, p.series_per_shard,
-                           p.arena_bytes, p.block_ms, p.seq_base)
+        params = SegParams.from_c(p)
         del buf
         return cls(path, mm, params)
+
+    def close(self) -> None:
+        """Release this thread's reader slot (other threads release theirs on exit)."""
+        r = getattr(self._local, "reader", None)
+        if r is not None and r.pid == os.getpid():
+            lib.m3_reader_release(self.base, r.slot)
+            r.pid = -1
+        self._local = threading.local()
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -201,9 +274,7 @@ class Segment:
     def shard_stats(self, shard: int) -> dict[str, int]:
         st = ffi.new("m3_shard_stats *")
         lib.m3_shard_stats_get(self.base, shard, st)
-        return {k: int(getattr(st, k)) for k in
-                ("nseries", "arena_used", "arena_bytes", "samples", "ooo_samples", "dropped",
-                 "recovered")}
+        return {k: int(getattr(st, k)) for k in STATS_FIELDS}
 
     def all_recovered(self) -> bool:
         return all(self.shard_stats(s)["recovered"] for s in range(self.params.num_shards))
@@ -212,29 +283,158 @@ class Segment:
         return int(lib.m3_shard_nseries(self.base, shard))
 
     def series_labels(self, shard: int, slot: int) -> bytes:
+        """Canonical labels of a live series (NoSuchSeriesError if the slot is free)."""
         p = ffi.new("uint8_t **")
         n = ffi.new("uint32_t *")
-        check(lib.m3_series_labels(self.base, shard, slot, ffi.cast("const uint8_t **", p), n),
-              f"labels of series {shard}/{slot}")
-        return ffi.buffer(p[0], n[0])[:]
+        with self.reading():
+            check(lib.m3_series_labels(self.base, shard, slot,
+                                       ffi.cast("const uint8_t **", p), n),
+                  f"labels of series {shard}/{slot}")
+            return ffi.buffer(p[0], n[0])[:]
 
     def read_series(self, shard: int, slot: int, mint: int, maxt: int) -> tuple[Any, Any]:
-        """Samples of one series in [mint, maxt] as numpy arrays (int64 ms, float64)."""
+        """Samples of one series in [mint, maxt] as numpy arrays (int64 ms, float64).
+        Empty arrays if the slot is free."""
         import numpy as np
 
-        cap = int(lib.m3_series_count(self.base, shard, slot)) + 16
+        with self.reading():
+            cap = int(lib.m3_series_count(self.base, shard, slot)) + 16
+            while True:
+                ts = np.empty(cap, dtype=np.int64)
+                vs = np.empty(cap, dtype=np.float64)
+                n = ffi.new("size_t *")
+                rc = lib.m3_series_read(self.base, shard, slot, mint, maxt,
+                                        ffi.cast("int64_t *", ffi.from_buffer(ts)),
+                                        ffi.cast("double *", ffi.from_buffer(vs)), cap, n)
+                if rc == lib.M3_ENOSPC:
+                    cap *= 2
+                    continue
+                if rc == lib.M3_ENOENT:
+                    return ts[:0], vs[:0]
+                check(rc, f"reading series {shard}/{slot}")
+                return ts[: n[0]], vs[: n[0]]
+
+    # -- read sections (csrc/epoch.c) -------------------------------------------------------
+
+    def _reader_slot(self) -> int:
+        r = getattr(self._local, "reader", None)
+        if r is None or r.pid != os.getpid():
+            out = ffi.new("uint32_t *")
+            check(lib.m3_reader_claim(self.base, out),
+                  f"claiming a reader slot in {self.path} (all {lib.M3_MAX_READERS} are held "
+                  "by live threads)")
+            r = self._local.reader = _ReaderSlot(self._buf, int(out[0]))
+        return r.slot
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read section: shard memory seen inside it is not reused until it ends."""
+        slot = self._reader_slot()
+        lib.m3_read_begin(self.base, slot)
+        try:
+            yield
+        finally:
+            lib.m3_read_end(self.base, slot)
+
+    def reap_readers(self) -> int:
+        """Clear the reader slots of processes that are gone."""
+        return int(lib.m3_readers_reap(self.base))
+
+    def epoch(self) -> int:
+        return int(lib.m3_epoch_now(self.base))
+
+    # -- series (any process) ---------------------------------------------------------------
+
+    def series_info(self, shard: int, slot: int) -> SeriesInfo | None:
+        """(slot, generation, labels, newest timestamp) of a live series, None if free."""
+        info = ffi.new("m3_series_info *")
+        with self.reading():
+            rc = lib.m3_series_get(self.base, shard, slot, info)
+            if rc == lib.M3_ENOENT:
+                return None
+            check(rc, f"series {shard}/{slot}")
+            return SeriesInfo(slot, int(info.gen), ffi.buffer(info.labels, info.labels_len)[:],
+                              int(info.max_ts))
+
+    def live_series(self, shard: int) -> Iterator[SeriesInfo]:
+        """Every live series of a shard, in slot order."""
+        for slot in range(self.nseries(shard)):
+            info = self.series_info(shard, slot)
+            if info is not None:
+                yield info
+
+    # -- blocks (csrc/block.c) ---------------------------------------------------------------
+
+    def blocks(self, shard: int) -> list[dict[str, int]]:
+        """The (block start, kind) pairs shard holds chunks for, sorted, with counts."""
+        cap = 64
         while True:
-            ts = np.empty(cap, dtype=np.int64)
-            vs = np.empty(cap, dtype=np.float64)
+            out = ffi.new("m3_block_info[]", cap)
             n = ffi.new("size_t *")
-            rc = lib.m3_series_read(self.base, shard, slot, mint, maxt,
-                                    ffi.cast("int64_t *", ffi.from_buffer(ts)),
-                                    ffi.cast("double *", ffi.from_buffer(vs)), cap, n)
-            if rc == lib.M3_ENOSPC:
-                cap *= 2
+            with self.reading():
+                rc = lib.m3_shard_blocks(self.base, shard, out, cap, n)
+            if rc == lib.M3_ENOSPC and n[0] > cap:
+                cap = int(n[0]) + 16
                 continue
-            check(rc, f"reading series {shard}/{slot}")
-            return ts[: n[0]], vs[: n[0]]
+            check(rc, f"listing the blocks of shard {shard}")
+            return [{k: int(getattr(out[i], k)) for k in
+                     ("block_start", "kind", "nseries", "chunks", "sealed", "samples")}
+                    for i in range(n[0])]
+
+    def seal(self, shard: int, block_start: int, kind: int = WARM) -> int:
+        """Owner: close the block's chunks of this kind for appends. Returns chunks sealed."""
+        return check(lib.m3_block_seal(self.base, shard, block_start, kind),
+                     f"sealing block {block_start} of shard {shard}")
+
+    def encode_block(self, shard: int, block_start: int, kind: int = WARM,
+                     buf_bytes: int = 4 << 20, max_entries: int = 16384
+                     ) -> Iterator[EncodedPart]:
+        """Owner's flush: the sealed chunks of a block, one merged tsz stream per series, in
+        parts of at most ``buf_bytes`` / ``max_entries`` (a series that alone needs more gets
+        a bigger part). Run on a worker thread: the C call holds no lock and the GIL is
+        released."""
+        import numpy as np
+
+        dtype = np.dtype(FLUSH_ENTRY_FIELDS)
+        assert dtype.itemsize == ffi.sizeof("m3_flush_entry")
+        cursor = ffi.new("uint32_t *", 0)
+        used = ffi.new("size_t *")
+        n = ffi.new("size_t *")
+        idx = ffi.new("m3_flush_entry[]", max_entries)
+        while True:
+            out = bytearray(buf_bytes)
+            with self.reading():
+                rc = lib.m3_block_encode(self.base, shard, block_start, kind, cursor,
+                                         ffi.from_buffer(out), buf_bytes, used, idx,
+                                         max_entries, n)
+            if rc == lib.M3_ENOSPC:
+                buf_bytes *= 4
+                continue
+            check(rc, f"encoding block {block_start} of shard {shard}")
+            if n[0]:
+                raw = ffi.buffer(idx, n[0] * dtype.itemsize)
+                entries = np.frombuffer(raw, dtype=dtype).copy()
+                yield EncodedPart(memoryview(out)[: used[0]], entries)
+            if rc == 0:
+                return
+
+    def release(self, shard: int, block_start: int, kind: int = WARM) -> int:
+        """Owner: free the sealed chunks of a block (its fileset is durable)."""
+        return check(lib.m3_block_release(self.base, shard, block_start, kind),
+                     f"releasing block {block_start} of shard {shard}")
+
+    def reclaim(self, shard: int) -> int:
+        """Owner: move what no reader can see any more to the free lists."""
+        return check(lib.m3_shard_reclaim(self.base, shard), f"reclaiming shard {shard}")
+
+    def expire_series(self, shard: int, idle_before_ms: int) -> int:
+        """Owner: remove series with nothing left in memory and no sample since the cut-off."""
+        return check(lib.m3_shard_expire_series(self.base, shard, idle_before_ms),
+                     f"expiring series of shard {shard}")
+
+    def set_warm_floor(self, shard: int, floor_ms: int) -> None:
+        """Owner: samples of blocks starting below floor_ms go to cold chunks from now on."""
+        lib.m3_shard_set_warm_floor(self.base, shard, floor_ms)
 
 
 def parse_labels(canon: bytes) -> dict[str, str]:

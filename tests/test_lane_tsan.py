@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["tests/test_lane_stress.c", "csrc/lane.c", "csrc/segment.c", "csrc/series.c",
+           "csrc/arena.c", "csrc/epoch.c", "csrc/block.c",
            "csrc/codec.c"]
 
 

@@ -254,8 +254,18 @@ def _export_groups(index, selectors: list) -> list:  # runs on the pool
 def _export_shard(seg, shard: int, slots: list[int], start: int,
                   end: int) -> bytes:  # runs on the pool
     lines = []
+    with seg.reading():  # a slot read here is not reused before the section ends
+        _export_slots(seg, shard, slots, start, end, lines)
+    return "".join(lines).encode()
+
+
+def _export_slots(seg, shard: int, slots: list[int], start: int, end: int,
+                  lines: list[str]) -> None:
     for slot in slots:
-        labels = parse_labels(seg.series_labels(shard, slot))
+        info = seg.series_info(shard, slot)
+        if info is None:
+            continue  # expired since the index saw it
+        labels = parse_labels(info.labels)
         ts, vs = seg.read_series(shard, slot, start, end)
         if not len(ts):
             continue
@@ -263,4 +273,3 @@ def _export_shard(seg, shard: int, slots: list[int], start: int,
         stamps = ",".join(map(str, ts.tolist()))
         lines.append(f'{{"metric":{metric},"values":[{_fmt_values(vs)}],'
                      f'"timestamps":[{stamps}]}}\n')
-    return "".join(lines).encode()

@@ -97,8 +97,9 @@ class ShmIndex:
             out = ffi.new("uint8_t[]", cap)
             offs = np.zeros(cnt + 1, dtype=np.uint64)
             done = ffi.new("uint32_t *")
-            rc = lib.m3_shard_labels_many(self.seg.base, shard, lo, hi, out, cap,
-                                          ffi.from_buffer("uint64_t[]", offs), done)
+            with self.seg.reading():  # csrc/epoch.c: no reuse of what we read meanwhile
+                rc = lib.m3_shard_labels_many(self.seg.base, shard, lo, hi, out, cap,
+                                              ffi.from_buffer("uint64_t[]", offs), done)
             if rc == lib.M3_ENOSPC:
                 cap *= 4
                 continue
@@ -166,10 +167,11 @@ class ShmIndex:
         n = len(slots)
         chunks = np.zeros(n, dtype=np.uint32)
         samples = np.zeros(n, dtype=np.uint64)
-        check(lib.m3_series_extent(self.seg.base, shard, ffi.from_buffer("uint32_t[]", slots),
-                                   n, mint, maxt, ffi.from_buffer("uint32_t[]", chunks),
-                                   ffi.from_buffer("uint64_t[]", samples)),
-              f"sizing a read of shard {shard}")
+        with self.seg.reading():  # csrc/epoch.c: no reuse of what we read meanwhile
+            rc = lib.m3_series_extent(self.seg.base, shard, ffi.from_buffer("uint32_t[]", slots),
+                                      n, mint, maxt, ffi.from_buffer("uint32_t[]", chunks),
+                                      ffi.from_buffer("uint64_t[]", samples))
+        check(rc, f"sizing a read of shard {shard}")
         return chunks, samples
 
     def chunks(self, shard: int, ids: np.ndarray, slots: np.ndarray, mint: int, maxt: int,
@@ -187,10 +189,12 @@ class ShmIndex:
             data = np.empty(cap, dtype=np.uint8)
             refs = np.empty(max_refs, dtype=REF_DTYPE)
             sub = slots[pos:]
-            rc = lib.m3_series_chunks(self.seg.base, shard, ffi.from_buffer("uint32_t[]", sub),
-                                      len(sub), mint, maxt, ffi.from_buffer("uint8_t[]", data),
-                                      cap, ffi.cast("m3_chunk_ref *", ffi.from_buffer(refs)),
-                                      max_refs, done, nrefs)
+            with self.seg.reading():  # csrc/epoch.c: no reuse of what we copy meanwhile
+                rc = lib.m3_series_chunks(self.seg.base, shard,
+                                          ffi.from_buffer("uint32_t[]", sub), len(sub), mint,
+                                          maxt, ffi.from_buffer("uint8_t[]", data), cap,
+                                          ffi.cast("m3_chunk_ref *", ffi.from_buffer(refs)),
+                                          max_refs, done, nrefs)
             if rc == lib.M3_ENOSPC:
                 cap *= 2
                 max_refs *= 2

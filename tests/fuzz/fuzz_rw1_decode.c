@@ -6,7 +6,7 @@
  * apply cleanly to a small shared-memory segment (series.c), whose samples must then read back.
  * Inputs are capped at 64 KiB (-max_len in tests/fuzz/run.sh).
  *
- * fuzz-sources: csrc/rw_decode.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c
+ * fuzz-sources: csrc/rw_decode.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c
  */
 #include <stdint.h>
 #include <stddef.h>
