@@ -273,13 +273,16 @@ static int64_t create_series(const shard_view *v, const m3_rec *r, const uint8_t
     memcpy(v->arena + off, labels, r->labels_len);
     series_slot *s = &v->slots[n];
     uint32_t gen = s->gen + 1;
-    memset(s, 0, sizeof *s);
+    /* every field but state, which readers may load at any time (it stays FREE until the
+       release store below) */
+    memset(&s->next_stream, 0, sizeof *s - offsetof(series_slot, next_stream));
     s->hash = r->hash;
     s->labels_off = off;
     s->labels_len = (uint16_t)r->labels_len;
     s->nlabels = (uint16_t)r->nlabels;
     s->tenant = r->tenant;
     s->vtype = r->vtype;
+    s->ns = 0;
     s->gen = gen ? gen : 1;
     s->max_ts = INT64_MIN;
     /* Release: the slot and its labels are visible before a reader that sees it live. */
