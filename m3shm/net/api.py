@@ -11,6 +11,7 @@ worker's block of the stats file (per request, never per sample), which /metrics
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import math
 import re
@@ -29,6 +30,7 @@ from m3shm.shm import parse_labels
 from m3shm.workers.ingest import Overloaded
 
 if TYPE_CHECKING:
+    from m3shm.net.promapi import PromApi
     from m3shm.workers.worker import Worker
 
 RW_PATHS = ("/api/v1/prom/remote/write", "/api/v1/write")
@@ -38,9 +40,23 @@ class Api:
     def __init__(self, w: Worker) -> None:
         self.w = w
         self.st = w.stats
-        from m3shm.net.promapi import PromApi
+        self._prom: PromApi | None = None
 
-        self.prom = PromApi(w)
+    @property
+    def prom(self) -> PromApi:
+        """The query API, created on first use: importing it (numpy, the PromQL engine) takes
+        ~0.4 s, which a restarted worker must not spend before it serves remote write. The
+        worker warms it up on its pool right after it starts serving (warm_query)."""
+        if self._prom is None:
+            from m3shm.net.promapi import PromApi
+
+            self._prom = PromApi(self.w)
+        return self._prom
+
+    async def warm_query(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self.w.pool, importlib.import_module, "m3shm.net.promapi")
+        self.prom  # noqa: B018 - creates it on the loop (it starts a task there)
 
     @property
     def cfg(self):  # noqa: ANN201 - the worker's config, replaced whole by a reload
@@ -51,12 +67,12 @@ class Api:
             req.path = req.path[len("/prometheus"):]
         if req.path in RW_PATHS:
             return self.remote_write
-        prom = self.prom.route(req.path)
-        if prom is not None:
-            return prom
-        return {"/api/v1/export": self.export, "/metrics": self.metrics, "/ready": self.ready,
-                "/health": self.health, "/-/healthy": self.health,
-                "/-/ready": self.ready}.get(req.path, self.not_found)
+        own = {"/api/v1/export": self.export, "/metrics": self.metrics, "/ready": self.ready,
+               "/health": self.health, "/-/healthy": self.health,
+               "/-/ready": self.ready}.get(req.path)
+        if own is not None:
+            return own
+        return self.prom.route(req.path) or self.not_found
 
     async def not_found(self, req: Request) -> Response:
         return text(404, f"no such endpoint: {req.path}")

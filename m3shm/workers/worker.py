@@ -140,6 +140,7 @@ class Worker:
         ws.set(st.W_STATE, st.ST_SERVING)
         log.info("worker %d (pid %d, incarnation %d) serving shards [%d, %d)", self.index,
                  os.getpid(), self.incarnation, self.lo, self.hi)
+        self._warm = loop.create_task(api.warm_query())  # held: tasks are weakly referenced
         await stop.wait()
         ws.set(st.W_STATE, st.ST_STOPPING)
         await self._shutdown(server)
