@@ -51,6 +51,7 @@ log = logging.getLogger("m3shm.supervisor")
 
 HASH_NAME = "m3hash64-v1"
 HEARTBEAT_STALE_S = 2.0      # a worker whose last beat is older is not healthy
+FORK_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 RELOAD_WAIT_S = 10.0         # how long READY=1 after a reload waits for the workers
 
 
@@ -220,7 +221,13 @@ class Supervisor:
         parent = os.getpid()
         # the config the child inherits is the one of this generation
         self.stats.worker(index).set(sf.W_CONFIG_GEN, self.stats.header(sf.H_CONFIG_GEN))
+        # block the signals a worker handles until it has installed its own handlers (it
+        # unblocks them then): one arriving in between would hit the supervisor's handlers in
+        # the child and be lost (a SIGTERM during a restart used to leave the worker running)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
         pid = os.fork()
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if pid == 0:
             code = 1
             try:

@@ -135,3 +135,18 @@ def test_notifier_addresses(tmp_path: Path) -> None:
     assert not n.send("READY=1")  # nobody listening: logged, not raised
     assert Notifier({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_s == 0
     assert Notifier({"WATCHDOG_USEC": "x"}).watchdog_s == 0
+
+
+def test_sigterm_while_a_worker_restarts_stops_cleanly(tmp_path: Path) -> None:
+    """Regression: a SIGTERM that reached a just-forked worker before it installed its
+    handlers was lost (the worker kept serving and the daemon never exited)."""
+    for trial in range(3):
+        (tmp_path / str(trial)).mkdir()
+        d = Daemon(tmp_path / str(trial)).start()
+        victim = d.workers()[1]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while victim in d.workers() or len(d.workers()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert d.stop(timeout=60) == 0, d.logtext()

@@ -98,6 +98,11 @@ class Worker:
         ws.set(st.W_STATE, st.ST_STARTING)
         ws.beat()
         loop.add_signal_handler(signal.SIGHUP, self._check_config)
+        # the supervisor forks with these blocked (so a SIGTERM sent while the child still had
+        # the supervisor's handlers is not lost); now that ours are in place, let them in
+        from m3shm.supervisor import FORK_BLOCKED_SIGNALS
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
         beat = loop.create_task(self._heartbeat())
         seg = self.seg
         seg.set_producer_done(self.index, False)
