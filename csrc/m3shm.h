@@ -345,8 +345,10 @@ int m3_shard_expire_series(uint8_t *base, uint32_t shard, int64_t idle_before_ms
 /* Owner: raise the warm floor (e.g. at start-up, to the end of the newest flushed block). */
 void m3_shard_set_warm_floor(uint8_t *base, uint32_t shard, int64_t floor_ms);
 
-/* ---- rw_decode.c: Prometheus remote write wire format -> lane records ---------------- */
+/* ---- rw_decode.c, rw2_decode.c, rw_series.c: remote write 1.0 / 2.0 -> lane records ---- */
 
+/* Why a series (or metadata entry, or request) was rejected (persisted in no file; values
+   are stable for logs and tests). */
 enum m3_rw_reason {
     M3_RW_OK = 0,
     M3_RW_BAD_LABEL_NAME = 1,
@@ -359,7 +361,11 @@ enum m3_rw_reason {
     M3_RW_TOO_NEW = 8,
     M3_RW_HISTOGRAM = 9,
     M3_RW_MALFORMED = 10,
-    M3_RW_BAD_UTF8 = 11
+    M3_RW_BAD_UTF8 = 11,
+    M3_RW_EXEMPLARS = 12,        /* exemplars are not stored yet (the samples are) */
+    M3_RW_BAD_REF = 13,          /* 2.0: a symbol reference out of range or an odd count */
+    M3_RW_TOO_MANY_SERIES = 14,  /* more than limits.max_series_per_request: nothing written */
+    M3_RW_BAD_METADATA = 15      /* a metadata entry with a bad name, type or text */
 };
 
 typedef struct m3_rw_limits {
@@ -369,25 +375,68 @@ typedef struct m3_rw_limits {
     uint32_t max_labels;
     uint32_t max_name_bytes;
     uint32_t max_value_bytes;
+    uint64_t max_series;         /* series per request; more fails the whole request */
 } m3_rw_limits;
+
+/* One metadata entry of a request (1.0: WriteRequest.metadata; 2.0: a series' metadata keyed
+   by its __name__). Offsets point into the decoder's input buffer. */
+typedef struct m3_rw_meta {
+    uint64_t name_off;
+    uint64_t help_off;
+    uint64_t unit_off;
+    uint32_t name_len;
+    uint32_t help_len;
+    uint32_t unit_len;
+    uint32_t type;               /* MetricType: 0 unknown, 1 counter, ... 7 stateset */
+    uint64_t hash;               /* m3_rw_meta_hash of the entry, never 0 or 1 */
+} m3_rw_meta;
+
+/* Where a decode writes. `known` is an open-addressing set of the metadata hashes the caller
+   has stored (known_size a power of two, or 0; slot value 0 = empty, 1 = deleted): entries in
+   it are not emitted again. `symbols` is 2.0's scratch: room for symbols_cap symbols, two
+   u64 (offset, length) each. Capacities count elements (bytes, entries, symbols). */
+typedef struct m3_rw_out {
+    uint8_t *records;
+    uint64_t records_cap;
+    m3_rw_meta *meta;
+    uint64_t meta_cap;
+    const uint64_t *known;
+    uint64_t known_size;
+    uint64_t *symbols;
+    uint64_t symbols_cap;
+} m3_rw_out;
 
 typedef struct m3_rw_result {
     uint64_t series_ok;
     uint64_t samples_ok;
     uint64_t series_bad;
     uint64_t samples_bad;
+    uint64_t histograms_bad;     /* native histogram samples rejected */
+    uint64_t exemplars_bad;      /* exemplars rejected */
+    uint64_t meta_bad;           /* metadata entries rejected */
     uint64_t records;
-    uint64_t out_len;            /* bytes of records written to out */
+    uint64_t out_len;            /* bytes of records written to out->records */
+    uint64_t nmeta;              /* metadata entries written to out->meta */
+    uint64_t nseries;            /* time series in the request */
+    uint64_t nsymbols;           /* 2.0: symbols in the request */
     int32_t first_reason;        /* enum m3_rw_reason of the first rejection */
     uint32_t first_series;       /* its index in the request */
     char msg[512];               /* what was wrong, naming the series */
 } m3_rw_result;
 
-/* Decode a remote write 1.0 WriteRequest (already snappy-decompressed) into records.
-   M3_ECORRUPT/M3_ETRUNC for malformed protobuf (res->msg says where), M3_ENOSPC if out is too
-   small (retry with more). Invalid series are counted and skipped, not fatal. */
-int m3_rw1_decode(const uint8_t *in, size_t len, const m3_rw_limits *lim, uint8_t *out,
-                  size_t cap, m3_rw_result *res);
+/* Decode a remote write 1.0 WriteRequest (already snappy-decompressed) into records and
+   metadata. M3_ECORRUPT/M3_ETRUNC for malformed protobuf (res->msg says where), M3_ENOSPC if
+   out->records or out->meta is too small (retry with more). Invalid series are counted and
+   skipped, not fatal; more than lim->max_series series writes nothing (M3_RW_TOO_MANY_SERIES). */
+int m3_rw1_decode(const uint8_t *in, size_t len, const m3_rw_limits *lim, m3_rw_out *out,
+                  m3_rw_result *res);
+/* The same for a remote write 2.0 io.prometheus.write.v2.Request. M3_ENOSPC also when
+   out->symbols_cap < res->nsymbols (res->nsymbols says how many are needed). */
+int m3_rw2_decode(const uint8_t *in, size_t len, const m3_rw_limits *lim, m3_rw_out *out,
+                  m3_rw_result *res);
+/* Hash of a metadata entry (name, type, help, unit); never 0 or 1. */
+uint64_t m3_rw_meta_hash(const uint8_t *name, size_t nlen, uint32_t type, const uint8_t *help,
+                         size_t hlen, const uint8_t *unit, size_t ulen);
 
 /* ---- shard_read.c: bulk reads of shards for queries, by any process (docs/formats/shm.md) */
 

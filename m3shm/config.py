@@ -69,6 +69,7 @@ class LimitsConfig:
     max_labels: int = 64
     max_label_name_bytes: int = 256
     max_label_value_bytes: int = 4096
+    max_series_per_request: int = 100_000   # more fails the whole request (nothing written)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ def validate(c: Config) -> Config:
     _validate_namespaces(c.namespaces)
     need(c.flush.interval_ms > 0, "flush.interval", "must be > 0")
     need(c.flush.retention_interval_ms > 0, "flush.retention_interval", "must be > 0")
+    need(c.limits.max_series_per_request >= 1, "limits.max_series_per_request", "must be >= 1")
     need(c.commitlog.fsync in ("every_batch", "interval"), "commitlog.fsync",
          "must be one of every_batch, interval")
     q = c.query

@@ -82,7 +82,7 @@ GOOD = ({"__name__": "good"}, 1.0)
     ({"job": "x"}, "no __name__ label"),
     ({}, "empty label set"),
     ({"__name__": "m", **{f"l{i}": "v" for i in range(70)}}, "max_labels"),
-    ({"__name__": "m", "a": "v" * 5000}, "max_value_bytes=4096"),
+    ({"__name__": "m", "a": "v" * 5000}, "limits.max_label_value_bytes=4096"),
 ])
 def test_bad_series_rejected_valid_ones_written(daemon, labels, needle):
     t = now_ms()
@@ -124,8 +124,8 @@ def test_bad_bodies(daemon):
     code, msg, _ = daemon.post("/api/v1/write", body, {"Content-Type": "application/json"})
     assert code == 415 and b"Content-Type" in msg
     code, msg, _ = daemon.post("/api/v1/write", body, {
-        "Content-Type": "application/x-protobuf;proto=io.prometheus.write.v2.Request"})
-    assert code == 415 and b"remote write 1.0" in msg
+        "Content-Type": "application/x-protobuf;proto=io.prometheus.write.v3.Request"})
+    assert code == 415 and b"io.prometheus.write.v2.Request" in msg
     code, msg, _ = daemon.post("/api/v1/write", body, {"Content-Encoding": "gzip"})
     assert code == 415 and b"Content-Encoding" in msg
     assert daemon.get("/ready")[0] == 200

@@ -67,9 +67,10 @@ def test_nan_bits_preserved():
     ([("__name__", "m"), ("a", "x"), ("a", "y")], "duplicate_label", 'duplicate label name "a"'),
     ([], "no_labels", "empty label set"),
     ([("job", "x")], "no_metric_name", "no __name__"),
-    ([("__name__", "m")] + [(f"l{i}", "v") for i in range(70)], "too_many_labels", "max_labels"),
-    ([("__name__", "m"), ("a", "v" * 5000)], "label_too_long", "max_value_bytes=4096"),
-    ([("__name__", "m"), ("a" * 300, "v")], "label_too_long", "max_name_bytes=256"),
+    ([("__name__", "m")] + [(f"l{i}", "v") for i in range(70)], "too_many_labels",
+     "limits.max_labels=64"),
+    ([("__name__", "m"), ("a", "v" * 5000)], "label_too_long", "limits.max_label_value_bytes=4096"),
+    ([("__name__", "m"), ("a" * 300, "v")], "label_too_long", "limits.max_label_name_bytes=256"),
 ])
 def test_validation_rules_keep_valid_series(labels, reason, needle):
     good = ([("__name__", "good")], [(10, 1.0)])

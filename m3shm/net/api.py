@@ -1,11 +1,15 @@
-"""HTTP endpoints of a worker: remote write 1.0, /api/v1/export, /metrics, /ready, /health.
+"""HTTP endpoints of a worker: remote write 1.0 and 2.0, /api/v1/export, /metrics, /ready,
+/health.
 
 Remote write: headers and size limits are checked first, then snappy decompression and the C
-decoder run on the worker's thread pool (the event loop never decodes), then the batch goes to
-the ingest pipeline (commit log, lanes) and the answer is 204, 400 naming the first rejected
-series (the valid ones are still written, and the counts say so), 415 for a body it cannot
-read, or 503 with Retry-After when the daemon is overloaded. Every outcome is counted in the
-worker's block of the stats file (per request, never per sample), which /metrics sums.
+decoder (1.0 or 2.0, by the Content-Type's proto= parameter) run on the worker's thread pool
+(the event loop never decodes); metadata the store does not have yet is written durably, then
+the batch goes to the ingest pipeline (commit log, lanes) and the answer is 204, 400 naming the
+first rejected series (the valid ones are still written, and the counts say so), 415 for a
+body it cannot read, or 503 with Retry-After when the daemon is overloaded. Every answer
+carries X-Prometheus-Remote-Write-{Samples,Histograms,Exemplars}-Written. Every outcome is
+counted in the worker's block of the stats file (per request, never per sample), which
+/metrics sums.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import snappy
 from m3shm import stats as st
 from m3shm.net import metrics
 from m3shm.net.http import Handler, Request, Response, text
-from m3shm.net.rwdecode import Limits, MalformedError, decode_rw1
+from m3shm.net.rwdecode import Decoded, Limits, MalformedError, decode_rw1, decode_rw2
 from m3shm.shm import parse_labels
+from m3shm.storage.metadata_hashes import MetaHashSet
 from m3shm.workers.ingest import Overloaded
 
 if TYPE_CHECKING:
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from m3shm.workers.worker import Worker
 
 RW_PATHS = ("/api/v1/prom/remote/write", "/api/v1/write")
+# Content-Type proto= parameter -> remote write version
+PROTOS = {"prometheus.WriteRequest": 1, "io.prometheus.write.v2.Request": 2}
 
 
 class Api:
@@ -92,50 +99,66 @@ class Api:
 
     # -- remote write ------------------------------------------------------------------------
     async def remote_write(self, req: Request) -> Response:
+        """Remote write 1.0 and 2.0, chosen by the Content-Type's proto= parameter. Every
+        answer carries the X-Prometheus-Remote-Write-*-Written counts."""
         lim = self.cfg.limits
         stats = self.st
         stats.add(st.W_REQUESTS)
+        none = written_headers(0)
         if req.method != "POST":
             stats.reject_request("method")
-            return text(405, "remote write takes POST")
+            return text(405, "remote write takes POST", **none)
         if req.too_large:
             stats.reject_request("too_large")
             return text(400, f"request body is larger than limits.max_body_bytes="
-                             f"{lim.max_body_bytes}")
+                             f"{lim.max_body_bytes}", **none)
         ctype = req.headers.get("content-type", "application/x-protobuf")
         base, _, params = ctype.partition(";")
         if base.strip().lower() != "application/x-protobuf":
             stats.reject_request("unsupported_media_type")
-            return text(415, f"unsupported Content-Type {ctype!r}: remote write 1.0 takes "
-                             "application/x-protobuf")
-        proto = re.search(r"proto=([^;\s]+)", params)
-        if proto and proto.group(1) != "prometheus.WriteRequest":
+            return text(415, f"unsupported Content-Type {ctype!r}: remote write takes "
+                             "application/x-protobuf", **none)
+        proto = re.search(r"proto=\"?([^;\s\"]+)", params)
+        version = PROTOS.get(proto.group(1) if proto else "prometheus.WriteRequest")
+        if version is None:
+            assert proto is not None
             stats.reject_request("unsupported_media_type")
             return text(415, f"unsupported protobuf message {proto.group(1)!r}: this daemon "
-                             "reads remote write 1.0 (prometheus.WriteRequest)")
+                             "reads prometheus.WriteRequest (remote write 1.0) and "
+                             "io.prometheus.write.v2.Request (remote write 2.0)", **none)
         enc = req.headers.get("content-encoding", "snappy").strip().lower()
         if enc != "snappy":
             stats.reject_request("unsupported_media_type")
             return text(415, f"unsupported Content-Encoding {enc!r}: remote write bodies are "
-                             "snappy block-compressed")
+                             "snappy block-compressed", **none)
         if self.w.stopping:
             stats.reject_request("shutting_down")
-            return text(503, "shutting down", **{"Retry-After": "1"})
+            return text(503, "shutting down", **{"Retry-After": "1"}, **none)
         now = int(time.time() * 1000)
         ns = self.cfg.raw_namespace
         limits = Limits(min_ts=now - ns.buffer_past_ms,
                         max_ts=now + ns.buffer_future_ms,
                         num_shards=self.cfg.shards, max_labels=lim.max_labels,
                         max_name_bytes=lim.max_label_name_bytes,
-                        max_value_bytes=lim.max_label_value_bytes)
+                        max_value_bytes=lim.max_label_value_bytes,
+                        max_series=lim.max_series_per_request)
         loop = asyncio.get_running_loop()
+        store = self.w.metadata
         try:
             d = await loop.run_in_executor(self.w.pool, _decode, req.body,
-                                           lim.max_decompressed_bytes, limits)
+                                           lim.max_decompressed_bytes, limits, version,
+                                           store.known)
         except _BadBody as e:
             stats.reject_request(e.reason)
-            return text(400, str(e))
+            return text(400, str(e), **none)
         stats.add(st.W_SAMPLES_RECEIVED, d.samples_ok + d.samples_bad)
+        if d.metadata:  # only entries not stored yet: durable before anything is acked
+            try:
+                await loop.run_in_executor(self.w.pool, store.update, d.metadata, version)
+            except OSError as e:
+                stats.reject_request("overloaded", d.samples_ok + d.samples_bad, "overloaded")
+                return text(503, f"overloaded: metadata write failed: {e}; retry later",
+                            **{"Retry-After": "1"}, **none)
         adm = None
         if d.length:
             try:
@@ -143,26 +166,32 @@ class Api:
             except Overloaded as e:
                 why = "shutting_down" if self.w.stopping else "overloaded"
                 stats.reject_request(why, d.samples_ok + d.samples_bad, why)
-                return text(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"})
+                return text(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"},
+                            **none)
         rej_s, rej_msg = 0, ""
         if adm is not None and adm.rejected_records:
             rej_s, rej_msg = adm.rejected_samples, adm.message
         stats.add(st.W_SAMPLES_WRITTEN, d.samples_ok - rej_s)
-        if d.series_bad or rej_s:
-            stats.reject_request("invalid_series" if d.series_bad else "segment_full")
+        hdrs = written_headers(d.samples_ok - rej_s)
+        if d.reason or rej_s:
+            stats.reject_request("too_large" if d.reason == "too_many_series" else
+                                 "invalid_series" if d.reason else "segment_full")
             if d.samples_bad:
                 stats.reject_samples(d.reason or "malformed", d.samples_bad)
             if rej_s:
                 stats.reject_samples("segment_full", rej_s)
-            first = d.message if d.series_bad else rej_msg
-            if d.reason in ("too_old", "too_new") and d.series_bad:
+            first = d.message if d.reason else rej_msg
+            if d.reason in ("too_old", "too_new"):
                 first += (f" (namespace {ns.name!r} accepts now-{ns.buffer_past_ms // 1000}s"
                           f" .. now+{ns.buffer_future_ms // 1000}s; older samples need cold "
                           "writes, not supported yet)")
+            extra = "".join(f"; {n} {what} rejected" for n, what in (
+                (d.histograms_bad, "histogram samples"), (d.exemplars_bad, "exemplars"),
+                (d.meta_bad, "metadata entries")) if n)
             return text(400, f"{first}\nwritten: {d.samples_ok - rej_s} samples; rejected: "
                              f"{d.samples_bad + rej_s} samples of {d.series_bad} series "
-                             f"(+{rej_s} samples over capacity)")
-        return Response(204)
+                             f"(+{rej_s} samples over capacity){extra}", **hdrs)
+        return Response(204, headers=hdrs)
 
     # -- export ------------------------------------------------------------------------------
     async def export(self, req: Request) -> Response:
@@ -212,7 +241,15 @@ class _BadBody(ValueError):
         self.reason = reason  # one of stats.REQUEST_REASONS
 
 
-def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the pool
+def written_headers(samples: int) -> dict[str, str]:
+    """The remote write 2.0 spec's counts of what a request wrote (sent for 1.0 too)."""
+    return {"X-Prometheus-Remote-Write-Samples-Written": str(samples),
+            "X-Prometheus-Remote-Write-Histograms-Written": "0",
+            "X-Prometheus-Remote-Write-Exemplars-Written": "0"}
+
+
+def _decode(body: bytes, max_decompressed: int, limits: Limits, version: int,
+            known: MetaHashSet) -> Decoded:  # runs on the pool
     try:
         n = cramjam.snappy.decompress_raw_len(body) if body else 0
     except Exception as e:  # noqa: BLE001 - any library error means a bad body
@@ -225,7 +262,7 @@ def _decode(body: bytes, max_decompressed: int, limits: Limits):  # runs on the 
     except Exception as e:  # noqa: BLE001
         raise _BadBody(f"malformed snappy body: {e}") from None
     try:
-        return decode_rw1(raw, limits)
+        return (decode_rw2 if version == 2 else decode_rw1)(raw, limits, known)
     except MalformedError as e:
         raise _BadBody(str(e)) from None
 

@@ -41,6 +41,7 @@ from m3shm import stats as st
 from m3shm.config import Config
 from m3shm.shm import Segment
 from m3shm.storage import commitlog
+from m3shm.storage.metadata import MetadataStore
 from m3shm.workers.ingest import IngestPipeline
 
 log = logging.getLogger("m3shm.worker")
@@ -118,6 +119,8 @@ class Worker:
         self.pipeline = IngestPipeline(seg, self.index, self.clog, self.pool,
                                        ing.reserve_wait_ms, ing.max_pending_batches)
         self.pipeline.start()
+        self.metadata = MetadataStore(self.data_dir, self.index)
+        self._refresh_task = loop.create_task(self._refresh_metadata())
         from m3shm.net.api import Api
         from m3shm.net.http import HttpProtocol
 
@@ -196,6 +199,16 @@ class Worker:
         self.stats.set(st.W_CONFIG_GEN, loaded_gen)
         log.info("worker %d: applied config generation %d", self.index, loaded_gen)
 
+    async def _refresh_metadata(self) -> None:
+        """Merge what other workers stored (so this worker's known-hash set follows them)."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            await asyncio.sleep(1.0)
+            try:
+                await loop.run_in_executor(self.pool, self.metadata.refresh)
+            except Exception:  # noqa: BLE001 - keep refreshing; the next try may succeed
+                log.exception("worker %d: metadata refresh failed", self.index)
+
     def _replay(self) -> int:
         n = 0
         for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0):
@@ -219,6 +232,8 @@ class Worker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=20)
         await self.pipeline.close()
+        self._refresh_task.cancel()
+        self.metadata.close()
         self.clog.close()
         self.seg.set_producer_done(self.index, True)
         deadline = time.monotonic() + 30

@@ -4,9 +4,10 @@
  * crash or read out of bounds (ASan+UBSan watch). Every record it produces must pass the lane
  * record check, carry the hash of its canonical labels and the shard that hash picks, and
  * apply cleanly to a small shared-memory segment (series.c), whose samples must then read back.
+ * Metadata rows must point inside the input. A small `known` set exercises the lookup.
  * Inputs are capped at 64 KiB (-max_len in tests/fuzz/run.sh).
  *
- * fuzz-sources: csrc/rw_decode.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c
+ * fuzz-sources: csrc/rw_decode.c csrc/rw_series.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -38,16 +39,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (!seg)
         setup();
-    m3_rw_limits lim = {INT64_MIN / 2, INT64_MAX / 2, 4, 16, 64, 256};
+    m3_rw_limits lim = {INT64_MIN / 2, INT64_MAX / 2, 4, 16, 64, 256, 1000};
     m3_rw_result res;
+    static uint64_t known[8] = {2, 0, 0, 1, 0, 0, 0, 0};
+    m3_rw_meta meta[16];
     size_t cap = 2 * size + 256;
     uint8_t *out = malloc(cap);
-    int rc = m3_rw1_decode(data, size, &lim, out, cap, &res);
+    m3_rw_out o = {out, cap, meta, 16, known, 8, NULL, 0};
+    int rc = m3_rw1_decode(data, size, &lim, &o, &res);
     if (rc == M3_ENOSPC) {
         free(out);
         cap = 40 * size + 4096;
         out = malloc(cap);
-        rc = m3_rw1_decode(data, size, &lim, out, cap, &res);
+        o.records = out, o.records_cap = cap;
+        rc = m3_rw1_decode(data, size, &lim, &o, &res);
+        if (rc == M3_ENOSPC && res.nmeta <= 16)
+            abort(); /* records room was ample: only the metadata may overflow */
+    }
+    if (rc == M3_ENOSPC) {
+        free(out);
+        return 0;
+    }
+    if (rc == M3_OK) {
+        for (uint64_t i = 0; i < res.nmeta; i++) {
+            const m3_rw_meta *m = &meta[i];
+            if (m->name_off + m->name_len > size || m->help_off + m->help_len > size ||
+                m->unit_off + m->unit_len > size || m->hash < 2 || m->type > 7)
+                abort();
+        }
     }
     if (rc == M3_OK) {
         if (res.out_len > cap)
