@@ -227,7 +227,9 @@ void arena_pend_slot(const shard_view *v, uint32_t s)
     else
         sh->slot_pending = s + 1;
     sh->slot_pending_tail = s + 1;
-    sh->series_removed++;
+    /* Release: the slot's RETIRED state (stored before this call) is visible to a reader
+       that acquire-loads the new count (shard_read.c, m3_shards_churn). */
+    __atomic_store_n(&sh->series_removed, sh->series_removed + 1, __ATOMIC_RELEASE);
     add_free_bytes(v, label_block_bytes(v->slots[s].labels_len));
 }
 

@@ -451,21 +451,38 @@ typedef struct m3_chunk_ref {
     uint64_t len;          /* bytes of the copied stream */
 } m3_chunk_ref;
 
-/* Canonical labels of slots [from, to) back to back into out; offs[0..to-from] receive their
-   boundaries. Stops at a slot that does not fit: *done = slots copied (M3_ENOSPC if none). */
-int m3_shard_labels_many(const uint8_t *base, uint32_t shard, uint32_t from, uint32_t to,
-                         uint8_t *out, size_t cap, uint64_t *offs, uint32_t *done);
-/* Per series of slots[0..n): chunks whose block overlaps [mint, maxt] and their published
-   samples (what m3_series_chunks would copy now). */
-int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
-                     int64_t mint, int64_t maxt, uint32_t *chunks, uint64_t *samples);
+/* Every function of this section must be called inside a read section (m3_read_begin). A
+   series is named by (shard, slot, gen): a slot whose series expired is reused with gen + 1.
+
+   Per shard (num_shards entries each): the slot high-water mark and the count of series
+   expired so far (acquire loads, in that order). While the count stays the same, no slot
+   below an earlier high-water mark has changed except slots that were not live then, which
+   may have been reused. */
+void m3_shards_churn(const uint8_t *base, uint32_t *nseries, uint64_t *removed);
+/* The generation of each of slots[0..n) into gens: 0 if the slot is not live (never used,
+   expired, or beyond the high-water mark). */
+int m3_series_gens(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
+                   uint32_t *gens);
+/* Canonical labels of the live series among slots[0..n) back to back into out, with their
+   generations (gens[i] = 0 and no bytes for a slot that is not live); offs[0..n] receive the
+   boundaries. Stops at a slot that does not fit: *done = slots done (M3_ENOSPC if none). */
+int m3_series_labels_many(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                          size_t n, uint8_t *out, size_t cap, uint64_t *offs, uint32_t *gens,
+                          size_t *done);
+/* Per series (slots[i], gens[i]) of [0, n): chunks whose block overlaps [mint, maxt] and their
+   published samples (what m3_series_chunks would copy now); 0 and 0 for a series that is
+   gone (its slot not live, or live with another generation). */
+int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                     const uint32_t *gens, size_t n, int64_t mint, int64_t maxt,
+                     uint32_t *chunks, uint64_t *samples);
 /* Copy the published streams of those chunks into out, each series' chunks sorted by
-   (block_start, stream), described by refs. Stops before a series that does not fit in
-   out_cap bytes / max_refs refs: *done = series copied, *nrefs = refs written (M3_ENOSPC if
-   not even the first series fits). */
-int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
-                     int64_t mint, int64_t maxt, uint8_t *out, size_t out_cap,
-                     m3_chunk_ref *refs, size_t max_refs, size_t *done, size_t *nrefs);
+   (block_start, stream), described by refs; nothing for a series that is gone. Stops before a
+   series that does not fit in out_cap bytes / max_refs refs: *done = series copied, *nrefs =
+   refs written (M3_ENOSPC if not even the first series fits). */
+int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                     const uint32_t *gens, size_t n, int64_t mint, int64_t maxt, uint8_t *out,
+                     size_t out_cap, m3_chunk_ref *refs, size_t max_refs, size_t *done,
+                     size_t *nrefs);
 
 /* ---- aggwin.c: aggregation windows and transforms for downsampling (docs/formats/aggwin.md) */
 

@@ -2,26 +2,47 @@
  * shard_read.c -- bulk reads of the shards in shared memory for queries, by any process.
  *
  * A query reads every worker's shards directly (no hop through the owner): it indexes series
- * labels (m3_shard_labels_many), sizes what a selection will cost before reading it
+ * labels (m3_series_labels_many), sizes what a selection will cost before reading it
  * (m3_series_extent), then copies the compressed streams of the chunks it needs out of the
  * segment (m3_series_chunks) and decodes the copies later, on its own time, with
  * tsz_decode_many. Nothing here decodes a sample or writes to the segment.
  *
  * Copies, not pointers: a copy is a snapshot taken in one short pass, so the owner can keep
- * appending (and, once blocks are flushed, reclaim chunks) without a reader holding on to
+ * appending, release flushed blocks and reuse expired slots without a reader holding on to
  * segment memory while it evaluates. Layout: docs/formats/shm.md.
  *
+ * Every function here must be called inside a read section (epoch.c, m3_read_begin): the
+ * owner frees released chunks, expired slots and their labels only once every reader has left
+ * the section it was in, so whatever a call reaches stays readable (if unlinked) until it
+ * returns.
+ *
+ * Series identity: a slot is reused with gen + 1 after its series expired, so a series is
+ * named by (shard, slot, gen) across read sections. The labels reader reports each slot's
+ * generation (0 = not live); the extent and chunk readers take the generation the caller
+ * indexed and read nothing for a slot that is not live or holds another generation (the
+ * caller's series is gone; its data is never attributed to the slot's new series). Within one
+ * section a live slot keeps its generation, so one check per series suffices.
+ *
  * Consistency of a copied chunk, fence by fence:
- *  - series slots below nseries are complete (acquire load of nseries, pairs with the owner's
- *    release in create_series);
+ *  - a slot's fields and labels are complete once its state is seen live (acquire load of
+ *    state, pairs with the owner's release store of SLOT_LIVE in create_series);
  *  - a chunk reached through `head`/`next` is initialised (acquire loads, pairing with the
- *    release store that linked it in new_chunk);
+ *    release store that linked it in new_chunk, or that unlinked its predecessor in
+ *    m3_block_release);
  *  - the stream's published count is loaded with acquire (tsz_count), pairing with the
  *    codec's release store after each append: every byte of those samples, and the encoder's
  *    nbits covering them, were written before it. nbits only grows within a chunk, so the
  *    relaxed load of it after the acquire reads at least the bits of `count` samples.
  *  - the copy's header gets exactly that count, so the copy decodes to the published prefix
  *    even if the owner appended more while we copied (bytes past it are never decoded).
+ *
+ * Change detection (m3_shards_churn): a reader that indexes slots incrementally needs to know
+ * when slots below the high-water mark changed. Slots only leave the live state by expiry,
+ * which bumps the shard's series_removed counter with a release store after the slot's state
+ * became RETIRED; a slot is reused only after that. So a reader that acquire-loads the counter
+ * and finds it unchanged knows no slot it scanned earlier was expired before the load; one
+ * that finds it changed rescans the generations of every slot (and keeps re-checking the slots
+ * it found not live, which may be reused without the counter moving).
  *
  * Order: a series' chunks are emitted sorted by (block_start, stream). Streams of one block
  * may overlap in time (out-of-order writes); a reader that sorts the decoded samples of one
@@ -78,37 +99,87 @@ static uint32_t rd_nseries(const uint8_t *base, uint32_t shard)
 {
     if (shard >= cseg_of(base)->p.num_shards)
         return 0;
-    /* Acquire: pairs with create_series' release; slots below the count are complete. */
+    /* Acquire: pairs with create_series' release; slots below the count have been used. */
     return __atomic_load_n(&rd_view_of(base, shard).sh->nseries, __ATOMIC_ACQUIRE);
 }
 
-int m3_shard_labels_many(const uint8_t *base, uint32_t shard, uint32_t from, uint32_t to,
-                         uint8_t *out, size_t cap, uint64_t *offs, uint32_t *done)
+/* The generation of a live slot, 0 if it is not live. */
+static inline uint32_t rd_gen(const rd_view *v, uint32_t slot)
 {
-    if (!out || !offs || !done || from > to)
+    const series_slot *sl = &v->slots[slot];
+    /* Acquire: pairs with the owner's release of SLOT_LIVE; gen, labels and the other fields
+       written before it are complete. The slot cannot be reused before our section ends. */
+    if (__atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != SLOT_LIVE)
+        return 0;
+    return sl->gen;
+}
+
+void m3_shards_churn(const uint8_t *base, uint32_t *nseries, uint64_t *removed)
+{
+    uint32_t n = cseg_of(base)->p.num_shards;
+    for (uint32_t s = 0; s < n; s++) {
+        const shard_hdr *sh = rd_view_of(base, s).sh;
+        /* Acquire: pairs with arena_pend_slot's release; an expiry it counts is visible to
+           the slot reads that follow (load it before nseries and before scanning). */
+        removed[s] = __atomic_load_n(&sh->series_removed, __ATOMIC_ACQUIRE);
+        nseries[s] = rd_nseries(base, s);
+    }
+}
+
+int m3_series_gens(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
+                   uint32_t *gens)
+{
+    if ((n && (!slots || !gens)) || shard >= cseg_of(base)->p.num_shards)
+        return M3_EINVAL;
+    uint32_t ns = rd_nseries(base, shard);
+    rd_view v = rd_view_of(base, shard);
+    for (size_t i = 0; i < n; i++)
+        gens[i] = slots[i] < ns ? rd_gen(&v, slots[i]) : 0;
+    return M3_OK;
+}
+
+int m3_series_labels_many(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                          size_t n, uint8_t *out, size_t cap, uint64_t *offs, uint32_t *gens,
+                          size_t *done)
+{
+    if (!out || !offs || !gens || !done || (n && !slots))
         return M3_EINVAL;
     *done = 0;
-    if (to > rd_nseries(base, shard))
+    if (shard >= cseg_of(base)->p.num_shards)
         return M3_EINVAL;
+    uint32_t ns = rd_nseries(base, shard);
     rd_view v = rd_view_of(base, shard);
     uint64_t o = 0;
     offs[0] = 0;
-    for (uint32_t s = from; s < to; s++) {
-        const series_slot *sl = &v.slots[s];
-        if (o + sl->labels_len > cap)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t g = slots[i] < ns ? rd_gen(&v, slots[i]) : 0;
+        const series_slot *sl = &v.slots[slots[i] < ns ? slots[i] : 0];
+        uint32_t len = g ? sl->labels_len : 0;
+        if (o + len > cap)
             return *done ? M3_OK : M3_ENOSPC;
-        memcpy(out + o, v.arena + sl->labels_off, sl->labels_len);
-        o += sl->labels_len;
-        offs[s - from + 1] = o;
-        *done = s - from + 1;
+        if (len)
+            memcpy(out + o, v.arena + sl->labels_off, len);
+        o += len;
+        gens[i] = g;
+        offs[i + 1] = o;
+        *done = i + 1;
     }
     return M3_OK;
 }
 
-int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
-                     int64_t mint, int64_t maxt, uint32_t *chunks, uint64_t *samples)
+/* The first chunk of slot's series if it is live with generation gen, else 0 (nothing). */
+static inline uint64_t rd_first(const rd_view *v, uint32_t slot, uint32_t gen)
 {
-    if ((n && !slots) || !chunks || !samples)
+    if (!gen || rd_gen(v, slot) != gen)
+        return 0;
+    return rd_head(v, slot);
+}
+
+int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                     const uint32_t *gens, size_t n, int64_t mint, int64_t maxt,
+                     uint32_t *chunks, uint64_t *samples)
+{
+    if ((n && (!slots || !gens)) || !chunks || !samples)
         return M3_EINVAL;
     uint32_t ns = rd_nseries(base, shard);
     rd_view v = rd_view_of(base, shard);
@@ -118,7 +189,8 @@ int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
             return M3_EINVAL;
         uint32_t nc = 0;
         uint64_t cnt = 0;
-        for (uint64_t off = rd_head(&v, slots[i]); off; off = rd_next(rd_chunk(&v, off))) {
+        for (uint64_t off = rd_first(&v, slots[i], gens[i]); off;
+             off = rd_next(rd_chunk(&v, off))) {
             const chunk *c = rd_chunk(&v, off);
             if (!rd_overlaps(c, bms, mint, maxt))
                 continue;
@@ -142,11 +214,12 @@ static int ref_before(const m3_chunk_ref *a, const m3_chunk_ref *b)
     return a->stream < b->stream;
 }
 
-int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots, size_t n,
-                     int64_t mint, int64_t maxt, uint8_t *out, size_t out_cap,
-                     m3_chunk_ref *refs, size_t max_refs, size_t *done, size_t *nrefs)
+int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                     const uint32_t *gens, size_t n, int64_t mint, int64_t maxt, uint8_t *out,
+                     size_t out_cap, m3_chunk_ref *refs, size_t max_refs, size_t *done,
+                     size_t *nrefs)
 {
-    if ((n && !slots) || !out || !refs || !done || !nrefs)
+    if ((n && (!slots || !gens)) || !out || !refs || !done || !nrefs)
         return M3_EINVAL;
     *done = 0;
     *nrefs = 0;
@@ -160,7 +233,8 @@ int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots,
             return M3_EINVAL;
         /* pass 1: this series' chunks in the range, in chain order; ref.off = arena offset */
         size_t first = r, k = r;
-        for (uint64_t off = rd_head(&v, slots[i]); off; off = rd_next(rd_chunk(&v, off))) {
+        for (uint64_t off = rd_first(&v, slots[i], gens[i]); off;
+             off = rd_next(rd_chunk(&v, off))) {
             const chunk *c = rd_chunk(&v, off);
             if (!rd_overlaps(c, bms, mint, maxt))
                 continue;

@@ -126,8 +126,8 @@ def test_matches_series_read_and_multi_chunk(seg):
     flat = select(index, [Matcher("__name__", "=", "m")], 1000, 25_000)
     assert len(flat.labels) == 20
     for i, lb in enumerate(flat.labels):
-        ids = index.select([Matcher("host", "=", dict(lb)["host"])])
-        (shard, _, slots), = index.by_shard(ids)
+        sel = index.select([Matcher("host", "=", dict(lb)["host"])])
+        (shard, _, slots, _), = sel.by_shard()
         ts, vs = seg.read_series(shard, int(slots[0]), 1000, 25_000)
         a, b = flat.offsets[i], flat.offsets[i + 1]
         assert flat.ts[a:b].tolist() == ts.tolist()

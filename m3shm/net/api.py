@@ -297,11 +297,9 @@ def _fmt_values(vs) -> str:  # VictoriaMetrics style: integers without ".0"; NaN
 
 
 def _export_groups(index, selectors: list) -> list:  # runs on the pool
-    import numpy as np
-
     index.refresh()
-    ids = np.unique(np.concatenate([index.select(m) for m in selectors]))
-    return [(shard, slots.tolist()) for shard, _, slots in index.by_shard(ids)]
+    sel = index.select_union(selectors)
+    return [(shard, slots.tolist()) for shard, _, slots, _ in sel.by_shard()]
 
 
 def _export_shard(seg, shard: int, slots: list[int], start: int,

@@ -24,7 +24,7 @@ from m3shm.query.errors import QueryError
 from m3shm.query.labels import Labels
 from m3shm.query.matchers import Matcher
 from m3shm.query.storage import BlockBatch, SelectResult
-from m3shm.storage.shm_index import ShmIndex
+from m3shm.storage.shm_index import Selection, ShmIndex
 
 
 class Source(Protocol):
@@ -41,7 +41,7 @@ class Source(Protocol):
                      maxt: int | None, ctx: QueryContext) -> set[str]: ...
 
 
-def _select_ids(index: ShmIndex, matchers: list[Matcher]) -> np.ndarray:
+def _select(index: ShmIndex, matchers: list[Matcher]) -> Selection:
     try:
         return index.select(matchers)
     except ValueError as e:
@@ -54,32 +54,34 @@ class ShmSource:
     def __init__(self, index: ShmIndex) -> None:
         self.index = index
 
-    def _in_range(self, ids: np.ndarray, mint: int | None, maxt: int | None,
-                  ctx: QueryContext) -> np.ndarray:
-        if mint is None and maxt is None:
-            return ids
+    def _in_range(self, sel: Selection, mint: int | None, maxt: int | None,
+                  ctx: QueryContext) -> Selection:
+        """The entries of ``sel`` with a sample in [mint, maxt] (all of them without a
+        range, unless they have expired since they were indexed)."""
         lo = -(1 << 62) if mint is None else mint
         hi = (1 << 62) if maxt is None else maxt
+        if mint is None and maxt is None:
+            return sel
         keep = []
-        for shard, part, slots in self.index.by_shard(ids):
+        for shard, pos, slots, gens in sel.by_shard():
             ctx.check()
-            chunks, _ = self.index.extent(shard, slots, lo, hi)
-            keep.append(part[chunks > 0])
-        return np.sort(np.concatenate(keep)) if keep else ids[:0]
+            chunks, _ = self.index.extent(shard, slots, gens, lo, hi)
+            keep.append(pos[chunks > 0])
+        return sel.take(np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64))
 
     def select(self, matchers: list[Matcher], mint: int, maxt: int,
                ctx: QueryContext) -> SelectResult:
         idx = self.index
         idx.refresh()
-        ids = _select_ids(idx, matchers)
+        sel = _select(idx, matchers)
         groups = []
         nseries = nsamples = nchunks = 0
-        for shard, part, slots in idx.by_shard(ids):
+        for shard, pos, slots, gens in sel.by_shard():
             ctx.check()
-            chunks, samples = idx.extent(shard, slots, mint, maxt)
+            chunks, samples = idx.extent(shard, slots, gens, mint, maxt)
             has = chunks > 0
             if has.any():
-                groups.append((shard, part[has], slots[has], int(chunks[has].sum())))
+                groups.append((shard, pos[has], slots[has], gens[has], int(chunks[has].sum())))
                 nseries += int(has.sum())
                 nsamples += int(samples.sum())
                 nchunks += int(chunks.sum())
@@ -88,16 +90,16 @@ class ShmSource:
         datas, offs, sers, counts, starts = [], [], [], [], []
         labels: list[Labels] = []
         base = 0
-        for shard, part, slots, nch in groups:
+        for shard, pos, slots, gens, nch in groups:
             ctx.check()
-            ch = idx.chunks(shard, part, slots, mint, maxt, nch)
+            ch = idx.chunks(shard, slots, gens, mint, maxt, nch)
             refs = ch.refs
             datas.append(ch.data)
             offs.append(refs["off"].astype(np.uint64) + np.uint64(base))
             sers.append(refs["series"].astype(np.int64) + len(labels))
             counts.append(refs["count"].astype(np.int64))
             starts.append(refs["block_start"])
-            labels.extend(idx.labels[i] for i in ch.ids.tolist())
+            labels.extend(sel.labels(pos))
             base += len(ch.data)
         if not datas:
             return SelectResult([])
@@ -111,27 +113,30 @@ class ShmSource:
     def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,
                ctx: QueryContext) -> list[Labels]:
         self.index.refresh()
-        ids = self._in_range(_select_ids(self.index, matchers), mint, maxt, ctx)
-        ctx.admit(len(ids), 0, 0)
-        return [self.index.labels[i] for i in ids.tolist()]
+        sel = self._in_range(_select(self.index, matchers), mint, maxt, ctx)
+        ctx.admit(len(sel), 0, 0)
+        return sel.labels()
 
-    def _ids(self, matchers: list[list[Matcher]] | None, mint: int | None, maxt: int | None,
-             ctx: QueryContext) -> np.ndarray | None:
+    def _sel(self, matchers: list[list[Matcher]] | None, mint: int | None, maxt: int | None,
+             ctx: QueryContext) -> Selection | None:
         self.index.refresh()
         if not matchers:
             if mint is None and maxt is None:
                 return None
-            return self._in_range(self.index.all_ids(), mint, maxt, ctx)
-        parts = [self._in_range(_select_ids(self.index, m), mint, maxt, ctx) for m in matchers]
-        return np.unique(np.concatenate(parts)).astype(np.uint32)
+            return self._in_range(self.index.all(), mint, maxt, ctx)
+        try:
+            sel = self.index.select_union(matchers)
+        except ValueError as e:
+            raise QueryError(str(e)) from None
+        return self._in_range(sel, mint, maxt, ctx)
 
     def label_names(self, matchers: list[list[Matcher]] | None, mint: int | None,
                     maxt: int | None, ctx: QueryContext) -> set[str]:
-        return set(self.index.label_names(self._ids(matchers, mint, maxt, ctx)))
+        return set(self.index.label_names(self._sel(matchers, mint, maxt, ctx)))
 
     def label_values(self, name: str, matchers: list[list[Matcher]] | None, mint: int | None,
                      maxt: int | None, ctx: QueryContext) -> set[str]:
-        return set(self.index.label_values(name, self._ids(matchers, mint, maxt, ctx)))
+        return set(self.index.label_values(name, self._sel(matchers, mint, maxt, ctx)))
 
 
 def merge(results: list[SelectResult]) -> SelectResult:
