@@ -416,6 +416,7 @@ typedef struct m3_rw_result {
     uint64_t meta_bad;           /* metadata entries rejected */
     uint64_t records;
     uint64_t out_len;            /* bytes of records written to out->records */
+    uint64_t out_needed;         /* bytes the records need (> records_cap after M3_ENOSPC) */
     uint64_t nmeta;              /* metadata entries written to out->meta */
     uint64_t nseries;            /* time series in the request */
     uint64_t nsymbols;           /* 2.0: symbols in the request */

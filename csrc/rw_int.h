@@ -20,6 +20,7 @@
 #define RW_MAX_HELP_BYTES 16384   /* metadata help text (fixed) */
 #define RW_MAX_UNIT_BYTES 256     /* metadata unit (fixed) */
 #define RW_META_SEEN 512          /* per-request dedup table of metadata hashes */
+#define RW_META_PTRS 256          /* per-request cache of metadata already offered, by pointers */
 
 typedef struct lref {
     const uint8_t *name;
@@ -137,6 +138,12 @@ typedef struct rw_ctx {
     uint64_t out_len;
     int full;                /* records or metadata did not fit: the caller retries bigger */
     uint32_t nseen;
+    /* 2.0 interns strings, so the same entry in another series has the same pointers: an
+       entry whose pointers, lengths and type match a slot here was offered already */
+    struct {
+        const uint8_t *name, *help, *unit;
+        uint32_t nlen, hlen, ulen, type;
+    } offered[RW_META_PTRS];
     uint64_t seen[RW_META_SEEN]; /* metadata hashes emitted by this request (0 = empty) */
 } rw_ctx;
 

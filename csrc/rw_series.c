@@ -18,7 +18,9 @@
  *
  * Metadata: an entry (name, type, help, unit) is hashed (m3_rw_meta_hash); it is emitted to
  * out->meta unless the caller's `known` set holds the hash (already stored) or this request
- * already emitted it. So in the steady state no metadata reaches Python at all.
+ * already emitted it. So in the steady state no metadata reaches Python at all. Before hashing,
+ * a small cache keyed by the entry's pointers skips entries this request offered already
+ * (2.0 interns strings: every series of a metric points at the same help and unit).
  *
  * Invariants: nothing here reads outside the ranges the front ends checked; output is written
  * only after checking room (c->full otherwise, and the caller retries bigger).
@@ -264,8 +266,9 @@ int rw_series_prepare(rw_ctx *c, uint32_t idx, lref *labels, uint32_t nl, uint64
 static void emit(rw_ctx *c, const rw_series *s, const int64_t *ts, const double *v, uint32_t n)
 {
     uint64_t need = rec_bytes(s->clen, n);
-    if (c->out_len + need > c->o->records_cap) {
-        c->full = 1;
+    c->res->out_needed += need;
+    if (c->full || c->out_len + need > c->o->records_cap) {
+        c->full = 1; /* keep counting what is needed, so one retry is enough */
         return;
     }
     m3_rec *r = (m3_rec *)(c->o->records + c->out_len);
@@ -397,6 +400,16 @@ static int known(const uint64_t *set, uint64_t size, uint64_t h)
 void rw_meta_offer(rw_ctx *c, const uint8_t *name, uint32_t nlen, uint32_t type,
                    const uint8_t *help, uint32_t hlen, const uint8_t *unit, uint32_t ulen)
 {
+    uintptr_t pk = (uintptr_t)name * 31 + (uintptr_t)help * 7 + (uintptr_t)unit + type;
+    uint32_t pi = (uint32_t)((pk * UINT64_C(0x9e3779b97f4a7c15)) >> 56) & (RW_META_PTRS - 1);
+    if (c->offered[pi].name == name && c->offered[pi].help == help &&
+        c->offered[pi].unit == unit && c->offered[pi].nlen == nlen &&
+        c->offered[pi].hlen == hlen && c->offered[pi].ulen == ulen &&
+        c->offered[pi].type == type)
+        return;
+    c->offered[pi].name = name, c->offered[pi].help = help, c->offered[pi].unit = unit;
+    c->offered[pi].nlen = nlen, c->offered[pi].hlen = hlen, c->offered[pi].ulen = ulen;
+    c->offered[pi].type = type;
     uint64_t h = m3_rw_meta_hash(name, nlen, type, help, hlen, unit, ulen);
     if (known(c->o->known, c->o->known_size, h))
         return;
@@ -463,6 +476,7 @@ int rw_ctx_init(rw_ctx *c, const uint8_t *in, size_t len, const m3_rw_limits *li
         return M3_EINVAL;
     memset(res, 0, sizeof *res);
     memset(c->seen, 0, sizeof c->seen);
+    memset(c->offered, 0, sizeof c->offered);
     c->nseen = 0;
     c->in = in;
     c->lim = lim;

@@ -81,7 +81,7 @@ def _c_limits(lim: Limits):
     return c
 
 
-def _decode(fn, body: bytes, lim: Limits, known: MetaHashSet | None) -> Decoded:
+def _decode(fn, body: bytes, lim: Limits, known: MetaHashSet | None, ratio: int) -> Decoded:
     c_lim = _c_limits(lim)
     res = ffi.new("m3_rw_result *")
     src = ffi.from_buffer(body)
@@ -91,7 +91,7 @@ def _decode(fn, body: bytes, lim: Limits, known: MetaHashSet | None) -> Decoded:
     sc = _scratch.__dict__
     meta = sc.setdefault("meta", ffi.new("m3_rw_meta[]", 64))
     syms = sc.setdefault("syms", ffi.new("uint64_t[]", 2 * 1024))
-    cap = 3 * len(body) + 4096
+    cap = ratio * len(body) + 4096  # a first guess; a retry gets exactly what is needed
     while True:
         out = bytearray(cap)
         o.records, o.records_cap = ffi.from_buffer(out), cap
@@ -104,7 +104,7 @@ def _decode(fn, body: bytes, lim: Limits, known: MetaHashSet | None) -> Decoded:
             elif res.nmeta > len(meta):
                 meta = sc["meta"] = ffi.new("m3_rw_meta[]", 2 * int(res.nmeta))
             else:
-                cap *= 2
+                cap = max(int(res.out_needed), cap + 1)
             continue
         if rc in (lib.M3_ECORRUPT, lib.M3_ETRUNC):
             raise MalformedError(ffi.string(res.msg).decode("utf-8", "replace"))
@@ -128,10 +128,10 @@ def _decode(fn, body: bytes, lim: Limits, known: MetaHashSet | None) -> Decoded:
 
 def decode_rw1(body: bytes, lim: Limits, known: MetaHashSet | None = None) -> Decoded:
     """Decode a decompressed 1.0 WriteRequest. Raises MalformedError for malformed protobuf."""
-    return _decode(lib.m3_rw1_decode, body, lim, known)
+    return _decode(lib.m3_rw1_decode, body, lim, known, 3)
 
 
 def decode_rw2(body: bytes, lim: Limits, known: MetaHashSet | None = None) -> Decoded:
     """Decode a decompressed 2.0 io.prometheus.write.v2.Request. Raises MalformedError for
     malformed protobuf."""
-    return _decode(lib.m3_rw2_decode, body, lim, known)
+    return _decode(lib.m3_rw2_decode, body, lim, known, 6)  # symbols: denser bodies
