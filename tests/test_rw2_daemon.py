@@ -5,6 +5,8 @@ the valid series; unknown protos get 415; metadata survives SIGKILL of every pro
 
 from __future__ import annotations
 
+import json
+
 import snappy
 from test_daemon_harness import Daemon, now_ms
 from test_rw2_harness import V2_HEADERS, write_request_v2
@@ -89,6 +91,15 @@ def test_v1_and_v2_on_the_same_series(tmp_path):
         assert code == 204 and written(h) == (0, 0, 0)
         code, _, _ = post_v2(d, [(lab, [(t0 + 4, 6.0)], (2, "Mixed.", ""))])
         assert code == 204
+        for _ in range(4):  # any worker answers: each reads every worker's log
+            code, body = d.get("/api/v1/metadata")
+            assert code == 200 and json.loads(body)["data"] == {
+                "mixed": [{"type": "gauge", "help": "Mixed.", "unit": ""}],
+                "rpc_seconds": [{"type": "summary", "help": "RPC latency.", "unit": "s"}]}
+        code, body = d.get("/api/v1/metadata?metric=rpc_seconds")
+        assert list(json.loads(body)["data"]) == ["rpc_seconds"]
+        code, body = d.get("/api/v1/metadata?limit=1")
+        assert list(json.loads(body)["data"]) == ["mixed"]
         assert d.stop() == 0
         md = MetadataStore(str(d.data)).all()
         assert {n: (e.type_name, e.help, e.unit) for n, e in md.items()} == {

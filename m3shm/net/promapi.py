@@ -340,8 +340,28 @@ class PromApi:
                                    lambda st, m, a, b: st.label_values(name, m or None, a, b))
 
     async def metadata(self, req: Request) -> Response:
-        # remote-write metadata is stored by the rw2 work; until then nothing is known
-        return success({})
+        """Remote-write metadata (m3shm/storage/metadata.py) in Prometheus' shape,
+        ``{name: [{type, help, unit}]}``, sorted by name; ``metric=`` picks one name,
+        ``limit=`` caps the names (negative or absent: all)."""
+        form = self.form(req)
+        metric = self.one(form, "metric")
+        try:
+            limit = int(self.one(form, "limit") or -1)
+        except ValueError:
+            return error("bad_data", 'invalid parameter "limit": not a number')
+        store = self.w.metadata
+        await asyncio.get_running_loop().run_in_executor(self.w.pool, store.refresh)
+        entries = store.all()
+        names = [metric] if metric is not None else sorted(entries)
+        out: dict[str, list[dict[str, str]]] = {}
+        for name in names:
+            e = entries.get(name)
+            if e is None:
+                continue
+            if 0 <= limit <= len(out):
+                break
+            out[name] = [{"type": e.type_name, "help": e.help, "unit": e.unit}]
+        return success(out)
 
     async def buildinfo(self, req: Request) -> Response:
         return success({"version": "2.42.0", "revision": f"m3shm-{m3shm.__version__}",
