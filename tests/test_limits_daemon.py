@@ -1,8 +1,11 @@
 """Every remote-write limit of the YAML `limits:` section, set small on a real daemon: each is
 answered with its 4xx and a message that names the key and its value, for 1.0 and 2.0; the
-daemon stays up and the valid series of a request are still written."""
+daemon stays up and the valid series of a request are still written; SIGHUP changes them live."""
 
 from __future__ import annotations
+
+import signal
+import time
 
 import pytest
 import snappy
@@ -81,3 +84,26 @@ def test_bad_limit_config_names_the_key(tmp_path):
     d = Daemon(tmp_path, extra="limits:\n  max_series_per_request: 0\n")
     with pytest.raises(AssertionError, match="limits.max_series_per_request: must be >= 1"):
         d.start()
+
+
+def test_series_limit_changes_on_sighup(tmp_path):
+    d = Daemon(tmp_path)
+    base = d.cfg.read_text()
+    d.start()
+    try:
+        t = now_ms()
+        data, hdrs = body(2, [({"__name__": "hup", "i": str(i)}, [(t, 1.0)]) for i in range(4)])
+        assert d.post("/api/v1/write", data, hdrs)[0] == 204
+        d.cfg.write_text(base + "limits:\n  max_series_per_request: 3\n")
+        before = d.log.read_text().count("applied by every worker")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while d.log.read_text().count("applied by every worker") == before:
+            assert time.monotonic() < deadline, d.logtext()
+            time.sleep(0.05)
+        assert "limits.max_series_per_request: 100000 -> 3" in d.log.read_text()
+        for _ in range(4):  # new connections: whichever worker answers has the new limit
+            code, msg, _ = d.post("/api/v1/write", data, hdrs)
+            assert code == 400 and b"limits.max_series_per_request=3" in msg
+    finally:
+        assert d.stop() == 0
