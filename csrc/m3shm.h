@@ -643,3 +643,11 @@ size_t m3_promxor_bound(size_t n);
 int64_t m3_pb_samples(const int64_t *ts, const double *v, size_t n, uint8_t *out, size_t cap);
 /* CRC-32C (Castagnoli) of p[0..n), continuing from crc (0 to start). */
 uint32_t m3_crc32c(uint32_t crc, const uint8_t *p, size_t n);
+
+/* ---- flush.c: commit-log helpers for trimming after a flush ------------------------- */
+
+/* Min and max sample timestamps of a batch of records (INT64_MAX, INT64_MIN when empty). */
+int m3_batch_time_range(const uint8_t *batch, size_t len, int64_t *mint, int64_t *maxt);
+/* A global sequence number taken between a release and an acquire fence: a caller that gets a
+   greater number than another caller sees every lane publish that caller made before. */
+uint64_t m3_seq_sync(uint8_t *base);

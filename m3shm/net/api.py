@@ -75,6 +75,7 @@ class Api:
         if req.path in RW_PATHS:
             return self.remote_write
         own = {"/api/v1/export": self.export, "/metrics": self.metrics, "/ready": self.ready,
+               "/api/v1/admin/flush": self.admin_flush,
                "/health": self.health, "/-/healthy": self.health,
                "/-/ready": self.ready}.get(req.path)
         if own is not None:
@@ -96,6 +97,17 @@ class Api:
         if self.w.seg.all_recovered() and not self.w.stopping:
             return text(200, "ready")
         return text(503, "recovering: replaying commit logs", **{"Retry-After": "1"})
+
+    async def admin_flush(self, req: Request) -> Response:
+        """Flush every closed block of every shard of every worker; 200 once durable."""
+        if req.method != "POST":
+            return text(405, "admin flush takes POST")
+        if not self.w.seg.all_recovered() or self.w.flusher is None:
+            return text(503, "recovering: retry once /ready says ready", **{"Retry-After": "1"})
+        from m3shm.workers.flush import flush_everywhere
+
+        ok, msg = await flush_everywhere(self.w)
+        return text(200 if ok else 503, msg)
 
     # -- remote write ------------------------------------------------------------------------
     async def remote_write(self, req: Request) -> Response:
@@ -224,13 +236,16 @@ class Api:
         seg = self.w.seg
         index = self.prom.index
         try:  # series from the reverse index (any matchers), read shard by shard
-            groups = await loop.run_in_executor(self.w.pool, _export_groups, index, selectors)
+            groups = dict(await loop.run_in_executor(self.w.pool, _export_groups, index,
+                                                     selectors))
         except ValueError as e:
             yield f'{{"error":{json.dumps(str(e))}}}\n'.encode()
             return
-        for shard, slots in groups:
-            chunk = await loop.run_in_executor(self.w.pool, _export_shard, seg, shard,
-                                               slots, start, end)
+        ns = self.cfg.raw_namespace.name
+        for shard in range(seg.params.num_shards):
+            chunk = await loop.run_in_executor(self.w.pool, _export_shard, seg,
+                                               self.w.flushed_store, ns, shard,
+                                               groups.get(shard, []), selectors, start, end)
             if chunk:
                 yield chunk
 
@@ -302,25 +317,51 @@ def _export_groups(index, selectors: list) -> list:  # runs on the pool
     return [(shard, slots.tolist()) for shard, _, slots, _ in sel.by_shard()]
 
 
-def _export_shard(seg, shard: int, slots: list[int], start: int,
-                  end: int) -> bytes:  # runs on the pool
-    lines = []
-    with seg.reading():  # a slot read here is not reused before the section ends
-        _export_slots(seg, shard, slots, start, end, lines)
-    return "".join(lines).encode()
+def _export_shard(seg, store, namespace: str, shard: int, slots: list[int], selectors: list,
+                  start: int, end: int) -> bytes:  # runs on the pool
+    """One shard's matching series: flushed volumes (oldest block first, series found through
+    each block's reverse index) then shared memory, merged per series with the last write of
+    a timestamp winning (shm is newest)."""
+    import numpy as np
 
+    from m3shm import codec
 
-def _export_slots(seg, shard: int, slots: list[int], start: int, end: int,
-                  lines: list[str]) -> None:
-    for slot in slots:
-        info = seg.series_info(shard, slot)
-        if info is None:
-            continue  # expired since the index saw it
-        labels = parse_labels(info.labels)
-        ts, vs = seg.read_series(shard, slot, start, end)
-        if not len(ts):
+    parts: dict[bytes, list[tuple]] = {}
+    for fid in store.volumes(namespace, shard, start, end):
+        fs = store.open_newest(fid)
+        if fs is None:
             continue
-        metric = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+        with store.reverse_index(fs.fid) as ri:
+            want = set(np.unique(np.concatenate([ri.select(m) for m in selectors])).tolist())
+        if not want:
+            continue
+        for pos, (sid, _h, block) in enumerate(fs):
+            if pos not in want:
+                continue
+            ts, vs = codec.decode(block)
+            sel = (ts >= start) & (ts <= end)
+            if sel.any():
+                parts.setdefault(sid, []).append((ts[sel], vs[sel]))
+    with seg.reading():  # a slot read here is not reused before the section ends
+        for slot in slots:
+            info = seg.series_info(shard, slot)
+            if info is None:
+                continue  # expired since the index saw it
+            ts, vs = seg.read_series(shard, slot, start, end)
+            if len(ts):
+                parts.setdefault(info.labels, []).append((ts, vs))
+    lines = []
+    for canon, ps in parts.items():
+        if len(ps) == 1:
+            ts, vs = ps[0]
+        else:
+            ts = np.concatenate([p[0] for p in ps])
+            vs = np.concatenate([p[1] for p in ps])
+            order = np.argsort(ts, kind="stable")
+            ts, vs = ts[order], vs[order]
+            last = np.r_[ts[1:] != ts[:-1], True]  # the last write of a timestamp wins
+            ts, vs = ts[last], vs[last]
+        metric = json.dumps(parse_labels(canon), ensure_ascii=False, separators=(",", ":"))
         stamps = ",".join(map(str, ts.tolist()))
         lines.append(f'{{"metric":{metric},"values":[{_fmt_values(vs)}],'
                      f'"timestamps":[{stamps}]}}\n')

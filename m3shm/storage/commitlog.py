@@ -12,11 +12,19 @@ each record to its shard) reproduces what the live path did. Writes of several b
 grouped into one ``write`` + ``fsync`` (group commit); the fsync policy is ``every_batch``
 (nothing acknowledged is lost to a power cut) or ``interval`` (a power cut may lose up to one
 interval of acknowledged batches; a process crash loses nothing, the page cache survives it).
+
+Trimming: a file is closed (rotated) by its writer, which then writes its index
+``<file>.idx`` (JSON: ``close_seq``, the min and max sample timestamp of its batches). A closed
+file is *covered* once every worker has completed a flush pass that drew a greater sequence
+number (so it saw every batch of the file applied, csrc/flush.c m3_seq_sync) at a time when
+every block its samples touch had closed (so the pass flushed them, or they expired); a
+covered file is deleted, and replay skips it (:func:`covered`).
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import os
 import re
@@ -24,7 +32,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,7 +83,8 @@ class CommitLog:
 
     def __init__(self, directory: str, boot: int, worker: int, incarnation: int,
                  fsync: str = "every_batch", fsync_interval_ms: int = 1000,
-                 max_segment_bytes: int = 256 << 20, observer: Observer | None = None) -> None:
+                 max_segment_bytes: int = 256 << 20, observer: Observer | None = None,
+                 seq_sync: Callable[[], int] | None = None) -> None:
         self.dir = directory
         self.observer = observer
         self.boot, self.worker, self.incarnation = boot, worker, incarnation
@@ -83,6 +92,8 @@ class CommitLog:
         self.interval = fsync_interval_ms / 1000
         self.max_bytes = max_segment_bytes
         self.part = 0
+        self.seq_sync = seq_sync
+        self.min_ts, self.max_ts, self.nbatches = _EMPTY_MIN, _EMPTY_MAX, 0
         self.fd = -1
         self.size = 0
         self.fsync_seconds = 0.0
@@ -111,16 +122,42 @@ class CommitLog:
         finally:
             os.close(dfd)
         self.fd, self.size, self.path = fd, len(hdr), path
+        self.min_ts, self.max_ts, self.nbatches = _EMPTY_MIN, _EMPTY_MAX, 0
+
+    def _close_locked(self) -> None:
+        """Sync and close the current file and write its index (only after every batch in it
+        was published: the pipeline calls append/rotate in order, publishing in between)."""
+        self._sync_locked()
+        os.close(self.fd)
+        self.fd = -1
+        close_seq = self.seq_sync() if self.seq_sync is not None else 0
+        write_index(self.path, close_seq, self.min_ts, self.max_ts, self.nbatches)
+
+    def rotate(self) -> bool:
+        """Close the current file (if it holds batches) and start the next part. Call it only
+        between groups (after the last group's publish), as the ingest pipeline does."""
+        with self._lock:
+            if self.fd < 0 or not self.nbatches:
+                return False
+            self._close_locked()
+            self.part += 1
+            self._open()
+            return True
 
     def append(self, batches: list[Batch]) -> None:
         """Write the batches with one write (group commit); fsync under every_batch."""
         blob = b"".join(encode_record(b) for b in batches)
+        lo, hi = _EMPTY_MIN, _EMPTY_MAX
+        for b in batches:
+            a, z = batch_time_range(b.payload)
+            lo, hi = min(lo, a), max(hi, z)
         with self._lock:
             if self.size + len(blob) > self.max_bytes and self.size > FILE_HEADER.size:
-                self._sync_locked()
-                os.close(self.fd)
+                self._close_locked()
                 self.part += 1
                 self._open()
+            self.min_ts, self.max_ts = min(self.min_ts, lo), max(self.max_ts, hi)
+            self.nbatches += len(batches)
             view = memoryview(blob)
             while view:
                 n = os.write(self.fd, view)
@@ -151,47 +188,148 @@ class CommitLog:
             self.sync()
 
     def close(self) -> None:
+        """Sync and close; the file gets its index, so a later boot need not replay it once
+        it is covered."""
         self._stop.set()
         with self._lock:
             if self.fd >= 0:
-                self._sync_locked()
-                os.close(self.fd)
-                self.fd = -1
+                if self.nbatches:
+                    self._close_locked()
+                else:
+                    self._sync_locked()
+                    os.close(self.fd)
+                    self.fd = -1
+
+
+_EMPTY_MIN, _EMPTY_MAX = (1 << 63) - 1, -(1 << 63)
+
+
+def batch_time_range(payload: bytes | memoryview) -> tuple[int, int]:
+    """Min and max sample timestamp of a batch of lane records (computed in C). A payload that
+    is not lane records counts as touching all time, so its file is never trimmed."""
+    from m3shm._native import ffi, lib
+
+    lo = ffi.new("int64_t *")
+    hi = ffi.new("int64_t *")
+    buf = ffi.from_buffer(payload)
+    if lib.m3_batch_time_range(buf, len(buf), lo, hi) != 0:
+        return -(1 << 63), (1 << 63) - 1
+    return int(lo[0]), int(hi[0])
+
+
+# -- closed-file indexes and trimming ---------------------------------------------------------
+
+def index_path(path: str) -> str:
+    return path + ".idx"
+
+
+def write_index(path: str, close_seq: int, min_ts: int, max_ts: int, nbatches: int) -> None:
+    """Record a closed file's close sequence number and sample time range (atomic rename;
+    not fsync'd: a lost index only means the file is replayed once more)."""
+    tmp = index_path(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"close_seq": close_seq, "min_ts": min_ts, "max_ts": max_ts,
+                   "batches": nbatches}, f)
+    os.replace(tmp, index_path(path))
+
+
+def read_index(path: str) -> dict | None:
+    try:
+        with open(index_path(path)) as f:
+            d = json.load(f)
+        return d if {"close_seq", "min_ts", "max_ts"} <= d.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class PassState:
+    """A worker's last completed flush pass: its sequence number, wall-clock time, and the
+    (block size, buffer past) it judged closed blocks by."""
+
+    seq: int
+    now_ms: int
+    block_ms: int
+    buffer_past_ms: int
+
+
+def covered(idx: dict, passes: list[PassState | None]) -> bool:
+    """Whether a closed file (its index) is covered by every worker's last flush pass."""
+    for p in passes:
+        if p is None or p.seq <= idx["close_seq"]:
+            return False
+        if idx["max_ts"] >= idx["min_ts"]:  # the file holds samples
+            last_block = idx["max_ts"] - idx["max_ts"] % p.block_ms
+            if last_block + p.block_ms + p.buffer_past_ms > p.now_ms:
+                return False
+    return True
+
+
+def trim(directory: str, passes: list[PassState | None]) -> list[str]:
+    """Delete every closed file that the passes cover; returns the deleted paths."""
+    removed = []
+    for path in list_files(directory):
+        idx = read_index(path)
+        if idx is None or not covered(idx, passes):
+            continue
+        for p in (path, index_path(path)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                continue
+        removed.append(path)
+    if removed:
+        log.info("commit log: deleted %d files covered by flushes", len(removed))
+    return removed
+
+
+def scan_file(path: str) -> tuple[int, int, int]:
+    """(min ts, max ts, batches) of a file's valid batches, read record by record."""
+    lo, hi, n = _EMPTY_MIN, _EMPTY_MAX, 0
+    for b in read_file(path):
+        a, z = batch_time_range(b.payload)
+        lo, hi, n = min(lo, a), max(hi, z), n + 1
+    return lo, hi, n
 
 
 def read_file(path: str, repair: bool = False) -> Iterator[Batch]:
-    """Yield the valid batches of one file in order. A torn or corrupt tail ends the file
-    with a warning naming the file and offset; with ``repair`` the file is truncated there."""
+    """Yield the valid batches of one file in order, reading record by record (memory is
+    bounded by the largest batch). A torn or corrupt tail ends the file with a warning naming
+    the file and offset; with ``repair`` the file is truncated there."""
     with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < FILE_HEADER.size:
-        _cut(path, 0, "file header is incomplete", repair)
-        return
-    magic, version, *_ = FILE_HEADER.unpack_from(data)
-    if magic != FILE_MAGIC:
-        _cut(path, 0, f"bad magic {magic!r}", repair)
-        return
-    if version != FILE_VERSION:
-        log.warning("commit log %s: version %d is not supported; skipping the file", path,
-                    version)
-        return
-    off = FILE_HEADER.size
-    view = memoryview(data)
-    while off < len(data):
-        if len(data) - off < REC_HEADER.size:
-            _cut(path, off, "record header is incomplete", repair)
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(FILE_HEADER.size)
+        if len(head) < FILE_HEADER.size:
+            _cut(path, 0, "file header is incomplete", repair)
             return
-        length, crc, seq, arrival, nrec, _flags = REC_HEADER.unpack_from(data, off)
-        end = off + REC_HEADER.size + length
-        if end > len(data):
-            _cut(path, off, f"record of {length} bytes runs past the end of the file", repair)
+        magic, version, *_ = FILE_HEADER.unpack_from(head)
+        if magic != FILE_MAGIC:
+            _cut(path, 0, f"bad magic {magic!r}", repair)
             return
-        payload = view[off + REC_HEADER.size : end]
-        if _crc(data[off + 8 : off + REC_HEADER.size], payload) != crc:
-            _cut(path, off, "CRC mismatch", repair)
+        if version != FILE_VERSION:
+            log.warning("commit log %s: version %d is not supported; skipping the file", path,
+                        version)
             return
-        yield Batch(seq, arrival, nrec, payload)
-        off = end + (-length) % 8
+        off = FILE_HEADER.size
+        while off < size:
+            hdr = f.read(REC_HEADER.size)
+            if len(hdr) < REC_HEADER.size:
+                _cut(path, off, "record header is incomplete", repair)
+                return
+            length, crc, seq, arrival, nrec, _flags = REC_HEADER.unpack_from(hdr)
+            end = off + REC_HEADER.size + length
+            if end > size:
+                _cut(path, off, f"record of {length} bytes runs past the end of the file",
+                     repair)
+                return
+            padded = length + (-length) % 8
+            body = f.read(min(padded, size - off - REC_HEADER.size))
+            payload = memoryview(body)[:length]
+            if len(payload) < length or _crc(hdr[8:], payload) != crc:
+                _cut(path, off, "CRC mismatch", repair)
+                return
+            yield Batch(seq, arrival, nrec, payload)
+            off = end + (-length) % 8
 
 
 def _cut(path: str, off: int, why: str, repair: bool) -> None:
@@ -214,9 +352,11 @@ def list_files(directory: str, before_boot: int | None = None) -> list[str]:
     return out
 
 
-def replay(directory: str, before_boot: int, repair: bool = False) -> Iterator[Batch]:
-    """Every batch of the files of earlier boots, merged in global sequence order."""
-    files = list_files(directory, before_boot)
+def replay(directory: str, before_boot: int, repair: bool = False,
+           skip: Callable[[str], bool] | None = None) -> Iterator[Batch]:
+    """Every batch of the files of earlier boots (but those ``skip`` says are covered),
+    merged in global sequence order; each file is streamed record by record."""
+    files = [p for p in list_files(directory, before_boot) if skip is None or not skip(p)]
     return heapq.merge(*(read_file(p, repair) for p in files), key=lambda b: b.seq)
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -126,13 +126,23 @@ def _write_file(path: Path, kind: Kind, parts: Iterable[bytes | memoryview]) -> 
     return crc & 0xFFFFFFFF
 
 
+def companion_path(root: Path, fid: FilesetId, kind: str) -> Path:
+    """A file that belongs to a fileset without being one of its digested kinds (the reverse
+    index segment, ``kind="revindex"``): same name pattern, so it lives and dies with it."""
+    return (root / fid.namespace / f"{fid.shard:04d}" /
+            f"fileset-{fid.block_start}-{fid.volume}-{kind}.db")
+
+
 def write_fileset(root: Path, fid: FilesetId, block_size: int,
-                  series: Iterable[tuple[bytes, int, bytes]],
-                  summary_every: int = DEFAULT_SUMMARY_EVERY) -> Info:
+                  series: Iterable[tuple[bytes, int, bytes | memoryview]],
+                  summary_every: int = DEFAULT_SUMMARY_EVERY,
+                  before_checkpoint: Callable[[list[bytes]], None] | None = None) -> Info:
     """Write one fileset from (series id, series hash, TSZ block) triples, in any order.
 
-    Series ids must be unique. Returns the fileset's info once it is durable (every file and
-    the directory fsync'd, the checkpoint last).
+    Series ids must be unique. ``before_checkpoint`` is called with the ids in index order
+    after the content files are durable and before the checkpoint, to write companion files
+    (they must be durable when it returns). Returns the fileset's info once it is durable
+    (every file and the directory fsync'd, the checkpoint last).
     """
     entries = sorted(series, key=lambda e: e[0])
     for a, b in zip(entries, entries[1:], strict=False):
@@ -175,6 +185,8 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
         Kind.BLOOM: _write_file(fid.path(root, Kind.BLOOM), Kind.BLOOM, [bloom.tobytes()]),
         Kind.DATA: _write_file(fid.path(root, Kind.DATA), Kind.DATA, data),
     }
+    if before_checkpoint is not None:
+        before_checkpoint([e[0] for e in entries])
     digests = b"".join(U32.pack(crcs[k]) for k in DIGESTED)
     dcrc = _write_file(fid.path(root, Kind.DIGESTS), Kind.DIGESTS, [digests])
     _fsync_dir(directory)  # every file above exists durably before the checkpoint does
@@ -355,16 +367,26 @@ def list_filesets(root: Path) -> list[FilesetId]:
     return sorted(out)
 
 
-def remove_incomplete(root: Path) -> list[Path]:
-    """Delete the files of filesets that have no checkpoint (a flush that did not finish).
+def remove_incomplete(root: Path, shards: range | None = None) -> list[Path]:
+    """Delete the files of filesets that have no checkpoint (a flush that did not finish),
+    and temporary files a killed writer left, in the given shards (default: all).
 
-    For start-up only, before any flush runs: a fileset being written has no checkpoint yet.
+    For start-up only, before any flush of those shards runs: a fileset being written has no
+    checkpoint yet.
     """
     complete = {(f.namespace, f.shard, f.block_start, f.volume) for f in list_filesets(root)}
     removed = []
-    for p in Path(root).glob("*/*/fileset-*.db"):
+    for p in Path(root).glob("*/*/fileset-*"):
+        if not p.parent.name.isdigit() or (shards is not None and
+                                           int(p.parent.name) not in shards):
+            continue
+        if p.name.endswith(".tmp"):
+            log.warning("removing %s: a temporary file of a flush that did not finish", p)
+            p.unlink()
+            removed.append(p)
+            continue
         m = NAME.match(p.name)
-        if not m or not p.parent.name.isdigit():
+        if not m:
             continue
         key = (p.parent.parent.name, int(p.parent.name), int(m.group(1)), int(m.group(2)))
         if key not in complete:

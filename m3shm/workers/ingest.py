@@ -75,6 +75,7 @@ class IngestPipeline:
         self.task: asyncio.Task | None = None
         self.closed = False
         self.batches = 0
+        self._rotations: list[asyncio.Future] = []
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -106,14 +107,43 @@ class IngestPipeline:
         self.wake.set()
         return await fut
 
+    async def rotate_log(self) -> bool:
+        """Rotate the commit log between two groups (after the previous group's publish, so
+        the closed file's index is taken after every batch in it is visible)."""
+        if self.closed:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._rotations.append(fut)
+        self.wake.set()
+        return await fut
+
+    async def _rotate(self) -> None:
+        futs, self._rotations = self._rotations, []
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(self.pool, self.clog.rotate)
+        except Exception as e:  # noqa: BLE001 - disk trouble: the caller decides
+            for f in futs:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for f in futs:
+            if not f.done():
+                f.set_result(done)
+
     async def _run(self) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            while self.queue:
+            while self.queue or self._rotations:
+                if self._rotations:
+                    await self._rotate()
+                    continue
                 group, self.queue = self.queue[:64], self.queue[64:]
                 await self._commit(group)
             if self.closed and not self.queue:
+                for f in self._rotations:
+                    if not f.done():
+                        f.set_result(False)
                 return
 
     async def _commit(self, group: list[_Item]) -> None:

@@ -38,9 +38,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from m3shm import stats as st
+from m3shm._native import lib
 from m3shm.config import Config
 from m3shm.shm import Segment
 from m3shm.storage import commitlog
+from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.metadata import MetadataStore
 from m3shm.workers.ingest import IngestPipeline
 
@@ -79,9 +81,17 @@ class Worker:
         self.cl_dir = os.path.join(data_dir, "commitlog")
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
+        self.background: set[asyncio.Task] = set()
         self._drain_stop = threading.Event()
         self._drain_thread: threading.Thread | None = None
         self._drain_beat = 0.0
+        self.flushed_store = FlushedStore(os.path.join(data_dir, "filesets"))
+
+    def drain_stopped(self) -> bool:
+        return self._drain_stop.is_set()
+
+    def seq_sync(self) -> int:
+        return int(lib.m3_seq_sync(self.seg.base))
 
     def run(self) -> int:
         import uvloop
@@ -105,6 +115,12 @@ class Worker:
 
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
         beat = loop.create_task(self._heartbeat())
+        # admin flush requests from sibling workers (m3shm/workers/flush.py); remembered
+        # until this worker has recovered its shards
+        self.flusher = None
+        self._pending_signals: list[int] = []
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, self._on_flush_signal, sig)
         seg = self.seg
         seg.set_producer_done(self.index, False)
         seg.recover_producer(self.index)
@@ -114,7 +130,7 @@ class Worker:
         cl = self.cfg.commitlog
         self.clog = commitlog.CommitLog(self.cl_dir, self.boot, self.index, self.incarnation,
                                         cl.fsync, cl.fsync_interval_ms, cl.max_segment_bytes,
-                                        observer=ws)
+                                        observer=ws, seq_sync=self.seq_sync)
         ing = self.cfg.ingest
         self.pipeline = IngestPipeline(seg, self.index, self.clog, self.pool,
                                        ing.reserve_wait_ms, ing.max_pending_batches)
@@ -133,7 +149,12 @@ class Worker:
         server = await loop.create_server(
             lambda: HttpProtocol(api.route, self._max_body, self.tasks),
             sock=sock)
-        if not all(seg.shard_stats(s)["recovered"] for s in range(self.lo, self.hi)):
+        from m3shm.workers.flush import Flusher
+
+        flusher = Flusher(self)
+        replaying = not all(seg.shard_stats(s)["recovered"] for s in range(self.lo, self.hi))
+        await loop.run_in_executor(self.pool, flusher.start_up, replaying)
+        if replaying:
             t0 = time.monotonic()
             ws.set(st.W_STATE, st.ST_RECOVERING)
             n = await loop.run_in_executor(self.pool, self._replay)
@@ -149,6 +170,11 @@ class Worker:
         log.info("worker %d (pid %d, incarnation %d) serving shards [%d, %d)", self.index,
                  os.getpid(), self.incarnation, self.lo, self.hi)
         self._warm = loop.create_task(api.warm_query())  # held: tasks are weakly referenced
+        await loop.run_in_executor(self.pool, self._close_predecessors)
+        self.flusher = flusher
+        for sig in self._pending_signals:
+            self._on_flush_signal(sig)
+        self._spawn(self.flusher.timer)
         await stop.wait()
         ws.set(st.W_STATE, st.ST_STOPPING)
         await self._shutdown(server)
@@ -209,10 +235,60 @@ class Worker:
             except Exception:  # noqa: BLE001 - keep refreshing; the next try may succeed
                 log.exception("worker %d: metadata refresh failed", self.index)
 
+    def _spawn(self, coro_fn) -> None:  # noqa: ANN001 - an async callable
+        async def guarded() -> None:
+            try:
+                await coro_fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next request or timer retries
+                log.exception("worker %d: background task failed", self.index)
+
+        t = asyncio.get_running_loop().create_task(guarded())
+        self.background.add(t)
+        t.add_done_callback(self.background.discard)
+
+    def _on_flush_signal(self, sig: int) -> None:
+        if self.flusher is None:
+            self._pending_signals.append(sig)
+        elif sig == signal.SIGUSR1:
+            self._spawn(self.flusher.rotate)
+        else:
+            self._spawn(self.flusher.flush_now)
+
+    def _close_predecessors(self) -> None:
+        """Index the files earlier incarnations of this worker left open in this boot (they
+        died): everything they published happened before this process started, so a
+        sequence number drawn now closes them for trimming."""
+        for p in commitlog.list_files(self.cl_dir):
+            m = commitlog.NAME.match(os.path.basename(p))
+            if (m and int(m.group(1)) == self.boot and int(m.group(2)) == self.index
+                    and int(m.group(3)) < self.incarnation
+                    and commitlog.read_index(p) is None):
+                lo, hi, n = commitlog.scan_file(p)
+                commitlog.write_index(p, self.seq_sync(), lo, hi, n)
+
     def _replay(self) -> int:
+        from m3shm.workers.flush import read_passes
+
+        passes = read_passes(self.data_dir, self.nworkers)
+
+        def skip(path: str) -> bool:
+            idx = commitlog.read_index(path)
+            return idx is not None and commitlog.covered(idx, passes)
+
         n = 0
-        for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0):
+        files = [p for p in commitlog.list_files(self.cl_dir, self.boot) if not skip(p)]
+        for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0, skip=skip):
             n += self.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
+        if self.index == 0:
+            # files of earlier boots left without an index (a crash): every worker of this
+            # boot replays them before its first flush pass, so they are closed as of this
+            # boot's first sequence number
+            for p in files:
+                if commitlog.read_index(p) is None:
+                    lo, hi, nb = commitlog.scan_file(p)
+                    commitlog.write_index(p, self.seg.params.seq_base, lo, hi, nb)
         return n
 
     def _drain_loop(self) -> None:
@@ -229,6 +305,8 @@ class Worker:
     async def _shutdown(self, server: asyncio.base_events.Server) -> None:
         self.stopping = True
         server.close()
+        for t in list(self.background):
+            t.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=20)
         await self.pipeline.close()
@@ -246,6 +324,7 @@ class Worker:
         if self._drain_thread is not None:
             self._drain_thread.join()
         self.pool.shutdown(wait=True)
+        self.flushed_store.close()
         with contextlib.suppress(Exception):
             await server.wait_closed()
         log.info("worker %d: stopped cleanly", self.index)
@@ -257,4 +336,6 @@ def worker_main(cfg: Config, seg: Segment, index: int, boot: int, incarnation: i
     die_with_parent(parent)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # until the event loop handles them
+        signal.signal(sig, signal.SIG_IGN)
+        return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()

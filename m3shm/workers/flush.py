@@ -1,0 +1,224 @@
+"""A worker's flusher: closed blocks -> filesets, commit-log trimming, retention.
+
+Each worker flushes only its own shards, on a timer (``flush.interval``) and on request. A
+*pass* (on the worker's thread pool, one at a time):
+
+1. draws a sequence number with ``m3_seq_sync`` and notes the wall clock ``now``;
+2. waits until its shards have applied everything published before (lane tails snapshot);
+3. for each of its shards and each block the shard holds in memory: warm data of a closed
+   block (start + blockSize + bufferPast <= now) becomes volume 0 of its fileset, cold data
+   (of blocks already flushed) volume N+1 (m3shm/storage/shard_flush.py); the chunks are then
+   released; expired blocks (start + blockSize <= now - retention) are released unwritten;
+4. records the pass in ``<data>/flush/state-w<index>.json`` (atomic rename, fsync'd): the
+   commit-log trimming of every worker reads these files (m3shm/storage/commitlog.py
+   ``covered``);
+5. deletes the commit-log files every worker's last pass covers, and (every
+   ``flush.retention_interval``) the filesets of its shards whose block ended before
+   now - retention.
+
+``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit log
+(SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files, then trims:
+when it answers 200 every closed block is durable in a fileset and the commit log it covered
+is gone. Signals reach sibling workers through the supervisor's child list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from m3shm._native import lib
+from m3shm.storage import commitlog, retention
+from m3shm.storage.commitlog import PassState
+from m3shm.storage.fileset import remove_incomplete
+from m3shm.storage.shard_flush import WARM, flush_block
+
+if TYPE_CHECKING:
+    from m3shm.workers.worker import Worker
+
+log = logging.getLogger("m3shm.flush")
+
+
+def state_path(data_dir: str, index: int) -> str:
+    return os.path.join(data_dir, "flush", f"state-w{index:03d}.json")
+
+
+def read_state(data_dir: str, index: int) -> dict:
+    try:
+        with open(state_path(data_dir, index)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def read_passes(data_dir: str, nworkers: int) -> list[PassState | None]:
+    out: list[PassState | None] = []
+    for i in range(nworkers):
+        st = read_state(data_dir, i)
+        try:
+            out.append(PassState(st["pass_seq"], st["pass_ms"], st["block_ms"],
+                                 st["buffer_past_ms"]))
+        except KeyError:
+            out.append(None)
+    return out
+
+
+class Flusher:
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+        self.cfg = w.cfg
+        self.seg = w.seg
+        self.root = Path(w.data_dir) / "filesets"
+        self.ns = w.cfg.raw_namespace
+        self.state: dict = read_state(w.data_dir, w.index)
+        self._lock = threading.Lock()
+        self._last_retention = 0.0
+        self.blocks_written = 0
+        os.makedirs(os.path.dirname(state_path(w.data_dir, w.index)), exist_ok=True)
+
+    def start_up(self, replaying: bool) -> None:
+        """Before replay and the first pass: drop incomplete filesets of our shards (a flush
+        killed midway), and raise each shard's warm floor past its newest flushed block, so
+        that replayed samples of flushed blocks go to cold chunks (merged into volume N+1)."""
+        shards = range(self.w.lo, self.w.hi)
+        remove_incomplete(self.root, shards)
+        for s in shards if replaying else ():
+            d = self.root / self.ns.name / f"{s:04d}"
+            starts = [int(p.name.split("-")[1]) for p in d.glob("fileset-*-checkpoint.db")]
+            if starts:
+                self.seg.set_warm_floor(s, max(starts) + self.ns.block_size_ms)
+
+    # -- the pass (pool thread) -------------------------------------------------------------
+    def run_pass(self, force_retention: bool = False) -> int:
+        with self._lock:
+            return self._pass(force_retention)
+
+    def _pass(self, force_retention: bool) -> int:
+        seg, ns = self.seg, self.ns
+        seq = int(lib.m3_seq_sync(seg.base))
+        now = int(time.time() * 1000)
+        tails = seg.tails()
+        per_shard = seg.params.num_producers
+        for s in range(seg.params.num_shards):  # wait only for our own shards' lanes
+            if not self.w.lo <= s < self.w.hi:
+                for p in range(per_shard):
+                    tails[s * per_shard + p] = 0
+        while not seg.caught_up(tails):
+            if self.w.drain_stopped():
+                raise RuntimeError("worker is stopping")
+            time.sleep(0.001)
+        written = 0
+        for s in range(self.w.lo, self.w.hi):
+            for b in seg.blocks(s):
+                bs, kind = b["block_start"], b["kind"]
+                if kind == WARM and bs + ns.block_size_ms + ns.buffer_past_ms > now:
+                    continue  # still open for warm writes
+                if bs + ns.block_size_ms <= now - ns.retention_ms:
+                    seg.seal(s, bs, kind)  # expired before it was flushed: drop it
+                    seg.release(s, bs, kind)
+                    continue
+                t0 = time.perf_counter()
+                info = flush_block(seg, self.root, ns.name, ns.block_size_ms, s, bs, kind)
+                if info is not None:
+                    written += 1
+                    log.info("flushed %s shard %d block %d volume %d (%s): %d series, %d "
+                             "samples, %d bytes in %.3fs", ns.name, s, bs, info.volume,
+                             "warm" if kind == WARM else "cold", info.num_series,
+                             info.num_samples, info.data_bytes, time.perf_counter() - t0)
+            seg.reclaim(s)
+        self.blocks_written += written
+        self._save(pass_seq=seq, pass_ms=now, block_ms=ns.block_size_ms,
+                   buffer_past_ms=ns.buffer_past_ms)
+        self.trim()
+        mono = time.monotonic()
+        if force_retention or mono - self._last_retention >= (
+                self.cfg.flush.retention_interval_ms / 1000):
+            self._last_retention = mono
+            self.apply_retention(now)
+        return written
+
+    def trim(self) -> list[str]:
+        return commitlog.trim(self.w.cl_dir, read_passes(self.w.data_dir, self.w.nworkers))
+
+    def apply_retention(self, now: int) -> None:
+        shards = range(self.w.lo, self.w.hi)
+        for ns in self.cfg.namespaces:
+            gone = retention.expire(self.root, ns.name, ns.block_size_ms, shards,
+                                   now - ns.retention_ms)
+            for fid in gone:
+                self.w.flushed_store.forget(fid)
+
+    def note_rotated(self) -> None:
+        self._save(rotated_seq=int(lib.m3_seq_sync(self.seg.base)))
+
+    def _save(self, **kv: int) -> None:
+        self.state.update(kv)
+        path = state_path(self.w.data_dir, self.w.index)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # -- scheduling (event loop) ------------------------------------------------------------
+    async def timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.flush.interval_ms / 1000)
+            try:
+                await self.rotate()
+                await self.flush_now()
+            except Exception:  # noqa: BLE001 - disk trouble: log, retry next interval
+                log.exception("worker %d: flush pass failed", self.w.index)
+
+    async def rotate(self) -> None:
+        await self.w.pipeline.rotate_log()
+        self.note_rotated()
+
+    async def flush_now(self, force_retention: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.w.pool, self.run_pass, force_retention)
+
+
+def sibling_workers() -> list[int]:
+    """Pids of every worker of this daemon (the supervisor's children)."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/task/{ppid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return [os.getpid()]
+
+
+async def _wait_states(data_dir: str, nworkers: int, key: str, after: int,
+                       deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if all(read_state(data_dir, i).get(key, 0) > after for i in range(nworkers)):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def flush_everywhere(w: Worker, timeout: float = 120) -> tuple[bool, str]:
+    """Rotate every worker's commit log, then flush every worker's closed blocks; trim."""
+    deadline = time.monotonic() + timeout
+    for key, sig in (("rotated_seq", signal.SIGUSR1), ("pass_seq", signal.SIGUSR2)):
+        mark = int(lib.m3_seq_sync(w.seg.base))
+        for pid in sibling_workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if not await _wait_states(w.data_dir, w.nworkers, key, mark, deadline):
+            late = [i for i in range(w.nworkers)
+                    if read_state(w.data_dir, i).get(key, 0) <= mark]
+            return False, f"workers {late} did not finish the {key.split('_')[0]} phase " \
+                          f"in {timeout:.0f}s"
+    removed = await asyncio.get_running_loop().run_in_executor(w.pool, w.flusher.trim)
+    return True, f"flushed; {len(removed)} commit-log files deleted"
