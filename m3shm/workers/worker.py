@@ -338,4 +338,4 @@ def worker_main(cfg: Config, seg: Segment, index: int, boot: int, incarnation: i
         signal.signal(sig, signal.SIG_DFL)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):  # until the event loop handles them
         signal.signal(sig, signal.SIG_IGN)
-        return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()
+    return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()
