@@ -365,3 +365,4 @@ def _export_shard(seg, store, namespace: str, shard: int, slots: list[int], sele
         stamps = ",".join(map(str, ts.tolist()))
         lines.append(f'{{"metric":{metric},"values":[{_fmt_values(vs)}],'
                      f'"timestamps":[{stamps}]}}\n')
+    return "".join(lines).encode()
