@@ -261,6 +261,12 @@ static m3_sketch *cell_sketch(m3_aggcell *c, uint32_t slot)
     return (m3_sketch *)w0 + slot;
 }
 
+static void set_due(m3_aggcell *c)
+{
+    c->due_ms = c->lo_widx > c->hi_widx ? INT64_MAX
+                                        : (c->lo_widx + 1) * c->p.res_ms + c->p.admission_ms;
+}
+
 int m3_agg_cell_init(uint8_t *cell, uint64_t cap, const m3_agg_params *p)
 {
     uint64_t need = m3_agg_cell_bytes(p);
@@ -273,6 +279,8 @@ int m3_agg_cell_init(uint8_t *cell, uint64_t cap, const m3_agg_params *p)
     c->p = *p;
     c->done_widx = WIDX_NONE;
     c->due_ms = INT64_MAX;
+    c->lo_widx = INT64_MAX;
+    c->hi_widx = WIDX_NONE;
     for (uint32_t k = 0; k < p->nwin; k++) cell_win(c, k)->widx = WIDX_NONE;
     return M3_OK;
 }
@@ -285,7 +293,7 @@ int m3_agg_cell_check(uint8_t *cell, uint64_t cap)
     if (c->version != M3_AGG_VERSION) return M3_EVERSION;
     if (m3_agg_params_check(&c->p) || c->flags != flags_for(&c->p)) return M3_ECORRUPT;
     if (m3_agg_cell_bytes(&c->p) > cap) return M3_ECORRUPT;
-    int64_t due = INT64_MAX;
+    int64_t lo = INT64_MAX, hi = WIDX_NONE;
     for (uint32_t k = 0; k < c->p.nwin; k++) {
         m3_aggwin *w = cell_win(c, k);
         if (w->widx == WIDX_NONE) continue;
@@ -296,10 +304,20 @@ int m3_agg_cell_check(uint8_t *cell, uint64_t cap)
             w->widx = WIDX_NONE;  /* a slot a killed writer left half-made: drop it */
             continue;
         }
-        int64_t end = (w->widx + 1) * c->p.res_ms + c->p.admission_ms;
-        if (end < due) due = end;
+        if (w->widx < lo) lo = w->widx;
+        if (w->widx > hi) hi = w->widx;
     }
-    c->due_ms = due;
+    if (hi != WIDX_NONE && hi - lo >= (int64_t)c->p.nwin) {
+        /* open windows must be nwin consecutive ones at most: keep the newest */
+        for (uint32_t k = 0; k < c->p.nwin; k++) {
+            m3_aggwin *w = cell_win(c, k);
+            if (w->widx != WIDX_NONE && w->widx <= hi - (int64_t)c->p.nwin) w->widx = WIDX_NONE;
+        }
+        lo = hi - (int64_t)c->p.nwin + 1;
+    }
+    c->lo_widx = hi == WIDX_NONE ? INT64_MAX : lo;
+    c->hi_widx = hi;
+    set_due(c);
     return M3_OK;
 }
 
@@ -369,7 +387,9 @@ static void win_open(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t widx)
     w->min = INFINITY;
     w->max = -INFINITY;
     if (c->flags & FLAG_SKETCH) m3_sketch_init(cell_sketch(c, slot));
-    int64_t due = (widx + 1) * c->p.res_ms + c->p.admission_ms;
+    if (c->hi_widx == WIDX_NONE || widx < c->lo_widx) c->lo_widx = widx;
+    if (c->hi_widx == WIDX_NONE || widx > c->hi_widx) c->hi_widx = widx;
+    int64_t due = (c->lo_widx + 1) * c->p.res_ms + c->p.admission_ms;
     if (due < c->due_ms) c->due_ms = due;
 }
 
@@ -383,17 +403,22 @@ static void win_add(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t ts, int6
         w->last = v;
     }
     if (from < w->first_ts) w->first_ts = from;
-    if (v < w->min) w->min = v;
+    const uint32_t m = c->p.aggmask;
+    if (v < w->min) w->min = v;   /* also clamp the sketch's estimates */
     if (v > w->max) w->max = v;
-    /* Neumaier: keep the low-order bits the running sum loses */
-    double t = w->sum + v;
-    if (fabs(w->sum) >= fabs(v)) w->sum_c += (w->sum - t) + v;
-    else w->sum_c += (v - t) + w->sum;
-    w->sum = t;
-    double d = v - w->mean;
-    w->mean += d / (double)w->count;
-    w->m2 += d * (v - w->mean);
-    w->sumsq += v * v;
+    if (m & ((1u << M3_AGG_SUM) | (1u << M3_AGG_MEAN))) {
+        /* Neumaier: keep the low-order bits the running sum loses */
+        double t = w->sum + v;
+        if (fabs(w->sum) >= fabs(v)) w->sum_c += (w->sum - t) + v;
+        else w->sum_c += (v - t) + w->sum;
+        w->sum = t;
+    }
+    if (m & (1u << M3_AGG_STDEV)) {
+        double d = v - w->mean;
+        w->mean += d / (double)w->count;
+        w->m2 += d * (v - w->mean);
+    }
+    if (m & (1u << M3_AGG_SUMSQ)) w->sumsq += v * v;
 }
 
 static const double QUANTILE_OF[22] = {
@@ -455,37 +480,27 @@ static void win_emit(m3_aggcell *c, uint32_t cell, uint32_t slot, m3_agg_out *ou
     c->emitted++;
 }
 
-static void recompute_due(m3_aggcell *c)
-{
-    int64_t due = INT64_MAX;
-    for (uint32_t k = 0; k < c->p.nwin; k++) {
-        m3_aggwin *w = cell_win(c, k);
-        if (w->widx == WIDX_NONE) continue;
-        int64_t d = (w->widx + 1) * c->p.res_ms + c->p.admission_ms;
-        if (d < due) due = d;
-    }
-    c->due_ms = due;
-}
-
 /* Finalise open windows with widx <= upto, oldest first, while out has room for a window's
-   rows. Returns 0 if all were finalised, M3_ENOSPC if it stopped for room. */
+   rows. Walks widx from lo_widx, so it touches only the slots of windows it may finalise.
+   Returns 0 if all were finalised, M3_ENOSPC if it stopped for room. */
 static int finalise_upto(m3_aggcell *c, uint32_t cell, int64_t upto, m3_agg_out *out,
                          size_t cap, size_t *nout)
 {
     size_t rows = (size_t)popcount32(c->p.aggmask);
+    const int64_t nwin = c->p.nwin;
     int rc = M3_OK;
-    for (;;) {
-        uint32_t best = UINT32_MAX;
-        int64_t bw = INT64_MAX;
-        for (uint32_t k = 0; k < c->p.nwin; k++) {
-            int64_t x = cell_win(c, k)->widx;
-            if (x != WIDX_NONE && x <= upto && x < bw) { bw = x; best = k; }
-        }
-        if (best == UINT32_MAX) break;
+    if (c->hi_widx == WIDX_NONE) return rc;
+    int64_t last = upto < c->hi_widx ? upto : c->hi_widx;
+    /* windows below hi - nwin + 1 cannot be open (the ring holds nwin consecutive ones) */
+    int64_t w = c->lo_widx > c->hi_widx - nwin + 1 ? c->lo_widx : c->hi_widx - nwin + 1;
+    for (; w <= last; w++) {
+        uint32_t slot = (uint32_t)(((w % nwin) + nwin) % nwin);
+        if (cell_win(c, slot)->widx != w) continue;
         if (cap - *nout < rows) { rc = M3_ENOSPC; break; }
-        win_emit(c, cell, best, out, nout);
+        win_emit(c, cell, slot, out, nout);
     }
-    recompute_due(c);
+    if (w > c->lo_widx) c->lo_widx = w;
+    set_due(c);
     return rc;
 }
 
@@ -497,11 +512,15 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
     const uint32_t nwin = c->p.nwin;
     const int ordered = chain_ordered(c->p.pre);
     const int has_pre = c->p.pre[0] != M3_XF_NONE;
+    /* the window of the previous sample and its slot: most samples fall in it, and then
+       neither index needs a division */
+    int64_t cur = WIDX_NONE, cur_lo = 0, cur_hi = -1;
+    uint32_t cur_slot = 0;
     for (size_t i = 0; i < n; i++) {
         int64_t t = ts[i];
         double x = v[i];
         if (isnan(x) || t > TS_LIMIT || t < -TS_LIMIT) { c->invalid++; continue; }
-        int64_t widx = floor_div(t - 1, res);
+        int64_t widx = (t > cur_lo && t <= cur_hi) ? cur : floor_div(t - 1, res);
         if (widx <= c->done_widx || (widx + 1) * res + adm <= now) {
             /* the window is final: count the sample, never apply it (transform state too) */
             c->late++;
@@ -525,14 +544,15 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
             }
             if (!keep) continue;
         }
-        uint32_t slot = (uint32_t)(((widx % (int64_t)nwin) + nwin) % nwin);
+        uint32_t slot = widx == cur ? cur_slot
+                                    : (uint32_t)(((widx % (int64_t)nwin) + nwin) % nwin);
         m3_aggwin *w = cell_win(c, slot);
         if (w->widx != widx) {
             if (w->widx != WIDX_NONE) {
                 /* the ring is full: finalise every open window at or below widx - nwin */
                 M3_ASSERT(w->widx < widx);
                 size_t need = 0;
-                for (uint32_t k = 0; k < nwin; k++) {
+                for (uint32_t k = 0; k < nwin; k++) {  /* rare: only when the ring is full */
                     int64_t x2 = cell_win(c, k)->widx;
                     if (x2 != WIDX_NONE && x2 <= widx - (int64_t)nwin) need++;
                 }
@@ -550,6 +570,10 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
         }
         win_add(c, w, slot, t, from, x);
         c->applied++;
+        cur = widx;
+        cur_slot = slot;
+        cur_lo = widx * res;
+        cur_hi = cur_lo + res;
     }
     *done = n;
     return M3_OK;
@@ -567,7 +591,12 @@ static m3_aggcell *cell_at(uint8_t *base, uint64_t stride, uint32_t ncells, uint
 {
     if (!base || cell >= ncells || stride < sizeof(m3_aggcell) || (stride & 7)) return 0;
     m3_aggcell *c = (m3_aggcell *)(base + (uint64_t)cell * stride);
-    if (c->magic != CELL_MAGIC || m3_agg_cell_bytes(&c->p) > stride) return 0;
+    /* cheap checks only (this runs per run of samples): init validated the parameters, and
+       m3_agg_cell_check re-validates them after a restart */
+    if (c->magic != CELL_MAGIC || c->p.nwin < 1 || c->p.nwin > M3_AGG_MAX_WINDOWS ||
+        sizeof(m3_aggcell) + (uint64_t)c->p.nwin * win_bytes(c->flags) > stride ||
+        c->p.res_ms <= 0)
+        return 0;
     return c;
 }
 
@@ -590,15 +619,17 @@ int m3_agg_apply(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell,
 }
 
 int m3_agg_apply_runs(uint8_t *base, uint64_t stride, uint32_t ncells, const uint32_t *run_cell,
-                      const uint64_t *run_off, size_t nruns, uint64_t seq, const int64_t *ts,
-                      const double *v, int64_t now_ms, m3_agg_out *out, size_t cap,
-                      size_t *nout, size_t *done_runs, size_t *done)
+                      const uint64_t *run_start, const uint64_t *run_end, size_t nruns,
+                      uint64_t seq, const int64_t *ts, const double *v, int64_t now_ms,
+                      m3_agg_out *out, size_t cap, size_t *nout, size_t *done_runs,
+                      size_t *done)
 {
-    if (!done_runs || !done || (nruns && (!run_cell || !run_off))) return M3_EINVAL;
+    if (!done_runs || !done || (nruns && (!run_cell || !run_start || !run_end)))
+        return M3_EINVAL;
     *done_runs = 0;
     *done = 0;
     for (size_t r = 0; r < nruns; r++) {
-        uint64_t a = run_off[r], b = run_off[r + 1];
+        uint64_t a = run_start[r], b = run_end[r];
         if (b < a) return M3_EINVAL;
         size_t got = 0;
         int rc = m3_agg_apply(base, stride, ncells, run_cell[r], seq, ts + a, v + a,

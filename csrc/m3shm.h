@@ -568,7 +568,9 @@ typedef struct m3_aggcell {
     m3_agg_params p;
     uint64_t last_seq;     /* highest batch sequence applied (0 = none) */
     int64_t done_widx;     /* every window <= done_widx is final */
-    int64_t due_ms;        /* earliest time an open window becomes final; INT64_MAX = none */
+    int64_t due_ms;        /* earliest time an open window may become final; INT64_MAX = none */
+    int64_t lo_widx;       /* no open window below it (a bound, not necessarily open) */
+    int64_t hi_widx;       /* the newest open window (INT64_MIN: none ever opened) */
     uint64_t applied;      /* samples applied to a window */
     uint64_t late;         /* samples for a final window: counted, not applied */
     uint64_t ooo;          /* samples not after the previous one, skipped by a transform */
@@ -607,12 +609,14 @@ int m3_agg_cell_check(uint8_t *cell, uint64_t cap);
 int m3_agg_apply(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell, uint64_t seq,
                  const int64_t *ts, const double *v, size_t n, int64_t now_ms,
                  m3_agg_out *out, size_t cap, size_t *nout, size_t *done);
-/* Many runs at once: run r applies samples [run_off[r], run_off[r+1]) to cell run_cell[r].
+/* Many runs at once: run r applies samples [run_start[r], run_end[r]) to cell run_cell[r]
+   (runs may share samples: one series' samples applied to each of its cells, no copies).
    On M3_ENOSPC, runs [0, *done_runs) are applied and *done samples of the next one. */
 int m3_agg_apply_runs(uint8_t *base, uint64_t stride, uint32_t ncells, const uint32_t *run_cell,
-                      const uint64_t *run_off, size_t nruns, uint64_t seq, const int64_t *ts,
-                      const double *v, int64_t now_ms, m3_agg_out *out, size_t cap,
-                      size_t *nout, size_t *done_runs, size_t *done);
+                      const uint64_t *run_start, const uint64_t *run_end, size_t nruns,
+                      uint64_t seq, const int64_t *ts, const double *v, int64_t now_ms,
+                      m3_agg_out *out, size_t cap, size_t *nout, size_t *done_runs,
+                      size_t *done);
 /* Finalise, oldest first, every window of cells [first, ncells) whose end + admission <= now.
    M3_ENOSPC when out is full: resume from cell *next (its remaining windows stay open). */
 int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t first,

@@ -152,7 +152,7 @@ def test_apply_runs_matches_apply() -> None:
     bounds = np.array([0, 1000, 2500, 5000], dtype=np.uint64)
     rows_a = [a.apply(i, ts[bounds[i]:bounds[i + 1]], vs[bounds[i]:bounds[i + 1]], 0)
               for i in range(3)]
-    rows_b = b.apply_runs([0, 1, 2], bounds, ts, vs, now_ms=0)
+    rows_b = b.apply_runs([0, 1, 2], bounds[:-1], bounds[1:], ts, vs, now_ms=0)
     assert np.array_equal(np.concatenate(rows_a), rows_b)
     assert np.array_equal(a.finalise(10**9), b.finalise(10**9))
 

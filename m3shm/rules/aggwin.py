@@ -150,38 +150,39 @@ class Cells:
                 check(rc, f"cell {cell}: output buffer too small for one eviction")
             start += done[0]
 
-    def apply_runs(self, run_cell: Any, run_off: Any, ts: Any, values: Any, now_ms: int,
-                   seq: int = 0) -> np.ndarray:
-        """Run ``r`` applies samples ``[run_off[r], run_off[r+1])`` to cell ``run_cell[r]``."""
-        rc_arr = np.ascontiguousarray(run_cell, dtype=np.uint32)
-        ro = np.ascontiguousarray(run_off, dtype=np.uint64)
+    def apply_runs(self, run_cell: Any, run_start: Any, run_end: Any, ts: Any, values: Any,
+                   now_ms: int, seq: int = 0) -> np.ndarray:
+        """Run ``r`` applies samples ``[run_start[r], run_end[r])`` to cell ``run_cell[r]``;
+        runs may share samples (one series' samples applied to each of its cells)."""
+        cell_ids = np.ascontiguousarray(run_cell, dtype=np.uint32)
+        start = np.array(run_start, dtype=np.uint64)  # a copy: resuming moves a start
+        end = np.ascontiguousarray(run_end, dtype=np.uint64)
         t = np.ascontiguousarray(ts, dtype=np.int64)
         v = np.ascontiguousarray(values, dtype=np.float64)
-        if len(ro) != len(rc_arr) + 1 or (len(ro) and int(ro[-1]) > len(t)) or len(t) != len(v):
-            raise ValueError("run_off must have one more entry than run_cell and end within "
-                             "the samples; timestamps and values must be of equal length")
+        if not (len(cell_ids) == len(start) == len(end)) or len(t) != len(v) or (
+                len(end) and (int(end.max()) > len(t) or bool((start > end).any()))):
+            raise ValueError("runs need equal-length cell/start/end arrays with start <= end "
+                             "<= the number of samples; timestamps and values of equal length")
         pt, pv = ffi.from_buffer("int64_t[]", t), ffi.from_buffer("double[]", v)
+        pc = ffi.from_buffer("uint32_t[]", cell_ids)
+        ps, pe = ffi.from_buffer("uint64_t[]", start), ffi.from_buffer("uint64_t[]", end)
         nout = ffi.new("size_t *")
         done_runs, done = ffi.new("size_t *"), ffi.new("size_t *")
         chunks: list[np.ndarray] = []
         r0 = 0
         while True:
             nout[0] = 0
-            sub_off = ro[r0:].copy()
-            rc = lib.m3_agg_apply_runs(self._base, self.stride, self.n,
-                                       ffi.from_buffer("uint32_t[]", rc_arr[r0:]),
-                                       ffi.from_buffer("uint64_t[]", sub_off),
-                                       len(rc_arr) - r0, seq, pt, pv, now_ms, self._pout,
-                                       len(self._out), nout, done_runs, done)
+            rc = lib.m3_agg_apply_runs(self._base, self.stride, self.n, pc + r0, ps + r0,
+                                       pe + r0, len(cell_ids) - r0, seq, pt, pv, now_ms,
+                                       self._pout, len(self._out), nout, done_runs, done)
             chunks.append(self._out[: nout[0]].copy())
             if rc != lib.M3_ENOSPC:
-                check(rc, f"applying {len(rc_arr)} runs")
+                check(rc, f"applying {len(cell_ids)} runs")
                 return self._rows(chunks)
             if nout[0] == 0:
                 check(rc, "output buffer too small for one eviction")
             r0 += done_runs[0]
-            ro = ro.copy()
-            ro[r0] += done[0]  # the interrupted run resumes after its applied samples
+            start[r0] += done[0]  # the interrupted run resumes after its applied samples
 
     def finalise(self, now_ms: int) -> np.ndarray:
         """Rows of every window whose end + admission <= now_ms, oldest first per cell."""
