@@ -89,7 +89,7 @@ static int32_t sk_index(double mag)
     return (int32_t)x;
 }
 
-static double sk_value(int32_t i)
+static double sk_value(int64_t i)
 {
     double g = sk_gamma();
     return 2.0 * pow(g, (double)i) / (g + 1.0);
@@ -178,13 +178,13 @@ double m3_sketch_quantile(const m3_sketch *s, double q, double lo, double hi)
     /* negatives, most negative first: highest magnitude bucket first */
     for (int32_t k = M3_SKETCH_NEG - 1; k >= 0 && nneg; k--) {
         seen += s->neg[k];
-        if (seen >= rank) { est = -sk_value(s->neg_lo + k); goto done; }
+        if (seen >= rank) { est = -sk_value((int64_t)s->neg_lo + k); goto done; }
     }
     seen += s->zero;
     if (seen >= rank) { est = 0.0; goto done; }
     for (int32_t k = 0; k < M3_SKETCH_POS; k++) {
         seen += s->pos[k];
-        if (seen >= rank) { est = sk_value(s->pos_lo + k); goto done; }
+        if (seen >= rank) { est = sk_value((int64_t)s->pos_lo + k); goto done; }
     }
     return NAN; /* unreachable: counts add up to n */
 done:
@@ -317,6 +317,8 @@ int m3_agg_cell_check(uint8_t *cell, uint64_t cap)
     }
     c->lo_widx = hi == WIDX_NONE ? INT64_MAX : lo;
     c->hi_widx = hi;
+    if (hi != WIDX_NONE && hi - (int64_t)c->p.nwin > c->done_widx)
+        c->done_widx = hi - (int64_t)c->p.nwin;
     set_due(c);
     return M3_OK;
 }
@@ -351,7 +353,8 @@ static int xf_step(uint8_t op, m3_xstate *st, int64_t ts, double *v, int64_t *fr
         if (from) *from = pts;
         if (op == M3_XF_PERSECOND) {
             if (ts <= pts) return 0;
-            d = d / ((double)(ts - pts) / 1000.0);
+            /* in doubles: a cell read back after a crash may hold any prev_ts */
+            d = d / (((double)ts - (double)pts) / 1000.0);
         }
         *v = d;
         return 1;
@@ -388,7 +391,13 @@ static void win_open(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t widx)
     w->max = -INFINITY;
     if (c->flags & FLAG_SKETCH) m3_sketch_init(cell_sketch(c, slot));
     if (c->hi_widx == WIDX_NONE || widx < c->lo_widx) c->lo_widx = widx;
-    if (c->hi_widx == WIDX_NONE || widx > c->hi_widx) c->hi_widx = widx;
+    if (c->hi_widx == WIDX_NONE || widx > c->hi_widx) {
+        /* the ring holds nwin consecutive windows: with this one open, windows at or below
+           widx - nwin can never be opened again, so they are final (the caller has already
+           finalised any that were open) */
+        c->hi_widx = widx;
+        if (widx - (int64_t)c->p.nwin > c->done_widx) c->done_widx = widx - (int64_t)c->p.nwin;
+    }
     int64_t due = (c->lo_widx + 1) * c->p.res_ms + c->p.admission_ms;
     if (due < c->due_ms) c->due_ms = due;
 }
@@ -445,7 +454,7 @@ static int win_value(m3_aggcell *c, uint32_t slot, const m3_aggwin *w, int agg, 
         *out = w->sum + w->sum_c;
         if (c->flags & FLAG_RATE) {
             if (w->last_ts <= w->first_ts) return 0;
-            *out /= (double)(w->last_ts - w->first_ts) / 1000.0;
+            *out /= ((double)w->last_ts - (double)w->first_ts) / 1000.0;
         }
         return 1;
     default:
@@ -526,6 +535,24 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
             c->late++;
             continue;
         }
+        if (c->hi_widx != WIDX_NONE && widx - (int64_t)nwin >= c->lo_widx) {
+            /* the ring holds nwin consecutive windows: finalise (early) every open window at
+               or below widx - nwin before this one opens. Checked before the transforms, so
+               an M3_ENOSPC return leaves sample i untouched for the resume. */
+            size_t need = 0;
+            for (uint32_t k = 0; k < nwin; k++) {  /* rare: only when windows are skipped */
+                int64_t x2 = cell_win(c, k)->widx;
+                if (x2 != WIDX_NONE && x2 <= widx - (int64_t)nwin) need++;
+            }
+            if (cap - *nout < need * (size_t)popcount32(c->p.aggmask)) {
+                *done = i;
+                return M3_ENOSPC;
+            }
+            uint64_t before = c->emitted;
+            finalise_upto(c, cell, widx - (int64_t)nwin, out, cap, nout);
+            c->evicted += c->emitted - before;
+            if (widx - (int64_t)nwin > c->done_widx) c->done_widx = widx - (int64_t)nwin;
+        }
         int64_t from = t;
         if (has_pre) {
             if (ordered) {
@@ -549,22 +576,11 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
         m3_aggwin *w = cell_win(c, slot);
         if (w->widx != widx) {
             if (w->widx != WIDX_NONE) {
-                /* the ring is full: finalise every open window at or below widx - nwin */
-                M3_ASSERT(w->widx < widx);
-                size_t need = 0;
-                for (uint32_t k = 0; k < nwin; k++) {  /* rare: only when the ring is full */
-                    int64_t x2 = cell_win(c, k)->widx;
-                    if (x2 != WIDX_NONE && x2 <= widx - (int64_t)nwin) need++;
-                }
-                need *= (size_t)popcount32(c->p.aggmask);
-                if (cap - *nout < need) {
-                    *done = i;
-                    return M3_ENOSPC;
-                }
-                uint64_t before = c->emitted;
-                finalise_upto(c, cell, widx - (int64_t)nwin, out, cap, nout);
-                c->evicted += c->emitted - before;
-                if (widx - (int64_t)nwin > c->done_widx) c->done_widx = widx - (int64_t)nwin;
+                /* impossible: an open window in this slot is > widx - nwin and != widx,
+                   so it is > widx, and opening it made done_widx >= widx */
+                M3_ASSERT(0);
+                c->late++;
+                continue;
             }
             win_open(c, w, slot, widx);
         }

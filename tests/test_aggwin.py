@@ -132,6 +132,18 @@ def test_a_full_ring_finalises_its_oldest_windows_early() -> None:
     assert by_window(cells.finalise(2 * 10**9)) == {(50_000, "Last"): 5.0, (60_000, "Last"): 6.0}
 
 
+def test_a_window_far_ahead_finalises_windows_it_leaves_behind() -> None:
+    # window 5 lands in an empty slot of a 4-slot ring while window 0 is open: window 0 must
+    # go (final), and window 1 (<= 5 - 4) is late from then on (found by fuzz_aggwin_cell)
+    cells = Cells.of([CellParams(RES, 10**9, ("Count",), nwin=4)])
+    cells.apply(0, [5_000], [1.0], now_ms=0)
+    early = cells.apply(0, [55_000, 15_000, 25_000], [1.0, 1.0, 1.0], now_ms=0)
+    assert [(int(r["ts"]), r["value"]) for r in early] == [(10_000, 1.0)]
+    assert cells.cell(0).late == 1  # window 1 (15 s); window 2 (25 s) is still open
+    assert by_window(cells.finalise(2 * 10**9)) == {(30_000, "Count"): 1.0,
+                                                     (60_000, "Count"): 1.0}
+
+
 def test_finalise_resumes_when_its_output_fills() -> None:
     n = 3000  # 3000 cells x 2 windows = 6000 rows > the 4096-row output buffer
     cells = Cells.of([CellParams(RES, 0, ("Sum",), nwin=2)] * n)
