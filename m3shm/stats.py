@@ -68,7 +68,8 @@ REQUEST_REASONS = ("method", "unsupported_media_type", "too_large", "malformed",
                    "invalid_series", "segment_full", "overloaded", "shutting_down")
 SAMPLE_REASONS = ("bad_label_name", "duplicate_label", "no_labels", "no_metric_name",
                   "too_many_labels", "label_too_long", "too_old", "too_new", "histogram",
-                  "malformed", "bad_utf8", "segment_full", "overloaded", "shutting_down")
+                  "malformed", "bad_utf8", "segment_full", "overloaded", "shutting_down",
+                  "exemplars", "bad_symbol_ref", "too_many_series", "bad_metadata")
 assert W_FSYNC_BUCKETS + len(FSYNC_BUCKETS_S) + 1 <= W_REQ_REJECTED
 assert W_REQ_REJECTED + len(REQUEST_REASONS) <= W_SAMPLES_REJECTED
 assert W_SAMPLES_REJECTED + len(SAMPLE_REASONS) <= WORKER_SLOTS
@@ -182,9 +183,8 @@ class WorkerStats:
             self.reject_samples(sample_reason or reason, samples)
 
     def reject_samples(self, reason: str, n: int) -> None:
-        i = SAMPLE_REASONS.index(reason) if reason in SAMPLE_REASONS else \
-            SAMPLE_REASONS.index("malformed")
-        self.s[self.base + W_SAMPLES_REJECTED + i] += n
+        """``reason``: one of SAMPLE_REASONS (every decoder reason is one; a test checks)."""
+        self.s[self.base + W_SAMPLES_REJECTED + SAMPLE_REASONS.index(reason)] += n
 
     def observe_fsync(self, seconds: float) -> None:
         """Record one fsync's latency (caller holds the commit log's lock)."""

@@ -16,6 +16,14 @@ import snappy
 from test_daemon_harness import Daemon, now_ms, write_request
 
 
+def test_every_decoder_reason_has_a_counter() -> None:
+    from m3shm import stats
+    from m3shm.net.rwdecode import REASONS
+
+    assert set(REASONS.values()) <= set(stats.SAMPLE_REASONS)
+    assert len(set(stats.SAMPLE_REASONS)) == len(stats.SAMPLE_REASONS)
+
+
 def parse(text: str) -> dict[str, float]:
     """``{'name{labels}': value}`` for every sample line."""
     out = {}
