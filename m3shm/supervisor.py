@@ -172,7 +172,11 @@ class Supervisor:
         params = SegParams(num_shards=c.shards, num_producers=self.nworkers,
                            lane_bytes=c.shm.lane_bytes, series_per_shard=c.shm.series_per_shard,
                            arena_bytes=c.shm.arena_bytes, block_ms=c.raw_namespace.block_size_ms,
-                           seq_base=seq_base_now())
+                           seq_base=seq_base_now(),
+                           buffer_past_ms=c.raw_namespace.buffer_past_ms,
+                           buffer_future_ms=c.raw_namespace.buffer_future_ms,
+                           retention_ms=c.raw_namespace.retention_ms,
+                           cold_writes=c.raw_namespace.cold_writes)
         path = segment_path(self.data)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a previous boot's segment: its data is in the commit logs

@@ -107,10 +107,12 @@ def test_duplicate_label_name(daemon):
 
 
 def test_time_window(daemon):
-    t = now_ms()
-    code, body, _ = daemon.write([({"__name__": "old"}, [(t - 3_600_000, 1.0), (t, 2.0)])])
-    assert code == 400 and b"too old" in body and b"cold writes" in body
-    assert daemon.export_map("old") == {(("__name__", "old"),): {t: 2.0}}
+    t = now_ms()  # default namespace: 48h retention, cold writes on
+    code, body, _ = daemon.write([({"__name__": "old"}, [(t - 49 * 3_600_000, 1.0),
+                                                         (t - 3_600_000, 3.0), (t, 2.0)])])
+    assert code == 400 and b"too old" in body, body
+    assert b"accepts now-2d (retention, cold writes on) .. now+2m" in body, body
+    assert daemon.export_map("old") == {(("__name__", "old"),): {t - 3_600_000: 3.0, t: 2.0}}
     code, body, _ = daemon.write([({"__name__": "future"}, [(t + 3_600_000, 1.0)])])
     assert code == 400 and b"too far in the future" in body
 

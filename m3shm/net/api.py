@@ -35,6 +35,7 @@ from m3shm.storage.metadata_hashes import MetaHashSet
 from m3shm.workers.ingest import Overloaded
 
 if TYPE_CHECKING:
+    from m3shm.config import NamespaceConfig
     from m3shm.net.promapi import PromApi
     from m3shm.workers.worker import Worker
 
@@ -148,7 +149,9 @@ class Api:
             return text(503, "shutting down", **{"Retry-After": "1"}, **none)
         now = int(time.time() * 1000)
         ns = self.cfg.raw_namespace
-        limits = Limits(min_ts=now - ns.buffer_past_ms,
+        # warm writes reach back bufferPast; cold writes (when on) back to retention
+        oldest = ns.retention_ms if ns.cold_writes else ns.buffer_past_ms
+        limits = Limits(min_ts=now - oldest,
                         max_ts=now + ns.buffer_future_ms,
                         num_shards=self.cfg.shards, max_labels=lim.max_labels,
                         max_name_bytes=lim.max_label_name_bytes,
@@ -194,9 +197,7 @@ class Api:
                 stats.reject_samples("segment_full", rej_s)
             first = d.message if d.reason else rej_msg
             if d.reason in ("too_old", "too_new"):
-                first += (f" (namespace {ns.name!r} accepts now-{ns.buffer_past_ms // 1000}s"
-                          f" .. now+{ns.buffer_future_ms // 1000}s; older samples need cold "
-                          "writes, not supported yet)")
+                first += " " + accepted_window(ns)
             extra = "".join(f"; {n} {what} rejected" for n, what in (
                 (d.histograms_bad, "histogram samples"), (d.exemplars_bad, "exemplars"),
                 (d.meta_bad, "metadata entries")) if n)
@@ -254,6 +255,23 @@ class _BadBody(ValueError):
     def __init__(self, msg: str, reason: str = "malformed") -> None:
         super().__init__(msg)
         self.reason = reason  # one of stats.REQUEST_REASONS
+
+
+def _dur(ms: int) -> str:
+    for unit, n in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= n and ms % n == 0:
+            return f"{ms // n}{unit}"
+    return f"{ms}ms"
+
+
+def accepted_window(ns: NamespaceConfig) -> str:
+    """The time window a namespace accepts, for "too old" / "too new" answers."""
+    if ns.cold_writes:
+        return (f"(namespace {ns.name!r} accepts now-{_dur(ns.retention_ms)} (retention, "
+                f"cold writes on) .. now+{_dur(ns.buffer_future_ms)} (bufferFuture))")
+    return (f"(namespace {ns.name!r} accepts now-{_dur(ns.buffer_past_ms)} (bufferPast) .. "
+            f"now+{_dur(ns.buffer_future_ms)} (bufferFuture); older samples are refused "
+            "because coldWrites is off)")
 
 
 def written_headers(samples: int) -> dict[str, str]:

@@ -265,13 +265,48 @@ def covered(idx: dict, passes: list[PassState | None]) -> bool:
     return True
 
 
+def first_seq(path: str) -> int | None:
+    """Sequence number of a file's first batch, from its record header (None if the file
+    holds none yet). The file may be another worker's, being appended to: nothing is logged
+    and no CRC is checked (a torn first header reads as no batch)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(FILE_HEADER.size + REC_HEADER.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < FILE_HEADER.size + REC_HEADER.size or head[:4] != FILE_MAGIC:
+        return None
+    seq = REC_HEADER.unpack_from(head, FILE_HEADER.size)[2]
+    return seq or None
+
+
+def deletable(directory: str, passes: list[PassState | None]) -> list[str]:
+    """The closed files that may be deleted (and need no replay): those the passes cover and
+    that hold no batch newer than a batch of a file that stays.
+
+    Coverage alone is not enough: file A may stay (it also holds samples of a block that is
+    still open) while a later file B, which overwrote one of A's samples in a flushed block,
+    is covered. Replaying A without B would re-apply the older value on top of the fileset
+    that holds the newer one. So a covered file goes only once its ``close_seq`` is below the
+    first sequence number of every file that stays; replay then applies what stays in
+    sequence order over filesets that hold only older writes."""
+    files = list_files(directory)
+    idx = {p: read_index(p) for p in files}
+    gone = {p for p in files if idx[p] is not None and covered(idx[p], passes)}
+    firsts = {p: first_seq(p) for p in files}
+    while True:  # keeping a file can hold back others: shrink to the fixpoint
+        floor = min((firsts[p] for p in files if p not in gone and firsts[p] is not None),
+                    default=None)
+        held = {p for p in gone if floor is not None and idx[p]["close_seq"] >= floor}
+        if not held:
+            return sorted(gone)
+        gone -= held
+
+
 def trim(directory: str, passes: list[PassState | None]) -> list[str]:
-    """Delete every closed file that the passes cover; returns the deleted paths."""
+    """Delete every file :func:`deletable` allows; returns the deleted paths."""
     removed = []
-    for path in list_files(directory):
-        idx = read_index(path)
-        if idx is None or not covered(idx, passes):
-            continue
+    for path in deletable(directory, passes):
         for p in (path, index_path(path)):
             try:
                 os.unlink(p)

@@ -273,9 +273,10 @@ class Worker:
 
         passes = read_passes(self.data_dir, self.nworkers)
 
+        gone = set(commitlog.deletable(self.cl_dir, passes))
+
         def skip(path: str) -> bool:
-            idx = commitlog.read_index(path)
-            return idx is not None and commitlog.covered(idx, passes)
+            return path in gone
 
         n = 0
         files = [p for p in commitlog.list_files(self.cl_dir, self.boot) if not skip(p)]
