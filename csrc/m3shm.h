@@ -470,8 +470,8 @@ int m3_series_gens(const uint8_t *base, uint32_t shard, const uint32_t *slots, s
 int m3_series_labels_many(const uint8_t *base, uint32_t shard, const uint32_t *slots,
                           size_t n, uint8_t *out, size_t cap, uint64_t *offs, uint32_t *gens,
                           size_t *done);
-/* Per series (slots[i], gens[i]) of [0, n): chunks whose block overlaps [mint, maxt] and their
-   published samples (what m3_series_chunks would copy now); 0 and 0 for a series that is
+/* Per series (slots[i], gens[i]) of [0, n): chunks that may hold samples in [mint, maxt] (by
+   their first and last timestamps) and their published samples (what m3_series_chunks would copy now); 0 and 0 for a series that is
    gone (its slot not live, or live with another generation). */
 int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
                      const uint32_t *gens, size_t n, int64_t mint, int64_t maxt,
@@ -655,3 +655,33 @@ int m3_batch_time_range(const uint8_t *batch, size_t len, int64_t *mint, int64_t
 /* A global sequence number taken between a release and an acquire fence: a caller that gets a
    greater number than another caller sees every lane publish that caller made before. */
 uint64_t m3_seq_sync(uint8_t *base);
+
+/* ---- flat_decode.c: a query's blocks -> its flat series (decode, range, last write wins) */
+
+/* Blocks data[offs[i], offs[i+1]) (TSZ, data_len bytes in all) of series bser[i] (adjacent,
+   never decreasing, < nseries, in write order) decoded into ts/v (cap samples): series s at
+   [soffs[s], soffs[s+1]) (nseries + 1 entries), sorted, one sample per timestamp (the later
+   block wins), only [mint, maxt]. Returns the samples written or an error; *bad names the
+   block at fault (M3_ENOSPC: its count exceeds what is left of cap). */
+int64_t m3_decode_flat(const uint8_t *data, size_t data_len, const uint64_t *offs,
+                       const int64_t *bser, size_t nblocks, size_t nseries, int64_t mint,
+                       int64_t maxt, int64_t *ts, double *v, size_t cap, int64_t *soffs,
+                       size_t *bad);
+
+/* ---- windows.c: window bounds of every (series, step) of a query ----------------------- */
+
+/* Series i's samples are ts[offs[i], offs[i+1]) (sorted). lo/hi (nseries x nsteps, row-major)
+   receive, per step s, the bounds of the samples with start[s] <= t <= end[s]. start and end
+   must not decrease (M3_EINVAL otherwise). */
+int m3_windows(const int64_t *ts, const int64_t *offs, size_t nseries, const int64_t *start,
+               const int64_t *end, size_t nsteps, int64_t *lo, int64_t *hi);
+
+/* ---- json_points.c: result points as Prometheus writes them in JSON ------------------- */
+
+/* `[t,"v"],...` for n points (t: MarshalTimestamp; v: Go's FormatFloat(v, 'f', -1, 64)),
+   given the values as CPython's repr of a list of floats (`[v, v, ...]`, reprs_len bytes).
+   Returns the bytes written, M3_ENOSPC if cap is short of what the next point may need
+   (m3_json_points_bound(n) always suffices), M3_ECORRUPT if reprs is not such a repr. */
+int64_t m3_json_points(const int64_t *ts, const char *reprs, size_t reprs_len, size_t n,
+                       char *out, size_t cap);
+size_t m3_json_points_bound(size_t n);

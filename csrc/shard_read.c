@@ -103,6 +103,33 @@ static uint32_t rd_nseries(const uint8_t *base, uint32_t shard)
     return __atomic_load_n(&rd_view_of(base, shard).sh->nseries, __ATOMIC_ACQUIRE);
 }
 
+/* Whether a chunk with `count` published samples (count >= 1, loaded with acquire) may hold a
+   sample in [mint, maxt]. Its first timestamp is the stream's first 64 bits (written before
+   the count was published); every published timestamp is at most the encoder's prev_ts
+   (relaxed: it is at least the value stored before that count was released, and a stream's
+   timestamps only grow), so a chunk entirely outside the range is skipped without copying or
+   decoding it. prev_ts is read under the encoder's seqlock (codec.c, commit_state): when an
+   append is copying the state in (seq odd or moved), the chunk is simply kept. */
+static inline int rd_in_range(const chunk *c, int64_t mint, int64_t maxt)
+{
+    const uint8_t *p = c->buf + TSZ_HEADER_BYTES;
+    uint64_t first = 0;
+    for (int i = 0; i < 8; i++)
+        first = first << 8 | p[i];
+    if ((int64_t)first > maxt)
+        return 0;
+    /* Acquire: pairs with commit_state's release of the even seq; the fields copied before
+       it are visible. */
+    uint32_t s1 = __atomic_load_n(&c->enc.seq, __ATOMIC_ACQUIRE);
+    int64_t last = (int64_t)__atomic_load_n(&c->enc.prev_ts, __ATOMIC_RELAXED);
+    /* Acquire fence: the prev_ts load happens before the second seq load. */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint32_t s2 = __atomic_load_n(&c->enc.seq, __ATOMIC_RELAXED);
+    if ((s1 & 1u) || s1 != s2)
+        return 1;
+    return last >= mint;
+}
+
 /* The generation of a live slot, 0 if it is not live. */
 static inline uint32_t rd_gen(const rd_view *v, uint32_t slot)
 {
@@ -196,7 +223,7 @@ int m3_series_extent(const uint8_t *base, uint32_t shard, const uint32_t *slots,
                 continue;
             uint32_t k = 0;
             /* tsz_count loads the published count with acquire (codec.c) */
-            if (tsz_count(c->buf, c->cap, &k) == M3_OK && k) {
+            if (tsz_count(c->buf, c->cap, &k) == M3_OK && k && rd_in_range(c, mint, maxt)) {
                 nc++;
                 cnt += k;
             }
@@ -260,7 +287,8 @@ int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots,
             const chunk *c = rd_chunk(&v, refs[a].off);
             uint32_t cnt = 0;
             /* tsz_count: acquire load of the published count (see the top of this file) */
-            if (tsz_count(c->buf, c->cap, &cnt) != M3_OK || cnt == 0)
+            if (tsz_count(c->buf, c->cap, &cnt) != M3_OK || cnt == 0 ||
+                !rd_in_range(c, mint, maxt))
                 continue;
             /* Relaxed: ordered after the acquire above; nbits only grows within a chunk. */
             uint64_t nbits = __atomic_load_n(&c->enc.nbits, __ATOMIC_RELAXED);

@@ -30,6 +30,7 @@ import http.client
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -301,8 +302,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated query names")
     ap.add_argument("--keep", action="store_true", help="keep the systems running at the end "
-                    "(prints their ports; Ctrl-C stops them)")
+                    "(prints their ports; Ctrl-C or SIGTERM stops them)")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the systems on TERM too
     tmp = Path(tempfile.mkdtemp(prefix="m3shm-perf-query-"))
     systems: list[System] = []
     try:

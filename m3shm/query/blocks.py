@@ -99,14 +99,48 @@ def _normalise(labels: list[Labels], ts: np.ndarray, vals: np.ndarray, ser: np.n
 
 def decode_batch(batch: BlockBatch, mint: int, maxt: int) -> FlatSeries:
     """Decode a whole BlockBatch in one C call and keep the samples inside [mint, maxt]."""
-    from m3shm import codec
-
     if not len(batch.counts):
         return FlatSeries(list(batch.labels), np.zeros(0, dtype=np.int64),
                           np.zeros(0, dtype=np.float64), np.zeros(len(batch) + 1, np.int64))
-    ts, vals, soffs = codec.decode_many(batch.data, batch.offsets)
-    ser = np.repeat(batch.series.astype(np.int64), np.diff(soffs))
-    return _normalise(list(batch.labels), ts, vals, ser, mint, maxt)
+    bser = np.ascontiguousarray(batch.series, dtype=np.int64)
+    if len(bser) > 1 and (bser[1:] < bser[:-1]).any():  # make each series' blocks adjacent
+        order = np.argsort(bser, kind="stable")
+        starts, ends = batch.offsets[:-1][order], batch.offsets[1:][order]
+        lens = (ends - starts).astype(np.int64)
+        pos = np.repeat(starts.astype(np.int64) - (np.cumsum(lens) - lens), lens) + \
+            np.arange(int(lens.sum()))
+        data = np.asarray(batch.data)[pos]
+        offsets = np.zeros(len(lens) + 1, dtype=np.uint64)
+        np.cumsum(lens, out=offsets[1:])
+        batch = BlockBatch(batch.labels, data, offsets, bser[order], batch.counts[order],
+                           batch.start_ms[order], batch.end_ms[order])
+        bser = batch.series
+    return _decode_flat(list(batch.labels), batch.data, batch.offsets, bser,
+                        int(batch.counts.sum()), mint, maxt)
+
+
+def _decode_flat(labels: list[Labels], data: np.ndarray, offsets: np.ndarray, bser: np.ndarray,
+                 cap: int, mint: int, maxt: int) -> FlatSeries:
+    """csrc/flat_decode.c: decode, keep [mint, maxt], merge overlapping blocks per series."""
+    from m3shm._native import ffi, lib
+    from m3shm.errors import check
+
+    offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+    ts = np.empty(cap, dtype=np.int64)
+    vals = np.empty(cap, dtype=np.float64)
+    soffs = np.empty(len(labels) + 1, dtype=np.int64)
+    bad = ffi.new("size_t *")
+    buf = ffi.from_buffer("uint8_t[]", data)
+    n = lib.m3_decode_flat(buf, len(buf), ffi.from_buffer("uint64_t[]", offs),
+                           ffi.from_buffer("int64_t[]", bser), len(bser), len(labels), mint,
+                           maxt, ffi.from_buffer("int64_t[]", ts),
+                           ffi.from_buffer("double[]", vals), cap,
+                           ffi.from_buffer("int64_t[]", soffs), bad)
+    if n < 0:
+        b = int(bad[0])
+        who = labels[int(bser[b])] if b < len(bser) and 0 <= bser[b] < len(labels) else "?"
+        check(int(n), f"decoding block {b} of {len(bser)} (series {who})")
+    return FlatSeries(labels, ts[:n], vals[:n], soffs)
 
 
 def concat(parts: list[FlatSeries]) -> FlatSeries:

@@ -34,6 +34,10 @@ def locate(flat: FlatSeries, start: np.ndarray, end: np.ndarray) -> tuple[np.nda
     if n == 0 or s == 0:
         z = np.zeros((n, s), dtype=np.int64)
         return z, z.copy()
+    start = np.ascontiguousarray(start, dtype=np.int64)
+    end = np.ascontiguousarray(end, dtype=np.int64)
+    if s == 1 or ((start[1:] >= start[:-1]).all() and (end[1:] >= end[:-1]).all()):
+        return _locate_c(flat, start, end)
     k = _keys(flat, int(start.min()), int(end.max()))
     if k is None:  # keys would overflow: one search per series instead
         lo = np.empty((n, s), dtype=np.int64)
@@ -49,6 +53,25 @@ def locate(flat: FlatSeries, start: np.ndarray, end: np.ndarray) -> tuple[np.nda
     qhi = rowbase + (end - base)[None, :]
     lo = np.searchsorted(keys, qlo.ravel(), side="left").reshape(n, s)
     hi = np.searchsorted(keys, qhi.ravel(), side="right").reshape(n, s)
+    return lo, hi
+
+
+def _locate_c(flat: FlatSeries, start: np.ndarray, end: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """csrc/windows.c: steps in time order, two cursors per series (no search)."""
+    from m3shm._native import ffi, lib
+
+    n, s = len(flat.labels), len(start)
+    lo = np.empty((n, s), dtype=np.int64)
+    hi = np.empty((n, s), dtype=np.int64)
+    ts = np.ascontiguousarray(flat.ts, dtype=np.int64)
+    offs = np.ascontiguousarray(flat.offsets, dtype=np.int64)
+    i64 = "int64_t[]"
+    rc = lib.m3_windows(ffi.from_buffer(i64, ts), ffi.from_buffer(i64, offs), n,
+                        ffi.from_buffer(i64, start), ffi.from_buffer(i64, end), s,
+                        ffi.from_buffer(i64, lo), ffi.from_buffer(i64, hi))
+    if rc:
+        raise ValueError("window bounds: series offsets or steps out of order")
     return lo, hi
 
 

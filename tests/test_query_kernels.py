@@ -1,0 +1,140 @@
+"""The query's C kernels against their numpy / Python references.
+
+- csrc/json_points.c vs promjson's per-point Python formatter (Go's FormatFloat 'f' -1 and
+  MarshalTimestamp), on arbitrary doubles and timestamps;
+- csrc/flat_decode.c vs decoding block by block and normalising in numpy (range, sort, last
+  write wins), with overlapping out-of-order blocks, and its refusals of bad input;
+- csrc/windows.c vs one searchsorted per series.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3shm import codec
+from m3shm.errors import BufferFullError, CorruptError, InvalidArgumentError
+from m3shm.net.promjson import fmt_value, points_json, points_json_py
+from m3shm.query.blocks import FlatSeries, _decode_flat, _normalise
+from m3shm.query.windows import _locate_c
+
+pytestmark = pytest.mark.native
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.integers(-(1 << 53), 1 << 53),
+                          st.floats(allow_nan=True, allow_infinity=True)), max_size=40))
+def test_json_points_match_python(points):
+    ts = np.array([p[0] for p in points], dtype=np.int64)
+    vs = np.array([p[1] for p in points], dtype=np.float64)
+    assert points_json(ts, vs) == points_json_py(ts, vs)
+
+
+@settings(max_examples=300)
+@given(st.integers(0, (1 << 64) - 1))
+def test_json_value_any_bit_pattern(bits):
+    v = struct.unpack("<d", struct.pack("<Q", bits))[0]
+    got = points_json(np.array([1500], dtype=np.int64), np.array([v]))
+    assert got == f'[1.500,"{fmt_value(v)}"]'
+
+
+def test_json_points_edges():
+    vals = [0.0, -0.0, 1e21, 1e-7, 5e-324, 1.7976931348623157e308, 0.1, 123456789012345680.0,
+            float("nan"), float("inf"), -float("inf"), 2.5e-5, 100.0, 1 / 3]
+    ts = np.arange(len(vals), dtype=np.int64) * 1001 - 5000
+    got = points_json(ts, np.array(vals))
+    assert got == points_json_py(ts, np.array(vals))
+    assert '"-0"' in got and '"1000000000000000000000"' in got and '"0.0000001"' in got
+    assert got.startswith('[-5,"0"],[-3.999,"-0"]')
+
+
+def _blocks(rnd: np.random.Generator, nseries: int):
+    """Random series, each several TSZ blocks that may overlap in time."""
+    datas, bser, counts = [], [], []
+    for s in range(nseries):
+        for _ in range(int(rnd.integers(0, 4))):
+            n = int(rnd.integers(1, 60))
+            t0 = int(rnd.integers(0, 2000))
+            ts = np.sort(rnd.choice(np.arange(t0, t0 + 4 * n + 5), n, replace=False))
+            vs = rnd.integers(0, 5, n).astype(np.float64) + s * 10
+            datas.append(codec.encode(ts.astype(np.int64), vs))
+            bser.append(s)
+            counts.append(n)
+    offs = np.zeros(len(datas) + 1, dtype=np.uint64)
+    np.cumsum([len(d) for d in datas], out=offs[1:])
+    data = np.frombuffer(b"".join(datas), dtype=np.uint8)
+    return data, offs, np.array(bser, dtype=np.int64), np.array(counts, dtype=np.int64)
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 1 << 30), st.integers(0, 12), st.integers(-100, 2500),
+       st.integers(0, 2500))
+def test_decode_flat_matches_numpy(seed, nseries, mint, width):
+    rnd = np.random.default_rng(seed)
+    data, offs, bser, counts = _blocks(rnd, nseries)
+    labels = [(("s", str(i)),) for i in range(nseries)]
+    maxt = mint + width
+    got = _decode_flat(labels, data, offs, bser, int(counts.sum()), mint, maxt)
+    if len(bser):
+        ts, vs, soffs = codec.decode_many(data, offs)
+        ser = np.repeat(bser, np.diff(soffs))
+    else:
+        ts, vs, ser = np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    want = _normalise(labels, ts, vs, ser, mint, maxt)
+    assert got.offsets.tolist() == want.offsets.tolist()
+    assert got.ts.tolist() == want.ts.tolist()
+    assert got.vals.tobytes() == want.vals.tobytes()
+
+
+def test_decode_flat_refuses_bad_input():
+    rnd = np.random.default_rng(3)
+    data, offs, bser, counts = _blocks(rnd, 6)
+    labels = [(("s", str(i)),) for i in range(6)]
+    cap = int(counts.sum())
+    with pytest.raises(BufferFullError, match="block"):
+        _decode_flat(labels, data, offs, bser, 0, 0, 10_000)
+    bad = data.copy()
+    bad[int(offs[2]):int(offs[2]) + 2] = 0  # a block's magic
+    with pytest.raises(CorruptError, match="block 2"):
+        _decode_flat(labels, bad, offs, bser, cap, 0, 10_000)
+    with pytest.raises(InvalidArgumentError, match="block"):
+        _decode_flat(labels, data, offs, bser[::-1].copy(), cap, 0, 10_000)  # not adjacent
+    with pytest.raises(InvalidArgumentError, match="block"):
+        _decode_flat(labels[:2], data, offs, bser, cap, 0, 10_000)  # series beyond nseries
+    short = offs.copy()
+    short[-1] = len(data) + 8
+    with pytest.raises(InvalidArgumentError, match="block"):
+        _decode_flat(labels, data, short, bser, cap, 0, 10_000)
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 1 << 30), st.integers(0, 20), st.integers(1, 30), st.integers(0, 300))
+def test_windows_match_searchsorted(seed, nseries, nsteps, rng):
+    rnd = np.random.default_rng(seed)
+    counts = rnd.integers(0, 50, nseries)
+    ts = np.concatenate([np.sort(rnd.choice(1000, c, replace=False)) for c in counts]
+                        ) if nseries else np.zeros(0, np.int64)
+    offs = np.zeros(nseries + 1, dtype=np.int64)
+    np.cumsum(counts, out=offs[1:])
+    flat = FlatSeries([(("s", str(i)),) for i in range(nseries)], ts.astype(np.int64),
+                      np.zeros(len(ts)), offs)
+    end = np.sort(rnd.integers(-50, 1100, nsteps)).astype(np.int64)
+    start = end - rng
+    lo, hi = _locate_c(flat, start, end)
+    for i in range(nseries):
+        a, b = offs[i], offs[i + 1]
+        assert (lo[i] == a + np.searchsorted(ts[a:b], start, side="left")).all()
+        assert (hi[i] == a + np.searchsorted(ts[a:b], end, side="right")).all()
+
+
+def test_json_points_many_magnitudes():
+    rng = np.random.default_rng(5)
+    v = rng.uniform(0, 10, 20_000) * 10.0 ** rng.integers(-30, 30, 20_000)
+    v[::5] = np.round(v[::5])
+    v[::11] *= -1
+    ts = np.cumsum(rng.integers(1, 30_000, len(v))).astype(np.int64)
+    assert points_json(ts, v) == points_json_py(ts, v)
