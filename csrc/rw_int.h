@@ -130,6 +130,21 @@ static inline void rd_adopt(rd *parent, const rd *child)
     parent->p = child->p;
 }
 
+/* Check one Sample message's structure (value I64, timestamp VARINT, others skipped). */
+static inline void rw_check_sample(rd *m)
+{
+    while (m->p < m->end && !m->err) {
+        uint32_t f, wt;
+        if (rd_tag(m, &f, &wt))
+            return;
+        if ((f == 1 && wt != 1) || (f == 2 && wt != 0)) {
+            rd_wrong_type(m);
+            return;
+        }
+        rd_skip(m, wt);
+    }
+}
+
 typedef struct rw_ctx {
     const uint8_t *in;       /* the whole request: metadata offsets are relative to it */
     const m3_rw_limits *lim;
@@ -159,8 +174,6 @@ typedef struct rw_series {
 /* rw_series.c */
 int rw_name_ok(const uint8_t *s, uint32_t n);
 int rw_utf8_ok(const uint8_t *s, uint32_t n);
-/* Check one Sample message's structure (value I64, timestamp VARINT, others skipped). */
-void rw_check_sample(rd *m);
 /* Record the first rejection (naming series idx and its labels) in res->msg. */
 void rw_reject(rw_ctx *c, uint32_t idx, int reason, const lref *l, uint32_t nl,
                const char *fmt, ...) __attribute__((format(printf, 6, 7)));

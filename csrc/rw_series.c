@@ -78,20 +78,6 @@ int rw_utf8_ok(const uint8_t *s, uint32_t n)
     return 1;
 }
 
-void rw_check_sample(rd *m)
-{
-    while (m->p < m->end && !m->err) {
-        uint32_t f, wt;
-        if (rd_tag(m, &f, &wt))
-            return;
-        if ((f == 1 && wt != 1) || (f == 2 && wt != 0)) {
-            rd_wrong_type(m);
-            return;
-        }
-        rd_skip(m, wt);
-    }
-}
-
 static int lref_cmp(const lref *a, const lref *b)
 {
     uint32_t n = a->nlen < b->nlen ? a->nlen : b->nlen;
@@ -188,25 +174,28 @@ int rw_series_prepare(rw_ctx *c, uint32_t idx, lref *labels, uint32_t nl, uint64
     for (uint32_t i = 0; !reason && i < nl; i++) {
         const lref *l = &labels[i];
         clen += 4 + (uint64_t)l->nlen + l->vlen;
-        short_name(l->name, l->nlen, nm);
-        if (!rw_name_ok(l->name, l->nlen)) {
+        if (!rw_name_ok(l->name, l->nlen))
             reason = M3_RW_BAD_LABEL_NAME;
+        else if (l->nlen > lim->max_name_bytes || l->vlen > lim->max_value_bytes)
+            reason = M3_RW_LABEL_TOO_LONG;
+        else if (!rw_utf8_ok(l->val, l->vlen))
+            reason = M3_RW_BAD_UTF8;
+        if (!reason)
+            continue;
+        short_name(l->name, l->nlen, nm); /* only for the message: rejections are rare */
+        if (reason == M3_RW_BAD_LABEL_NAME)
             rw_reject(c, idx, reason, labels, nl,
                       "invalid label name \"%s\" (want [a-zA-Z_][a-zA-Z0-9_]*)", nm);
-        } else if (l->nlen > lim->max_name_bytes) {
-            reason = M3_RW_LABEL_TOO_LONG;
+        else if (reason == M3_RW_BAD_UTF8)
+            rw_reject(c, idx, reason, labels, nl, "value of label \"%s\" is not UTF-8", nm);
+        else if (l->nlen > lim->max_name_bytes)
             rw_reject(c, idx, reason, labels, nl,
                       "label name \"%s\" is %u bytes, more than "
                       "limits.max_label_name_bytes=%u", nm, l->nlen, lim->max_name_bytes);
-        } else if (l->vlen > lim->max_value_bytes) {
-            reason = M3_RW_LABEL_TOO_LONG;
+        else
             rw_reject(c, idx, reason, labels, nl,
                       "value of label \"%s\" is %u bytes, more than "
                       "limits.max_label_value_bytes=%u", nm, l->vlen, lim->max_value_bytes);
-        } else if (!rw_utf8_ok(l->val, l->vlen)) {
-            reason = M3_RW_BAD_UTF8;
-            rw_reject(c, idx, reason, labels, nl, "value of label \"%s\" is not UTF-8", nm);
-        }
     }
     if (!reason && clen > RW_MAX_LABELS_BYTES) {
         reason = M3_RW_LABEL_TOO_LONG;
