@@ -1,10 +1,12 @@
 """A reverse index over every shard's series table in shared memory, and bulk chunk reads.
 
 Any worker answers any query by reading all shards directly (no hop through their owners).
-:class:`ShmIndex` keeps, per process, a :class:`~m3shm.storage.reverse_index.ReverseIndex` of
-every live series of every shard under dense ids of its own; each id records where its series
-lives: (shard, slot, generation). A slot whose series expired is reused for another series
-with generation + 1 (docs/formats/shm.md), so a slot number alone names nothing.
+:class:`ShmIndex` keeps, per process, a :class:`~m3shm.storage.compact_index.CompactIndex`
+(interned label pairs, a few bytes per label; every worker holds one, so its size per series
+counts twice or more) of every live series of every shard under dense ids of its own; each id
+records where its series lives: (shard, slot, generation). A slot whose series expired is
+reused for another series with generation + 1 (docs/formats/shm.md), so a slot number alone
+names nothing.
 
 ``refresh()`` keeps the index true incrementally, from the shards' change counters
 (``m3_shards_churn``, one C call): slots past a shard's last high-water mark are new; when a
@@ -38,7 +40,7 @@ import numpy as np
 from m3shm._native import ffi, lib
 from m3shm.errors import check
 from m3shm.shm import Segment
-from m3shm.storage.reverse_index import ReverseIndex
+from m3shm.storage.compact_index import CompactIndex
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -68,19 +70,20 @@ def _u32(a: np.ndarray) -> object:
 
 
 class _State:
-    """The index proper: ids -> labels and location. Replaced whole by a rebuild."""
+    """The index proper: ids -> labels (compactly, see compact_index.py) and location.
+    Append-only; replaced whole by a rebuild."""
 
     def __init__(self) -> None:
-        self.index = ReverseIndex()
-        self.labels: list[Labels] = []
+        self.index = CompactIndex()
         self.shard = np.zeros(1024, dtype=np.uint32)
         self.slot = np.zeros(1024, dtype=np.uint32)
         self.gen = np.zeros(1024, dtype=np.uint32)
         self.live = np.zeros(1024, dtype=bool)
         self.ndead = 0
 
-    def add(self, shard: int, slot: int, gen: int, labels: Labels) -> int:
-        i = len(self.labels)
+    def add(self, shard: int, slot: int, gen: int, labels: bytes | Labels) -> int:
+        """Index a series by its canonical label bytes (or its pairs, sorted by name)."""
+        i = len(self.index)
         if i >= len(self.shard):
             size = 2 * len(self.shard)
             self.shard = np.resize(self.shard, size)
@@ -88,8 +91,9 @@ class _State:
             self.gen = np.resize(self.gen, size)
             self.live = np.resize(self.live, size)
         self.shard[i], self.slot[i], self.gen[i], self.live[i] = shard, slot, gen, True
-        self.labels.append(labels)
-        self.index.add(i, labels)
+        j = self.index.add_canonical(labels) if isinstance(labels, bytes) else \
+            self.index.add_labels(labels)
+        assert i == j
         return i
 
     def kill(self, i: int) -> None:
@@ -122,9 +126,9 @@ class Selection:
 
     def labels(self, pos: np.ndarray | None = None) -> list[Labels]:
         """Labels of the entries at positions ``pos`` (all entries if None)."""
-        lab = self._state.labels
+        lab = self._state.index.labels
         ids = self.ids if pos is None else self.ids[pos]
-        return [lab[i] for i in ids.tolist()]
+        return [lab(i) for i in ids.tolist()]
 
     def take(self, pos: np.ndarray) -> Selection:
         return Selection(self.ids[pos], self.shard[pos], self.slot[pos], self.gen[pos],
@@ -172,7 +176,7 @@ class ShmIndex:
 
     def __len__(self) -> int:
         st = self._state
-        return len(st.labels) - st.ndead
+        return len(st.index) - st.ndead
 
     @property
     def dead(self) -> int:
@@ -194,7 +198,7 @@ class ShmIndex:
                                            removed[shard] != self._removed[shard])
             self._removed = removed
             st = self._state
-            if st.ndead > REBUILD_MIN_DEAD and st.ndead > len(st.labels) - st.ndead:
+            if st.ndead > REBUILD_MIN_DEAD and st.ndead > len(st.index) - st.ndead:
                 self._rebuild()
             return new
 
@@ -254,8 +258,7 @@ class ShmIndex:
             for j, (slot, gen) in enumerate(zip(sub[:k].tolist(), gens[:k].tolist(),
                                                 strict=True)):
                 if gen:
-                    lbl = parse_canonical(raw[bounds[j]:bounds[j + 1]])
-                    ids[slot] = st.add(shard, slot, gen, lbl)
+                    ids[slot] = st.add(shard, slot, gen, raw[bounds[j]:bounds[j + 1]])
                     added += 1
             pos += k
         return added
@@ -267,7 +270,7 @@ class ShmIndex:
             ids = self._slot_id[shard]
             for slot in np.flatnonzero(ids >= 0).tolist():
                 i = int(ids[slot])
-                ids[slot] = st.add(shard, slot, int(old.gen[i]), old.labels[i])
+                ids[slot] = st.add(shard, slot, int(old.gen[i]), old.index.labels(i))
         self._state = st
 
     # -- queries -----------------------------------------------------------------------------
