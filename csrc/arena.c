@@ -2,11 +2,13 @@
  * arena.c -- the owner's allocator for a shard's arena and series slots, with reclamation by
  * epochs (epoch.c). Only the shard's owner calls these, holding the shard lock.
  *
- * Objects: chunks (M3_CHUNK_BYTES), label blocks (size classes: 32-byte steps up to 512, then
- * powers of two up to 64 KiB) and series slots. New memory comes from the arena's bump pointer
- * (arena_used, never moves back); freed memory goes to per-kind free lists in the shard header
- * and is reused first. A 512-byte label block and a chunk are the same size, so each may take
- * the other's free memory when its own list is empty.
+ * Objects: chunks (M3_CHUNK_BYTES, and CHUNK_FIRST_BYTES for a series' first chunk of a
+ * block), label blocks (size classes: 32-byte steps up to 512, then powers of two up to
+ * 64 KiB) and series slots. New memory comes from the arena's bump pointer (arena_used, never
+ * moves back); freed memory goes to per-kind free lists in the shard header and is reused
+ * first. A 512-byte label block and a chunk are the same size, so each may take the other's
+ * free memory when its own list is empty; a first chunk may take a free label block of its
+ * class. Chunks of each size have their own free list (chunk_free, chunk_free_small).
  *
  * Life of a freed object (docs/formats/shm.md, "Reclamation"):
  *
@@ -111,16 +113,20 @@ static int try_reclaim(const shard_view *v)
     return n;
 }
 
-static uint64_t pop_chunk_free(const shard_view *v)
+static uint64_t pop_chunk_list(const shard_view *v, uint64_t *list, uint32_t bytes)
 {
-    shard_hdr *sh = v->sh;
-    uint64_t off = sh->chunk_free;
+    uint64_t off = *list;
     if (!off)
         return 0;
-    sh->chunk_free = chunk_at(v, off)->retire_next;
-    sh->chunks_free--;
-    add_free_bytes(v, -(int64_t)M3_CHUNK_BYTES);
+    *list = chunk_at(v, off)->retire_next;
+    v->sh->chunks_free--;
+    add_free_bytes(v, -(int64_t)bytes);
     return off;
+}
+
+static uint64_t pop_chunk_free(const shard_view *v)
+{
+    return pop_chunk_list(v, &v->sh->chunk_free, M3_CHUNK_BYTES);
 }
 
 static uint64_t pop_class(const shard_view *v, int c)
@@ -134,14 +140,16 @@ static uint64_t pop_class(const shard_view *v, int c)
     return off;
 }
 
-uint64_t arena_alloc_chunk(const shard_view *v)
+uint64_t arena_alloc_chunk(const shard_view *v, uint32_t bytes)
 {
+    int small = bytes != M3_CHUNK_BYTES;
     for (int attempt = 0; attempt < 2; attempt++) {
-        uint64_t off = pop_chunk_free(v);
+        uint64_t off = small ? pop_chunk_list(v, &v->sh->chunk_free_small, bytes)
+                             : pop_chunk_free(v);
         if (!off)
-            off = pop_class(v, CHUNK_CLASS);
+            off = pop_class(v, small ? label_class(bytes) : CHUNK_CLASS);
         if (!off)
-            off = bump(v, M3_CHUNK_BYTES);
+            off = bump(v, bytes);
         if (off)
             return off;
         if (!try_reclaim(v))
@@ -208,6 +216,7 @@ void arena_free_slot(const shard_view *v, uint32_t s)
 void arena_pend_chunk(const shard_view *v, uint64_t off)
 {
     shard_hdr *sh = v->sh;
+    uint32_t bytes = chunk_bytes(chunk_at(v, off));
     chunk_at(v, off)->retire_next = 0;
     if (sh->chunk_pending_tail)
         chunk_at(v, sh->chunk_pending_tail)->retire_next = off;
@@ -215,7 +224,7 @@ void arena_pend_chunk(const shard_view *v, uint64_t off)
         sh->chunk_pending = off;
     sh->chunk_pending_tail = off;
     sh->chunks_released++;
-    add_free_bytes(v, M3_CHUNK_BYTES);
+    add_free_bytes(v, bytes);
 }
 
 void arena_pend_slot(const shard_view *v, uint32_t s)
@@ -290,9 +299,11 @@ int arena_reclaim(const shard_view *v, int reap)
         if (!sh->chunk_limbo)
             sh->chunk_limbo_tail = 0;
         sh->chunks_limbo--;
-        /* a crash here leaks this one chunk */
-        c->retire_next = sh->chunk_free;
-        sh->chunk_free = off;
+        /* a crash here leaks this one chunk; each size goes back to its own list */
+        uint64_t *list = chunk_bytes(c) == M3_CHUNK_BYTES ? &sh->chunk_free
+                                                          : &sh->chunk_free_small;
+        c->retire_next = *list;
+        *list = off;
         sh->chunks_free++;
         n++;
     }

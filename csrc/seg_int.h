@@ -90,7 +90,8 @@ typedef struct shard_hdr {
     uint64_t slots_limbo;
     uint32_t owner_lock;     /* mutual exclusion of the owner process's threads */
     uint32_t reclaim_skip;   /* allocations to wait before trying a blocked reclaim again */
-    uint64_t pad1[2];
+    uint64_t chunk_free_small; /* free first chunks (CHUNK_FIRST_BYTES), through retire_next */
+    uint64_t pad1;
     /* line 3: allocator */
     uint64_t chunk_free;     /* free chunks, linked through retire_next */
     uint64_t chunk_limbo;    /* released chunks, oldest first, linked through retire_next */
@@ -137,7 +138,12 @@ typedef struct series_slot {
 #define CHUNK_SEALED 1u  /* closed for appends; waits for m3_block_release */
 #define CHUNK_COLD 2u    /* created after its block was sealed warm */
 
-/* A chunk: one stream of one block of one series (M3_CHUNK_BYTES). */
+/* A series' first chunk of a block is CHUNK_FIRST_BYTES (most series take few samples
+   before a block closes or they go idle); its later chunks are M3_CHUNK_BYTES. A chunk's size
+   is CHUNK_BUF_OFF + cap. Changing it changes the layout. */
+#define CHUNK_FIRST_BYTES 256
+
+/* A chunk: one stream of one block of one series (CHUNK_FIRST_BYTES or M3_CHUNK_BYTES). */
 typedef struct chunk {
     uint64_t next;         /* arena offset of the next chunk of the series, 0 = end; release */
     int64_t block_start;   /* ms, a multiple of block_ms */
@@ -162,6 +168,10 @@ _Static_assert(SEG_EPOCH_OFF >= SEG_DONE_OFF + 4 * M3_MAX_PRODUCERS, "epoch line
 _Static_assert(M3_CHUNK_BYTES == 512, "a chunk must be interchangeable with a 512-byte label block");
 _Static_assert(sizeof(m3_rec) == 48, "record header size");
 _Static_assert(sizeof(chunk) % 8 == 0, "chunk header alignment");
+_Static_assert(CHUNK_FIRST_BYTES % 32 == 0 && CHUNK_FIRST_BYTES < M3_CHUNK_BYTES &&
+               CHUNK_FIRST_BYTES >= sizeof(chunk) + TSZ_HEADER_BYTES + 2 * TSZ_MAX_SAMPLE_BYTES,
+               "a first chunk is a label size class and holds a few samples");
+static inline uint32_t chunk_bytes(const chunk *c) { return (uint32_t)(CHUNK_BUF_OFF + c->cap); }
 
 static inline seg_hdr *seg_of(uint8_t *base) { return (seg_hdr *)base; }
 static inline const seg_hdr *cseg_of(const uint8_t *base) { return (const seg_hdr *)base; }
@@ -229,8 +239,9 @@ void m3_shard_unlock(uint8_t *base, uint32_t shard);
 /* series.c: remove slot's hash-table entry (owner, under the shard lock). */
 int m3_series_unlink_table(const shard_view *v, uint32_t slot);
 
-/* arena.c: the owner's allocator (free lists, limbo, reclamation); 0 / UINT32_MAX = none. */
-uint64_t arena_alloc_chunk(const shard_view *v);
+/* arena.c: the owner's allocator (free lists, limbo, reclamation); 0 / UINT32_MAX = none.
+   arena_alloc_chunk takes CHUNK_FIRST_BYTES or M3_CHUNK_BYTES. */
+uint64_t arena_alloc_chunk(const shard_view *v, uint32_t bytes);
 uint64_t arena_alloc_labels(const shard_view *v, uint32_t len);
 uint32_t arena_alloc_slot(const shard_view *v);
 void arena_free_slot(const shard_view *v, uint32_t slot); /* a never-published slot */

@@ -10,8 +10,9 @@
  *               stored (readers that look a series up see a complete slot).
  *   table       u64 entries: (hash >> 32) << 32 | (slot + 1); 0 = empty; linear probing;
  *               size a power of two at least twice the slots, so probes stay short.
- *   chunks      a series' samples live in a chain of M3_CHUNK_BYTES chunks allocated by
- *               arena.c. A chunk is initialised, then linked by a release store of the
+ *   chunks      a series' samples live in a chain of chunks allocated by arena.c: the first
+ *               of each block CHUNK_FIRST_BYTES, later ones M3_CHUNK_BYTES (readers use
+ *               cap). A chunk is initialised, then linked by a release store of the
  *               previous chunk's `next` (or the slot's `head`). Chunks leave a chain only
  *               through m3_block_release (block.c) and labels and slots only through
  *               m3_shard_expire_series; both hand them to arena.c, which reuses them only
@@ -304,10 +305,16 @@ static inline int64_t block_of(int64_t ts, int64_t bms)
     return q * bms;
 }
 
-/* A new chunk for stream `stream` of block `bs`, linked at the end of the chain. */
+/* A new chunk for stream `stream` of block `bs`, linked at the end of the chain. The first
+   chunk of a block (the chain's last chunk is of another block, or there is none) is small:
+   most series take few samples in a block before it closes or they go idle. */
 static chunk *new_chunk(const shard_view *v, series_slot *s, int64_t bs, uint64_t *off_out)
 {
-    uint64_t off = arena_alloc_chunk(v);
+    uint32_t bytes = s->last && chunk_at(v, s->last)->block_start == bs ? M3_CHUNK_BYTES
+                                                                         : CHUNK_FIRST_BYTES;
+    uint64_t off = arena_alloc_chunk(v, bytes);
+    if (!off && bytes != M3_CHUNK_BYTES)
+        off = arena_alloc_chunk(v, bytes = M3_CHUNK_BYTES); /* only full chunks are free */
     if (!off)
         return NULL;
     chunk *c = chunk_at(v, off);
@@ -315,7 +322,7 @@ static chunk *new_chunk(const shard_view *v, series_slot *s, int64_t bs, uint64_
     c->block_start = bs;
     c->stream = s->next_stream++;
     c->flags = bs < v->sh->warm_floor ? CHUNK_COLD : 0;
-    c->cap = (uint16_t)(M3_CHUNK_BYTES - CHUNK_BUF_OFF);
+    c->cap = (uint16_t)(bytes - CHUNK_BUF_OFF);
     tsz_enc_init(&c->enc, c->buf, c->cap);
     if (s->last)
         /* Release: the initialised chunk is visible before the link a reader follows. */
