@@ -31,9 +31,36 @@
  * nothing per producer: m3_lane_reserve rolls every lane back to its mark if any lane is full,
  * and the worker calls m3_lane_publish only after the batch is in its commit log.
  *
- * Draining: the owner of a shard applies, among the records available in all of its lanes,
- * the one with the smallest global sequence number first, so that when batches from several
- * workers are all waiting, the live path applies them in the order commit-log replay will.
+ * Order of application: every batch carries a global sequence number, and the owner applies a
+ * shard's records in exactly that order, which is the order commit-log replay applies them in,
+ * so a restart reproduces what the live path did (two workers writing different values for one
+ * series and timestamp: the larger seq wins, live and replayed). Taking the smallest seq among
+ * the published records is not enough on its own: a batch with a smaller seq may still be
+ * reserved and unpublished in another producer's lane (its commit-log write takes a while). So
+ * each producer advertises pending[p] = 1 + the smallest seq it holds reserved and unpublished
+ * (0: none), and the owner does not apply seq s while some pending[p] - 1 < s. The protocol
+ * (m3_lane_reserve_next, m3_lane_publish, m3_lane_drain):
+ *
+ *   producer   (after the bytes are copied, room being certain)
+ *              if pending == 0: pending := 1 (seq_cst store: "drawing a number now")
+ *              s := fetch_add(global seq) (seq_cst)
+ *              if it stored 1: pending := s + 1 (release); stamp s into the batch's records
+ *              ... commit log ...  tails := wpos (release);  pending := 0 (release)
+ *   owner      candidate r (seq s) seen through an acquire load of its lane's tail;
+ *              for every producer p: v := pending[p] (acquire); v != 0 and v - 1 < s: stop;
+ *              else reload p's tail (acquire) and take its head record if its seq is smaller.
+ *
+ * Why it is exact: let P draw x < s before Q drew s. P's fetch_add precedes Q's in the
+ * counter's modification order, and seq_cst read-modify-writes synchronise, so P's store
+ * "pending := 1" happens before Q's draw, Q's publish, and (through the owner's acquire of Q's
+ * tail) the owner's load of pending[P]. That load therefore sees 1, x + 1, or a later store: 0
+ * or a later group's value, both stored with release after P published x, so the reloaded tail
+ * of P includes x. A producer never waits for lane room while it holds pending (a reservation
+ * either fits now or nothing is drawn), so a pending seq is always one commit-log write from
+ * being published; a killed producer's pending is cleared by its restarted incarnation
+ * (m3_lane_recover_producer) and until then the owners wait, as they must: that batch may
+ * still be in the commit log. Once the owner has verified seq s it knows every smaller seq is
+ * applied or in its tails, so it checks again only for a larger seq (one check per batch).
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -117,6 +144,48 @@ int m3_lane_reserve(uint8_t *base, uint32_t producer, const uint8_t *batch, size
     return rc;
 }
 
+static inline uint64_t *pending_at(uint8_t *base, uint32_t producer)
+{
+    return (uint64_t *)(base + SEG_PENDING_OFF) + producer;
+}
+
+int m3_lane_reserve_next(uint8_t *base, uint32_t producer, const uint8_t *batch, size_t len,
+                         uint64_t *seq)
+{
+    seg_hdr *h = seg_of(base);
+    if (!seq || producer >= h->p.num_producers)
+        return M3_EINVAL;
+    int rc = m3_lane_reserve(base, producer, batch, len, 0);
+    if (rc)
+        return rc; /* nothing reserved, no number drawn, pending untouched */
+    uint64_t *pend = pending_at(base, producer);
+    /* Relaxed: only this producer writes its pending word. */
+    int first = __atomic_load_n(pend, __ATOMIC_RELAXED) == 0;
+    if (first)
+        /* SeqCst: "a number is being drawn" happens before our fetch_add below, hence (the
+           fetch_adds synchronise) before any larger number's publish and the owner's check. */
+        __atomic_store_n(pend, 1, __ATOMIC_SEQ_CST);
+    /* SeqCst read-modify-write: orders the store above before every later draw. */
+    uint64_t s = __atomic_fetch_add((uint64_t *)(base + SEG_SEQ_OFF), 1, __ATOMIC_SEQ_CST);
+    if (first)
+        /* Release: an owner that reads this value (acquire) also sees everything this
+           producer published before (its earlier groups). */
+        __atomic_store_n(pend, s + 1, __ATOMIC_RELEASE);
+    uint64_t cap = h->p.lane_bytes;
+    for (uint32_t sh = 0; sh < h->p.num_shards; sh++) {
+        lane_hdr *l = lane_at(base, sh, producer);
+        /* Stamp the records just copied (unpublished, so only we can see them). */
+        for (uint64_t pos = l->mark; pos < l->wpos;) {
+            m3_rec *r = (m3_rec *)(lane_data(l) + (pos & (cap - 1)));
+            if (r->type != M3_REC_PAD)
+                r->seq = s;
+            pos += r->len;
+        }
+    }
+    *seq = s;
+    return M3_OK;
+}
+
 void m3_lane_publish(uint8_t *base, uint32_t producer)
 {
     seg_hdr *h = seg_of(base);
@@ -129,6 +198,11 @@ void m3_lane_publish(uint8_t *base, uint32_t producer)
                lets the owner read them. */
             __atomic_store_n(&l->tail, l->wpos, __ATOMIC_RELEASE);
     }
+    uint64_t *pend = pending_at(base, producer);
+    if (__atomic_load_n(pend, __ATOMIC_RELAXED))
+        /* Release: the tail stores above happen before an owner's acquire load that reads
+           "nothing pending", so its reload of our tails sees them. */
+        __atomic_store_n(pend, 0, __ATOMIC_RELEASE);
 }
 
 void m3_lane_recover_producer(uint8_t *base, uint32_t producer)
@@ -142,6 +216,9 @@ void m3_lane_recover_producer(uint8_t *base, uint32_t producer)
            [tail, wpos) were never published; drop them. */
         l->wpos = l->mark = __atomic_load_n(&l->tail, __ATOMIC_RELAXED);
     }
+    /* Release: the unpublished reservation is gone; owners waiting on its seq go on (the
+       batch never reached a 2xx, and replay orders whatever of it is in the commit log). */
+    __atomic_store_n(pending_at(base, producer), 0, __ATOMIC_RELEASE);
 }
 
 /* Skip PAD records at the owner's head; returns the record at head or NULL if none before
@@ -173,6 +250,8 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
         /* Acquire: pairs with m3_lane_publish; every record before this tail is complete. */
         tails[p] = __atomic_load_n(&lane_at(base, shard, p)->tail, __ATOMIC_ACQUIRE);
     int applied = 0;
+    int verified = 0;
+    uint64_t safe = 0; /* every seq <= safe is applied or in tails[] (see the design comment) */
     m3_shard_lock(base, shard);
     while ((uint32_t)applied < max_records) {
         lane_hdr *best = NULL;
@@ -187,6 +266,34 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
         }
         if (!best)
             break;
+        if (!verified || br->seq > safe) {
+            int blocked = 0;
+            for (uint32_t p = 0; p < np && !blocked; p++) {
+                /* Acquire: pairs with the producer's release stores of pending (publish,
+                   draw); reading 0 or a later group's value means its smaller seqs are
+                   published, and the tail reload below sees them. */
+                uint64_t v = __atomic_load_n(pending_at(base, p), __ATOMIC_ACQUIRE);
+                if (v && v - 1 < br->seq) {
+                    blocked = 1; /* p owes a smaller seq: wait for it */
+                    break;
+                }
+                lane_hdr *l = lane_at(base, shard, p);
+                /* Acquire: pairs with m3_lane_publish, as the first tail loads. */
+                uint64_t t = __atomic_load_n(&l->tail, __ATOMIC_ACQUIRE);
+                if (t != tails[p]) {
+                    tails[p] = t;
+                    const m3_rec *r = lane_peek(l, cap, t);
+                    if (r && r->seq < br->seq) {
+                        best = l;
+                        br = r;
+                    }
+                }
+            }
+            if (blocked)
+                break;
+            verified = 1;
+            safe = br->seq;
+        }
         M3_ASSERT(m3_rec_check(br, br->len, h->p.num_shards) == 0 && br->shard == shard);
         m3_shard_apply_rec(base, br);
         /* Release: the record's bytes were fully read (and its samples applied and

@@ -170,7 +170,13 @@ typedef struct m3_rec {
    with seq. All or nothing: M3_ENOSPC (and no lane changed) if any lane lacks room. */
 int m3_lane_reserve(uint8_t *base, uint32_t producer, const uint8_t *batch, size_t len,
                     uint64_t seq);
-/* Publish everything this producer reserved (release store of each lane's tail). */
+/* As m3_lane_reserve, then draw the batch's global seq (stored in *seq and stamped into its
+   records) and advertise it as pending until m3_lane_publish, so owners apply every shard's
+   records in seq order (lane.c). M3_ENOSPC: nothing reserved and no seq drawn. */
+int m3_lane_reserve_next(uint8_t *base, uint32_t producer, const uint8_t *batch, size_t len,
+                         uint64_t *seq);
+/* Publish everything this producer reserved (release store of each lane's tail), then clear
+   its pending seq. */
 void m3_lane_publish(uint8_t *base, uint32_t producer);
 /* Forget reserved but unpublished bytes (a restarted producer calls this first). */
 void m3_lane_recover_producer(uint8_t *base, uint32_t producer);

@@ -38,6 +38,9 @@ typedef struct seg_hdr {
 #define SEG_SEQ_OFF 256    /* _Atomic u64 global batch sequence, alone on its cache line */
 #define SEG_DONE_OFF 320   /* u32 producer_done[M3_MAX_PRODUCERS] */
 #define SEG_EPOCH_OFF 1408 /* _Atomic u64 global reclamation epoch, alone on its cache line */
+#define SEG_PENDING_OFF 1472 /* _Atomic u64 pending[M3_MAX_PRODUCERS] (lane.c): 0 = nothing
+                                reserved; else 1 + the smallest seq the producer has reserved
+                                and not yet published (1 alone: drawing one right now) */
 #define SEG_READERS_OFF 4096 /* reader_slot[M3_MAX_READERS], one cache line each */
 #define SEG_HDR_BYTES (SEG_READERS_OFF + M3_MAX_READERS * 64)
 
@@ -165,6 +168,8 @@ _Static_assert(sizeof(shard_hdr) == SHARD_HDR, "shard header size");
 _Static_assert(sizeof(series_slot) == 128, "series slot size");
 _Static_assert(sizeof(reader_slot) == 64, "reader slot size");
 _Static_assert(SEG_EPOCH_OFF >= SEG_DONE_OFF + 4 * M3_MAX_PRODUCERS, "epoch line overlaps");
+_Static_assert(SEG_PENDING_OFF >= SEG_EPOCH_OFF + 64 &&
+               SEG_PENDING_OFF + 8 * M3_MAX_PRODUCERS <= SEG_READERS_OFF, "pending overlaps");
 _Static_assert(M3_CHUNK_BYTES == 512, "a chunk must be interchangeable with a 512-byte label block");
 _Static_assert(sizeof(m3_rec) == 48, "record header size");
 _Static_assert(sizeof(chunk) % 8 == 0, "chunk header alignment");

@@ -203,6 +203,18 @@ class Segment:
         check(rc, "reserving lane space for a batch")
         return True
 
+    def reserve_next(self, producer: int, batch: Any) -> int | None:
+        """Copy a batch into ``producer``'s lanes (unpublished) and draw its global sequence
+        number, which owners then wait for (lane.c). None if a lane is full: nothing reserved,
+        no number drawn."""
+        buf = ffi.from_buffer(batch)
+        seq = ffi.new("uint64_t *")
+        rc = lib.m3_lane_reserve_next(self.base, producer, buf, len(buf), seq)
+        if rc == lib.M3_ENOSPC:
+            return None
+        check(rc, "reserving lane space for a batch")
+        return int(seq[0])
+
     def publish(self, producer: int) -> None:
         lib.m3_lane_publish(self.base, producer)
 

@@ -277,6 +277,42 @@ def test_out_of_order_and_overwrite(seg):
     assert ts.tolist() == [15, 20, 25]
 
 
+def test_owner_applies_in_seq_order_across_producers(seg):
+    """A batch drawn earlier but still unpublished (its commit-log write is slow) holds back
+    later batches of other producers on the same shard, so the live apply order is the seq
+    order replay uses: two workers writing one series and timestamp, the larger seq wins."""
+    labels = {"__name__": "race"}
+    rec0 = make_record(labels, [100], [1.0], SHARDS)
+    rec1 = make_record(labels, [100], [2.0], SHARDS)
+    shard = REC_HEADER.unpack_from(rec0)[3]
+    s0 = seg.reserve_next(0, rec0)        # producer 0 draws first, publishes last
+    s1 = seg.reserve_next(1, rec1)
+    assert s0 is not None and s1 is not None and s0 < s1
+    seg.publish(1)
+    assert seg.drain(shard) == 0          # s1 waits for s0 although only s1 is visible
+    other = make_record({"__name__": "other"}, [1], [1.0], SHARDS, shard=(shard + 1) % SHARDS)
+    s2 = seg.reserve_next(1, other)
+    seg.publish(1)
+    assert seg.drain((shard + 1) % SHARDS) == 0  # any shard: s2 > s0 as well
+    seg.publish(0)
+    assert seg.drain(shard) == 2 and seg.drain((shard + 1) % SHARDS) == 1 and s2 > s1
+    ts, vs = seg.read_series(shard, 0, 0, 1000)
+    assert ts.tolist() == [100] and vs.tolist() == [2.0]
+
+
+def test_restarted_producer_releases_what_it_held_back(seg):
+    labels = {"__name__": "dead"}
+    rec = make_record(labels, [5], [1.0], SHARDS)
+    shard = REC_HEADER.unpack_from(rec)[3]
+    assert seg.reserve_next(0, make_record(labels, [5], [9.0], SHARDS)) is not None
+    assert seg.reserve_next(1, rec) is not None  # producer 0 "dies" before publishing
+    seg.publish(1)
+    assert seg.drain(shard) == 0
+    seg.recover_producer(0)                      # its next incarnation drops the reservation
+    assert seg.drain(shard) == 1
+    assert seg.read_series(shard, 0, 0, 10)[1].tolist() == [1.0]
+
+
 def test_lane_full_is_all_or_nothing(seg):
     big = b"".join(make_record({"__name__": "x", "i": str(i)}, list(range(400)),
                                [0.0] * 400, SHARDS, shard=0) for i in range(3))

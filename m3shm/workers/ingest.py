@@ -41,6 +41,7 @@ class _Item:
     nrecords: int
     arrival_ms: int
     fut: asyncio.Future
+    adm: Admitted | None = None  # set once admitted (admit shortens the batch in place)
 
 
 def split_batch(batch: bytearray, length: int, limit: int) -> list[tuple[bytearray, int]]:
@@ -148,23 +149,29 @@ class IngestPipeline:
 
     async def _commit(self, group: list[_Item]) -> None:
         ok: list[tuple[_Item, Batch, Admitted]] = []
-        for it in group:
-            n, rej, rej_s, msg = self.seg.admit(it.batch, it.length)
-            adm = Admitted(it.nrecords - rej, rej, rej_s, msg)
-            if n == 0:
+        for i, it in enumerate(group):
+            if it.adm is None:
+                n, rej, rej_s, msg = self.seg.admit(it.batch, it.length)
+                it.adm, it.length = Admitted(it.nrecords - rej, rej, rej_s, msg), n
+            adm = it.adm
+            if it.length == 0:
                 it.fut.set_result(adm)
                 continue
-            payload = memoryview(it.batch)[:n]
-            seq = self.seg.next_seq()
+            payload = memoryview(it.batch)[:it.length]
+            seq = self.seg.reserve_next(self.producer, payload)
+            if seq is None and ok:
+                # Never wait for room while holding reserved seqs: owners wait for those
+                # (lane.c), so commit what is reserved and retry the rest in the next group.
+                self.queue[:0] = group[i:]
+                break
             deadline = time.monotonic() + self.reserve_wait
-            while not self.seg.reserve(self.producer, payload, seq):
-                if time.monotonic() > deadline:
-                    break
+            while seq is None and time.monotonic() <= deadline:
                 await asyncio.sleep(0.002)
-            else:
-                ok.append((it, Batch(seq, it.arrival_ms, adm.records, payload), adm))
+                seq = self.seg.reserve_next(self.producer, payload)
+            if seq is None:
+                it.fut.set_exception(Overloaded("ingest lanes are full"))
                 continue
-            it.fut.set_exception(Overloaded("ingest lanes are full"))
+            ok.append((it, Batch(seq, it.arrival_ms, adm.records, payload), adm))
         if not ok:
             return
         try:
