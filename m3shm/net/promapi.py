@@ -66,7 +66,11 @@ class PromApi:
         self.w = w
         self.qcfg = w.cfg.query
         self.index = ShmIndex(w.seg)
-        self.sources = [ShmSource(self.index)]
+        from m3shm.query.fileset_source import FilesetSource
+
+        # oldest data first: flushed blocks, then shared memory (which wins a tie)
+        self.sources = [FilesetSource(w.flushed_store, w.cfg.raw_namespace.name,
+                                      w.seg.params.num_shards), ShmSource(self.index)]
         self.pool = ThreadPoolExecutor(self.qcfg.max_concurrency + 1,
                                        thread_name_prefix="m3shm-query")
         self.slots = asyncio.Semaphore(self.qcfg.max_concurrency)

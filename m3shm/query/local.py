@@ -1,9 +1,10 @@
-"""The daemon's own data as the engine's Storage: the shards in shared memory, and the seam
-where flushed filesets plug in.
+"""The daemon's own data as the engine's Storage: the shards in shared memory and the flushed
+filesets.
 
-:class:`LocalStorage` is that seam: it asks each of its sources (today :class:`ShmSource`,
-the open blocks of every shard; a fileset source implements the same three methods) and
-merges their answers by label set, so a series whose older blocks are on disk and newer ones
+:class:`LocalStorage` is the seam where sources plug in: it asks each of its sources
+(:class:`ShmSource`, the open blocks of every shard, and
+:class:`~m3shm.query.fileset_source.FilesetSource`, the flushed blocks) and merges their
+answers by label set, so a series whose older blocks are on disk and newer ones
 in memory comes out as one series. Sources answer in :class:`BlockBatch` form (one buffer of
 compressed blocks per source, no Python object per block); the engine decodes each batch in
 one C call.
@@ -193,14 +194,20 @@ def merge(results: list[SelectResult]) -> SelectResult:
 
 
 class LocalStorage:
-    """The Storage one query evaluates over: every local source, bound to its context."""
+    """The Storage one query evaluates over: every local source, bound to its context.
+
+    ``sources`` are ordered oldest data first (filesets, then shared memory): at one timestamp
+    a later source's sample wins. They are read in the opposite order."""
 
     def __init__(self, sources: list[Source], ctx: QueryContext) -> None:
         self.sources = sources
         self.ctx = ctx
 
     def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
-        res = merge([s.select(matchers, mint, maxt, self.ctx) for s in self.sources])
+        # read newest first (shared memory before filesets: a block released from memory
+        # after we read it is durable on disk before that), merge oldest first (later wins)
+        res = merge([s.select(matchers, mint, maxt, self.ctx) for s in self.sources[::-1]
+                     ][::-1])
         if self.ctx.warnings:
             res.partial = True
             res.warnings.extend(w for w in self.ctx.warnings if w not in res.warnings)
@@ -210,7 +217,7 @@ class LocalStorage:
                maxt: int | None) -> list[Labels]:
         seen: set[Labels] = set()
         out: list[Labels] = []
-        for src in self.sources:
+        for src in self.sources[::-1]:
             for m in matchers:
                 for lbl in src.series(m, mint, maxt, self.ctx):
                     if lbl not in seen:
@@ -222,13 +229,13 @@ class LocalStorage:
     def label_names(self, matchers: list[list[Matcher]] | None, mint: int | None,
                     maxt: int | None) -> list[str]:
         names: set[str] = set()
-        for src in self.sources:
+        for src in self.sources[::-1]:
             names |= src.label_names(matchers, mint, maxt, self.ctx)
         return sorted(names)
 
     def label_values(self, name: str, matchers: list[list[Matcher]] | None, mint: int | None,
                      maxt: int | None) -> list[str]:
         vals: set[str] = set()
-        for src in self.sources:
+        for src in self.sources[::-1]:
             vals |= src.label_values(name, matchers, mint, maxt, self.ctx)
         return sorted(vals)
