@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import math
 import re
 import time
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from m3shm.config import NamespaceConfig
     from m3shm.net.promapi import PromApi
     from m3shm.workers.worker import Worker
+
+log = logging.getLogger("m3shm.api")
 
 RW_PATHS = ("/api/v1/prom/remote/write", "/api/v1/write")
 # Content-Type proto= parameter -> remote write version
@@ -343,18 +346,28 @@ def _export_shard(seg, store, namespace: str, shard: int, slots: list[int], sele
     import numpy as np
 
     from m3shm import codec
+    from m3shm.errors import CorruptError
 
     parts: dict[bytes, list[tuple]] = {}
-    for fid in store.volumes(namespace, shard, start, end):
-        fs = store.open_newest(fid)
-        if fs is None:
+    errors: list[str] = []  # corrupt files: named in the answer, the rest is still read
+    for fid in store.volumes(namespace, shard, start, end, errors):
+        try:
+            fs = store.open_newest(fid)
+            if fs is None:
+                continue
+            with store.reverse_index(fs.fid) as ri:
+                want = set(np.unique(np.concatenate([ri.select(m) for m in selectors]))
+                           .tolist())
+        except CorruptError as e:
+            errors.append(str(e))
             continue
-        with store.reverse_index(fs.fid) as ri:
-            want = set(np.unique(np.concatenate([ri.select(m) for m in selectors])).tolist())
         if not want:
             continue
-        for pos, (sid, _h, block) in enumerate(fs):
+        for pos, (sid, _h, block) in enumerate(fs.entries()):
             if pos not in want:
+                continue
+            if isinstance(block, CorruptError):
+                errors.append(str(block))
                 continue
             ts, vs = codec.decode(block)
             sel = (ts >= start) & (ts <= end)
@@ -383,4 +396,7 @@ def _export_shard(seg, store, namespace: str, shard: int, slots: list[int], sele
         stamps = ",".join(map(str, ts.tolist()))
         lines.append(f'{{"metric":{metric},"values":[{_fmt_values(vs)}],'
                      f'"timestamps":[{stamps}]}}\n')
+    for e in errors:
+        log.warning("export: %s", e)
+        lines.append(f'{{"error":{json.dumps(e)}}}\n')
     return "".join(lines).encode()

@@ -232,9 +232,11 @@ class Fileset:
             raise CorruptFilesetError(self.paths[Kind.CHECKPOINT], HEADER.size,
                                       "a 4-byte digest CRC", f"{len(ckpt) - HEADER.size} bytes")
         want = U32.unpack_from(ckpt, HEADER.size)[0]
-        if zlib.crc32(digests) != want:
-            raise CorruptFilesetError(self.paths[Kind.DIGESTS], 0, f"CRC32 {want:#010x}",
-                                      f"{zlib.crc32(digests):#010x}")
+        if zlib.crc32(digests) != want:  # one of the two is corrupt: name both
+            raise CorruptFilesetError(
+                self.paths[Kind.CHECKPOINT], HEADER.size,
+                f"the CRC32 of {self.paths[Kind.DIGESTS]} (whole file), {want:#010x}",
+                f"{zlib.crc32(digests):#010x} (one of the two files is corrupt)")
         if len(digests) != HEADER.size + 4 * len(DIGESTED):
             raise CorruptFilesetError(self.paths[Kind.DIGESTS], HEADER.size,
                                       f"{len(DIGESTED)} CRCs")
@@ -331,6 +333,17 @@ class Fileset:
             sid, h, off, length, crc, _n, pos = self._entry(pos)
             yield sid, h, self._block(sid, off, length, crc)
 
+    def entries(self) -> Iterator[tuple[bytes, int, memoryview | CorruptFilesetError]]:
+        """Like iteration, but a series whose block fails its checks yields the error in place
+        of its block, so one corrupt block leaves the other series readable."""
+        pos = 0
+        while pos < len(self._index):
+            sid, h, off, length, crc, _n, pos = self._entry(pos)
+            try:
+                yield sid, h, self._block(sid, off, length, crc)
+            except CorruptFilesetError as e:
+                yield sid, h, e
+
     def __len__(self) -> int:
         return self.info.num_series
 
@@ -394,3 +407,25 @@ def remove_incomplete(root: Path, shards: range | None = None) -> list[Path]:
             p.unlink()
             removed.append(p)
     return removed
+
+
+def remove_superseded(root: Path, shards: range | None = None) -> list[FilesetId]:
+    """Delete every checkpointed volume of a block below its newest one (a flush killed
+    between volume N+1's checkpoint and volume N's deletion), checkpoint first. Start-up
+    only, like :func:`remove_incomplete`."""
+    newest: dict[tuple[str, int, int], int] = {}
+    fids = [f for f in list_filesets(root) if shards is None or f.shard in shards]
+    for f in fids:
+        key = (f.namespace, f.shard, f.block_start)
+        newest[key] = max(newest.get(key, -1), f.volume)
+    gone = []
+    for f in fids:
+        if f.volume < newest[(f.namespace, f.shard, f.block_start)]:
+            log.warning("removing volume %d of %s shard %d block %d: volume %d supersedes it",
+                        f.volume, f.namespace, f.shard, f.block_start,
+                        newest[(f.namespace, f.shard, f.block_start)])
+            for k in (Kind.CHECKPOINT, *[k for k in Kind if k != Kind.CHECKPOINT]):
+                f.path(root, k).unlink(missing_ok=True)
+            companion_path(root, f, "revindex").unlink(missing_ok=True)
+            gone.append(f)
+    return gone

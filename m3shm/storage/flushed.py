@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from m3shm.errors import CorruptError
 from m3shm.shm import parse_labels
 from m3shm.storage.fileset import NAME, Fileset, FilesetId, companion_path
 from m3shm.storage.index_segment import SegmentReader
@@ -35,8 +36,11 @@ class FlushedStore:
         self._lock = threading.Lock()
 
     def volumes(self, namespace: str, shard: int, mint: int = -(1 << 62),
-                maxt: int = 1 << 62) -> list[FilesetId]:
-        """Newest checkpointed volume of each block with data in [mint, maxt], by start."""
+                maxt: int = 1 << 62, errors: list[str] | None = None) -> list[FilesetId]:
+        """Newest checkpointed volume of each block with data in [mint, maxt], by start.
+        With ``errors``, a volume that fails its checks on open is left out and its error
+        (naming the file) appended there, so the other blocks stay readable; without, the
+        CorruptError is raised."""
         d = self.root / namespace / f"{shard:04d}"
         best: dict[int, int] = {}
         try:
@@ -56,7 +60,13 @@ class FlushedStore:
             fid = FilesetId(namespace, shard, bs, best[bs])
             if bs > maxt:
                 continue
-            fs = self.open_newest(fid)
+            try:
+                fs = self.open_newest(fid)
+            except CorruptError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
+                continue
             if fs is None:
                 continue
             if fs.fid.block_start + fs.info.block_size <= mint:

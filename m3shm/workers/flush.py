@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from m3shm._native import lib
 from m3shm.storage import commitlog, retention
 from m3shm.storage.commitlog import PassState
-from m3shm.storage.fileset import remove_incomplete
+from m3shm.storage.fileset import remove_incomplete, remove_superseded
 from m3shm.storage.shard_flush import WARM, flush_block
 
 if TYPE_CHECKING:
@@ -86,10 +86,12 @@ class Flusher:
 
     def start_up(self, replaying: bool) -> None:
         """Before replay and the first pass: drop incomplete filesets of our shards (a flush
-        killed midway), and raise each shard's warm floor past its newest flushed block, so
-        that replayed samples of flushed blocks go to cold chunks (merged into volume N+1)."""
+        killed midway) and volumes a newer checkpointed one supersedes, and raise each
+        shard's warm floor past its newest flushed block, so that replayed samples of flushed
+        blocks go to cold chunks (merged into volume N+1)."""
         shards = range(self.w.lo, self.w.hi)
         remove_incomplete(self.root, shards)
+        remove_superseded(self.root, shards)
         for s in shards if replaying else ():
             d = self.root / self.ns.name / f"{s:04d}"
             starts = [int(p.name.split("-")[1]) for p in d.glob("fileset-*-checkpoint.db")]
