@@ -133,7 +133,10 @@ def test_sigkill_everything_during_load_then_restart(tmp_path):
     for _trial in range(5):
         d.start()
         with Load(d.port, base, k) as load:
-            time.sleep(rng.uniform(0.3, 0.9))
+            deadline = time.monotonic() + 30  # load is under way (first 2xx) before the kill
+            while not load.ack_times and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.1, 0.7))
             d.kill_all()
         k = load.k + 1
         for i in range(NSERIES):
