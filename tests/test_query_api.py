@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
 
 import pytest
 from test_daemon_harness import Daemon, now_ms
@@ -229,3 +230,38 @@ def test_limits_refuse_with_422_naming_the_limit(tmp_path):
         assert code == 200 and r["data"]["result"][0]["value"][1] == "3"
     finally:
         d.stop()
+
+
+def test_running_queries_seen_from_the_other_worker(data):
+    """A slow query runs on one worker; polling status/queries until the *other* worker
+    answers (X-M3shm-Worker names the answering worker) shows it there too."""
+    d, t0 = data
+    q = slow_query(1 << 14) + " + 0"
+    body = urllib.parse.urlencode(range_form(t0, q)).encode()
+    sock = socket.create_connection(("127.0.0.1", d.port))
+    try:
+        sock.sendall(b"POST /api/v1/query_range HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        answered_by: dict[int, list[dict]] = {}
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(d.url + "/api/v1/status/queries", timeout=30) as r:
+                worker = int(r.headers["X-M3shm-Worker"])
+                entries = [e for e in json.loads(r.read())["data"] if e["expr"] == q]
+            if entries:
+                answered_by[worker] = entries
+                runs_on = entries[0]["worker"]
+                if worker != runs_on:
+                    break
+            assert time.monotonic() < deadline, f"only seen by {sorted(answered_by)}"
+            time.sleep(0.02)
+        (e,) = answered_by[worker]
+        assert e["worker"] == runs_on != worker and e["started"].endswith("Z")
+        assert e["elapsed_seconds"] >= 0
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 20
+    while any(e["expr"] == q for e in running(d)):
+        assert time.monotonic() < deadline, "a disconnected client's query kept running"
+        time.sleep(0.05)

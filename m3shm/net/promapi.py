@@ -57,6 +57,7 @@ log = logging.getLogger("m3shm.promapi")
 
 MAX_POINTS_PER_SERIES = 11_000  # Prometheus' resolution limit for query_range
 INDEX_REFRESH_S = 1.0
+WORKER_HEADER = "X-M3shm-Worker"  # on every query API answer: the index of the answering worker
 MIN_TIME, MAX_TIME = -(1 << 62), 1 << 62
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
@@ -93,8 +94,16 @@ class PromApi:
     def route(self, path: str) -> Callable[[Request], Any] | None:
         h = self.routes.get(path)
         if h is None and path.startswith("/api/v1/label/") and path.endswith("/values"):
-            return self.label_values
-        return h
+            h = self.label_values
+        if h is None:
+            return None
+
+        async def tagged(req: Request, h: Callable[[Request], Any] = h) -> Response:
+            resp = await h(req)
+            resp.headers[WORKER_HEADER] = str(self.w.index)
+            return resp
+
+        return tagged
 
     async def _refresh_loop(self) -> None:
         """Index new series in the background, so a query rarely indexes many itself."""
