@@ -691,3 +691,13 @@ int m3_windows(const int64_t *ts, const int64_t *offs, size_t nseries, const int
 int64_t m3_json_points(const int64_t *ts, const char *reprs, size_t reprs_len, size_t n,
                        char *out, size_t cap);
 size_t m3_json_points_bound(size_t n);
+
+/* ---- query_slots.c: daemon-wide query admission over per-worker counters -------------- */
+
+/* counters: worker 0's counter; worker i's is counters[i * stride] (the stats file's
+   W_QUERIES_RUNNING slot). enter: claim a slot for worker `self`; 1 if admitted (the sum of
+   all counters, this claim included, is <= limit), 0 if not (the claim is taken back). */
+int m3_qslot_enter(uint64_t *counters, uint32_t nworkers, uint32_t stride, uint32_t self,
+                   uint64_t limit);
+void m3_qslot_leave(uint64_t *counters, uint32_t stride, uint32_t self);
+void m3_qslot_reset(uint64_t *counters, uint32_t stride, uint32_t self);

@@ -180,7 +180,7 @@ class QueryConfig:
     max_series: int = 1_000_000            # series fetched per query (all selectors)
     max_samples: int = 50_000_000          # samples decoded per query (Prometheus' default)
     max_bytes: int = 2 << 30               # estimated memory per query
-    max_concurrency: int = 4               # queries evaluated at once per worker; others wait
+    max_concurrency: int = 4               # queries evaluated at once in the daemon; others wait
     timeout_ms: int = 120_000              # default and maximum `timeout` of a query
     lookback_delta_ms: int = 300_000
     catchup_wait_ms: int = 2_000           # wait for shards to apply acknowledged writes

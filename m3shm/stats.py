@@ -12,7 +12,9 @@ slot has exactly one writer at a time (the header: the supervisor; a worker bloc
 worker's event loop, except the commit-log slots, written by whichever thread holds the commit
 log's lock). Aligned 8-byte stores and loads are single instructions on the platforms m3shm
 runs on, so a reader never sees a torn value; it may see a slightly stale one, which is all a
-counter or a heartbeat needs. No fences: nothing else is ordered by these values.
+counter or a heartbeat needs. No fences: nothing else is ordered by these values. One
+exception: ``W_QUERIES_RUNNING`` is changed only with seq_cst atomics (csrc/query_slots.c),
+because workers admit queries daemon-wide by summing every worker's count.
 
 A worker restarted by the supervisor keeps its block, so its counters continue where the dead
 incarnation left them (Prometheus counters stay monotonic across worker restarts). Counters are
@@ -57,6 +59,7 @@ W_FSYNC_SUM_NS = 12
 W_FSYNC_BUCKETS = 13         # len(FSYNC_BUCKETS_S) + 1 cumulative buckets (last is +Inf)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5)
+W_QUERIES_RUNNING = 28       # queries this worker evaluates now; atomic, csrc/query_slots.c
 W_REQ_REJECTED = 32          # len(REQUEST_REASONS) slots
 W_SAMPLES_REJECTED = 64      # len(SAMPLE_REASONS) slots
 

@@ -8,7 +8,9 @@ Paths, parameters and JSON shapes are Prometheus 2.42's: ``/api/v1/query``, ``qu
 Each query gets a :class:`~m3shm.query.context.QueryContext` (limits from config ``query:``,
 its deadline, a stop flag) and runs on this worker's query thread pool, never on the event
 loop: selection, decoding, evaluation and JSON formatting all happen there. At most
-``query.max_concurrency`` queries run at once per worker; others wait (within their timeout).
+``query.max_concurrency`` queries run at once in the whole daemon (every worker's running
+count is a slot of the stats file, claimed atomically by csrc/query_slots.c); others wait in
+line within their timeout, as in Prometheus' query queue, then get 503 ``timeout``.
 The event loop waits for either the result or the client's disconnect; a disconnect sets the
 stop flag, which the storage and the engine check between shards, series batches and AST
 nodes, so the thread stops at once. Before a query reads, it waits (up to
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import m3shm
+from m3shm import stats as st
 from m3shm._native import ffi, lib
 from m3shm.net.http import Request, Response
 from m3shm.net.promjson import (
@@ -57,6 +61,7 @@ log = logging.getLogger("m3shm.promapi")
 
 MAX_POINTS_PER_SERIES = 11_000  # Prometheus' resolution limit for query_range
 INDEX_REFRESH_S = 1.0
+ADMIT_POLL_S, ADMIT_POLL_MAX_S = 0.002, 0.05  # a queued query re-checks for a free slot
 WORKER_HEADER = "X-M3shm-Worker"  # on every query API answer: the index of the answering worker
 MIN_TIME, MAX_TIME = -(1 << 62), 1 << 62
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -74,7 +79,13 @@ class PromApi:
                                       w.seg.params.num_shards), ShmSource(self.index)]
         self.pool = ThreadPoolExecutor(self.qcfg.max_concurrency + 1,
                                        thread_name_prefix="m3shm-query")
-        self.slots = asyncio.Semaphore(self.qcfg.max_concurrency)
+        # daemon-wide admission: this worker's W_QUERIES_RUNNING slot of the stats file, and
+        # every other worker's (a dead incarnation's claims are dropped here, before serving)
+        sf = w.statsfile
+        self._qslots = ffi.from_buffer("uint64_t[]", sf.slots)
+        self._qcounters = self._qslots + st.HEADER_SLOTS + st.W_QUERIES_RUNNING
+        self._nworkers = sf.nworkers
+        lib.m3_qslot_reset(self._qcounters, st.WORKER_SLOTS, w.index)
         self.registry = QueryRegistry(w.data_dir, w.index)
         self.limits = QueryLimits(self.qcfg.max_series, self.qcfg.max_samples,
                                   self.qcfg.max_bytes)
@@ -162,11 +173,10 @@ class PromApi:
         """Run ``fn(ctx)`` on the query pool within the limits; map errors to responses."""
         loop = asyncio.get_running_loop()
         remaining = (ctx.deadline or 0) - time.monotonic()
-        try:
-            await asyncio.wait_for(self.slots.acquire(), max(remaining, 0.001))
-        except TimeoutError:
-            return error("timeout", "query timed out waiting for a free query slot "
-                                    f"(query.max_concurrency={self.qcfg.max_concurrency})")
+        if not await self._admit(remaining):
+            return error("timeout", "query timed out in the query queue: "
+                                    f"query.max_concurrency={self.qcfg.max_concurrency} "
+                                    "queries were running in the daemon")
         qid = self.registry.add(ctx)
         try:
             await self._catch_up(ctx)
@@ -198,7 +208,22 @@ class PromApi:
                 return error("execution", str(e))
         finally:
             self.registry.remove(qid)
-            self.slots.release()
+            lib.m3_qslot_leave(self._qcounters, st.WORKER_SLOTS, self.w.index)
+
+    async def _admit(self, wait_s: float) -> bool:
+        """Claim one of the daemon's ``query.max_concurrency`` slots, waiting in line for at
+        most ``wait_s`` seconds (polling: the other workers' queries end in other processes)."""
+        deadline = time.monotonic() + wait_s
+        pause = ADMIT_POLL_S
+        while not lib.m3_qslot_enter(self._qcounters, self._nworkers, st.WORKER_SLOTS,
+                                     self.w.index, self.qcfg.max_concurrency):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # jitter: two workers that took their claims back at once do not retry in step
+            await asyncio.sleep(min(left, pause * (0.5 + random.random())))
+            pause = min(pause * 2, ADMIT_POLL_MAX_S)
+        return True
 
     def engine(self, ctx: QueryContext) -> Engine:
         return Engine(LocalStorage(self.sources, ctx), self.qcfg.lookback_delta_ms,
