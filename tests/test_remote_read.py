@@ -21,6 +21,7 @@ from promcompare import diff
 from test_daemon_harness import Daemon, free_port, now_ms
 
 from m3shm._native import ffi, lib
+from m3shm.net import remoteread as rremote
 from m3shm.net.remoteread import STREAM_CTYPE
 from m3shm.proto import remote_read_pb2 as rr
 
@@ -181,6 +182,47 @@ def test_streamed_xor_chunks(daemon):
     assert dict(key)["instance"] == "h1"
     assert [p[0] for p in got[1][key]] == [t for t, _ in want[key]
                                           if t0 + 30_000 <= t <= t0 + 60_000]
+
+
+def test_streamed_frame_per_series_over_many_groups(daemon):
+    """More series than one decode group: one series per frame, in label order, each whole,
+    and the frames of both queries tagged with their query index."""
+    d, t0, _ = daemon
+    n = rremote.SERIES_PER_GROUP * 2 + 7
+    many = [({"__name__": "many", "i": f"{i:05d}"}, [(t0 + k * 1000, float(i + k))
+                                                     for k in range(3)]) for i in range(n)]
+    assert d.write(many[::-1])[0] == 204
+    code, body, _ = read(d, [q(t0, t0 + 60_000, (0, "__name__", "many")),
+                             q(t0, t0 + 1000, (0, "i", "00001"))],
+                         [rr.ReadRequest.STREAMED_XOR_CHUNKS])
+    assert code == 200
+    frames = read_frames(body)
+    assert all(len(fr.chunked_series) == 1 for fr in frames)
+    first = [fr.chunked_series[0] for fr in frames if fr.query_index == 0]
+    assert [dict((lb.name, lb.value) for lb in cs.labels)["i"] for cs in first] == \
+        [f"{i:05d}" for i in range(n)]
+    for i, cs in enumerate(first):
+        assert [p for c in cs.chunks for p in decode_xor(c.data)] == \
+            [(t0 + k * 1000, bits_of(float(i + k))) for k in range(3)]
+    (second,) = [fr for fr in frames if fr.query_index == 1]
+    assert [p for c in second.chunked_series[0].chunks for p in decode_xor(c.data)] == \
+        [(t0, bits_of(1.0)), (t0 + 1000, bits_of(2.0))]
+
+
+def test_series_larger_than_a_frame_is_split(monkeypatch):
+    """As Prometheus: a series whose chunks pass FRAME_BYTES continues in the next frame,
+    which repeats its labels; chunks stay in order and whole."""
+    monkeypatch.setattr(rremote, "FRAME_BYTES", 300)
+    ts = np.arange(1000, dtype=np.int64) * 15_000
+    vals = np.sin(np.arange(1000, dtype=np.float64))
+    frames = read_frames(b"".join(rremote.series_frames((("__name__", "big"),), ts, vals, b"")))
+    assert len(frames) > 2
+    pts = []
+    for fr in frames:
+        (cs,) = fr.chunked_series
+        assert [(lb.name, lb.value) for lb in cs.labels] == [("__name__", "big")]
+        pts += [p for c in cs.chunks for p in decode_xor(c.data)]
+    assert pts == [(int(t), bits_of(v)) for t, v in zip(ts, vals, strict=True)]
 
 
 def test_samples_and_bad_requests(daemon):

@@ -70,6 +70,8 @@ class HttpProtocol(asyncio.Protocol):
         self._limit = 0
         self._prev: asyncio.Task | None = None
         self._closed = asyncio.Event()
+        self._writable = asyncio.Event()  # cleared while the transport's buffer is full
+        self._writable.set()
         self.closing = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -87,6 +89,13 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._closed.set()  # handlers waiting on req.closed stop their work (queries cancel)
+        self._writable.set()  # a stream waiting for room wakes and sees the transport gone
+
+    def pause_writing(self) -> None:
+        self._writable.clear()  # streams wait: a slow client bounds what a stream buffers
+
+    def resume_writing(self) -> None:
+        self._writable.set()
 
     # -- httptools callbacks (never raise out of these) ---------------------------------------
     def on_message_begin(self) -> None:
@@ -158,11 +167,19 @@ class HttpProtocol(asyncio.Protocol):
         else:
             head.append("Transfer-Encoding: chunked")
             t.write(("\r\n".join(head) + "\r\n\r\n").encode())
-            async for chunk in resp.stream:
-                if self.transport is None:
-                    return  # the client went away: stop producing
-                if chunk:
-                    t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            try:
+                async for chunk in resp.stream:
+                    if self.transport is None:
+                        return  # the client went away: stop producing
+                    if chunk:
+                        t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        await self._writable.wait()
+            except Exception:  # noqa: BLE001 - the status is sent: cut the body short
+                log.exception("stream failed: the response is cut off without its last chunk")
+                t.abort()  # the client sees an incomplete body, never a short complete one
+                return
+            if self.transport is None:
+                return
             t.write(b"0\r\n\r\n")
         if not keep:
             t.close()

@@ -27,7 +27,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +178,7 @@ class PromApi:
                                     f"query.max_concurrency={self.qcfg.max_concurrency} "
                                     "queries were running in the daemon")
         qid = self.registry.add(ctx)
+        held = False  # a streamed answer keeps its slot until the stream ends
         try:
             await self._catch_up(ctx)
             fut = loop.run_in_executor(self.pool, fn, ctx)
@@ -195,7 +196,11 @@ class PromApi:
                     await fut
                 return error("canceled", "query canceled: the client closed the connection")
             try:
-                return fut.result()
+                resp = fut.result()
+                if resp.stream is not None:
+                    resp.stream = self._holding(resp.stream, qid)
+                    held = True
+                return resp
             except ApiError as e:
                 return error(e.kind, str(e))
             except QueryCanceledError as e:
@@ -207,8 +212,21 @@ class PromApi:
             except QueryError as e:
                 return error("execution", str(e))
         finally:
-            self.registry.remove(qid)
-            lib.m3_qslot_leave(self._qcounters, st.WORKER_SLOTS, self.w.index)
+            if not held:
+                self._release(qid)
+
+    def _release(self, qid: int) -> None:
+        self.registry.remove(qid)
+        lib.m3_qslot_leave(self._qcounters, st.WORKER_SLOTS, self.w.index)
+
+    async def _holding(self, stream: AsyncIterator[bytes], qid: int) -> AsyncIterator[bytes]:
+        """``stream``, then the query's slot and registry entry released (also when the
+        client goes away mid-stream and the stream is closed)."""
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self._release(qid)
 
     async def _admit(self, wait_s: float) -> bool:
         """Claim one of the daemon's ``query.max_concurrency`` slots, waiting in line for at
