@@ -158,8 +158,11 @@ class Store:
 
     def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> None:
         logf = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        # An installed package has its bytecode compiled; a shell that forbids writing it
+        # would make every start recompile the sources and time that instead.
+        full = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **env} if env else None)
+                                     env={**full, **(env or {})})
         logf.close()
 
     def stop(self, timeout: float = 120) -> None:
