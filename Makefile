@@ -22,7 +22,7 @@ test: build lint test-py test-asan fuzz
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q cffi numpy uvloop httptools protobuf python-snappy PyYAML promql-parser \
+	$(PIP) install -q cffi numpy uvloop httptools protobuf python-snappy PyYAML promql-parser zstandard \
 	    pytest hypothesis ruff
 	touch $(STAMP)
 

@@ -30,7 +30,7 @@ allocated bytes (``du``), ``apparent`` the sum of file sizes (``du -b``).
 ``zstd_at_flush`` (m3shm only) is the zstd level sweep behind the decision in
 docs/formats/fileset.md: the flushed blocks read back from the filesets and compressed per data
 file or per 64 consecutive series, with the compressing thread's CPU time (median of 3).
-Needs ``pip install zstandard`` (the ``perf`` extra). Prints one JSON object.
+Prints one JSON object.
 """
 
 from __future__ import annotations

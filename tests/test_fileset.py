@@ -104,21 +104,44 @@ def test_a_flipped_byte_in_any_file_is_named(tmp_path: Path, kind: Kind) -> None
         kind == Kind.CHECKPOINT and str(fid.path(tmp_path, Kind.DIGESTS)) in str(err.value))
 
 
-def test_data_corruption_spares_other_series(tmp_path: Path) -> None:
+def test_data_corruption_spares_other_groups(tmp_path: Path) -> None:
+    """Version 2 compresses each summary group of the data as one zstd frame: a flipped byte
+    costs that group's series (a clear error naming the file), never another group's."""
     series = make_series(20)
     fid = FilesetId("default", 0, START, 0)
-    write_fileset(tmp_path, fid, BLOCK, series)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4)
     path = fid.path(tmp_path, Kind.DATA)
     raw = bytearray(path.read_bytes())
-    raw[12] ^= 0x01  # inside the first series' block (in id order)
+    raw[20] ^= 0x01  # inside the first frame (the first 4 series in id order)
     path.write_bytes(bytes(raw))
-    first = min(series)
+    errors = 0
     with Fileset(tmp_path, fid) as fs:
-        with pytest.raises(CorruptFilesetError, match="series"):
-            fs.get(first[0], first[1])
-        for sid, h, block in series:
-            if sid != first[0]:
+        for sid, h, block in sorted(series)[:4]:  # each is an error or exactly right
+            try:
                 assert bytes(fs.get(sid, h)) == block
+            except CorruptFilesetError as e:
+                assert str(path) in str(e)
+                errors += 1
+        assert errors
+        for sid, h, block in sorted(series)[4:]:
+            assert bytes(fs.get(sid, h)) == block
+
+
+def test_v2_data_is_one_zstd_frame_per_summary_group(tmp_path: Path) -> None:
+    import zstandard
+
+    series = make_series(10)
+    fid = FilesetId("default", 0, START, 0)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4)
+    data = fid.path(tmp_path, Kind.DATA).read_bytes()
+    assert data[:8] == b"M3FS\x05\x02\x00\x00"
+    frames, rest = [], data[8:]
+    while rest:
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        frames.append(obj.decompress(rest))
+        rest = obj.unused_data
+    blocks = [b for _, _, b in sorted(series)]
+    assert frames == [b"".join(blocks[i:i + 4]) for i in (0, 4, 8)]
 
 
 def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path) -> None:

@@ -9,6 +9,10 @@ Writing happens once per block at flush; nothing rewrites a fileset. Readers mma
 lookup of one series goes bloom filter -> summaries (in memory) -> index (a short scan) -> data,
 and checks the series' own CRC before handing out its block. Blocks stay compressed (TSZ,
 docs/formats/tsz.md); decoding is the caller's business.
+
+Version 2 (written now) stores the data file as zstd frames, one per summary group (the
+``summary_every`` series a summary entry starts), so a lookup decompresses one small frame and a
+scan each frame once; version 1 filesets (raw TSZ blocks back to back) stay readable.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from m3shm import codec
 from m3shm.errors import CorruptError
@@ -34,7 +39,9 @@ from m3shm.errors import CorruptError
 log = logging.getLogger("m3shm.fileset")
 
 MAGIC = b"M3FS"
-VERSION = 1
+VERSION = 2  # written; every version in READABLE is read
+READABLE = (1, 2)
+ZSTD_LEVEL = 3  # docs/formats/fileset.md: the level sweep behind this choice
 HEADER = struct.Struct("<4sBBH")  # magic, kind, version, reserved
 INFO = struct.Struct("<qqIIQQQIIQ")
 ENTRY_TAIL = struct.Struct("<QQIII")  # hash, data offset, data length, data crc32, samples
@@ -152,16 +159,24 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
     directory.mkdir(parents=True, exist_ok=True)
 
     index, summaries, data = bytearray(), bytearray(), []
-    data_off = samples = 0
+    data_off = samples = frame_off = 0
+    group: list[bytes | memoryview] = []
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     for i, (sid, h, block) in enumerate(entries):
         n = codec.count(block)  # also checks the block header
         if i % summary_every == 0:
-            summaries += U32.pack(len(sid)) + sid + U64.pack(len(index))
+            if group:
+                data.append(cctx.compress(b"".join(group)))
+                frame_off += len(data[-1])
+                group = []
+            summaries += U32.pack(len(sid)) + sid + U64.pack(len(index)) + U64.pack(frame_off)
         index += U32.pack(len(sid)) + sid + ENTRY_TAIL.pack(
             h & 0xFFFFFFFFFFFFFFFF, data_off, len(block), zlib.crc32(block), n)
-        data.append(block)
+        group.append(block)
         data_off += len(block)
         samples += n
+    if group:
+        data.append(cctx.compress(b"".join(group)))
 
     nseries = len(entries)
     bloom_bits = 64
@@ -220,8 +235,13 @@ class Fileset:
         if magic != MAGIC or k != kind:
             raise CorruptFilesetError(path, 0, f"magic {MAGIC!r} kind {int(kind)}",
                                       f"{magic!r} kind {k}")
-        if version != VERSION:
-            raise CorruptFilesetError(path, 5, f"version {VERSION}", str(version))
+        if version not in READABLE:
+            raise CorruptFilesetError(path, 5, f"a version in {READABLE}", str(version))
+        if kind == Kind.CHECKPOINT:
+            self.version = version
+        elif version != self.version:
+            raise CorruptFilesetError(path, 5, f"version {self.version} (as its checkpoint)",
+                                      str(version))
         return memoryview(m)
 
     def _open(self, root: Path) -> None:
@@ -257,7 +277,11 @@ class Fileset:
         if self._bloom.size * 8 != self.info.bloom_bits:
             raise CorruptFilesetError(self.paths[Kind.BLOOM], HEADER.size,
                                       f"{self.info.bloom_bits} bits")
-        self._sum_ids, self._sum_offs = self._read_summaries(views[Kind.SUMMARIES])
+        self._sum_ids, self._sum_offs, self._frame_offs = self._read_summaries(
+            views[Kind.SUMMARIES])
+        # the last frame decompressed (v2): (group, bytes, data offset where they start);
+        # replaced whole, so threads sharing the fileset never see a torn one
+        self._frame: tuple[int, bytes, int] | None = None
 
     def _check_crc(self, kind: Kind, view: memoryview) -> None:
         got = zlib.crc32(view)
@@ -266,17 +290,42 @@ class Fileset:
                                       f"CRC32 {self._digest[kind]:#010x} (digests file)",
                                       f"{got:#010x}")
 
-    def _read_summaries(self, view: memoryview) -> tuple[list[bytes], list[int]]:
-        ids, offs, pos = [], [], HEADER.size
+    def _read_summaries(self, view: memoryview) -> tuple[list[bytes], list[int], list[int]]:
+        ids, offs, frames, pos = [], [], [], HEADER.size
+        tail = 8 if self.version == 1 else 16  # v2: + the group's frame offset
         while pos < len(view):
             (n,) = U32.unpack_from(view, pos)
-            if pos + 4 + n + 8 > len(view):
+            if pos + 4 + n + tail > len(view):
                 raise CorruptFilesetError(self.paths[Kind.SUMMARIES], pos,
                                           "a summary entry within the file")
             ids.append(bytes(view[pos + 4 : pos + 4 + n]))
             offs.append(U64.unpack_from(view, pos + 4 + n)[0])
-            pos += 4 + n + 8
-        return ids, offs
+            if tail == 16:
+                frames.append(U64.unpack_from(view, pos + 12 + n)[0])
+            pos += 4 + n + tail
+        return ids, offs, frames
+
+    def _group_data(self, g: int) -> tuple[bytes | memoryview, int]:
+        """(bytes holding summary group g's blocks, data offset where they start)."""
+        if self.version == 1:
+            return self._data, 0
+        cached = self._frame
+        if cached is not None and cached[0] == g:
+            return cached[1], cached[2]
+        lo = self._frame_offs[g]
+        hi = self._frame_offs[g + 1] if g + 1 < len(self._frame_offs) else len(self._data)
+        path = self.paths[Kind.DATA]
+        if not lo <= hi <= len(self._data):
+            raise CorruptFilesetError(path, HEADER.size + lo, f"frame {g} within the file")
+        try:
+            # a decompressor per frame: they are not safe to share between threads
+            raw = zstandard.ZstdDecompressor().decompress(self._data[lo:hi])
+        except zstandard.ZstdError as e:
+            raise CorruptFilesetError(path, HEADER.size + lo,
+                                      f"a zstd frame of summary group {g}", str(e)) from e
+        _sid, _h, start, *_ = self._entry(self._sum_offs[g])
+        self._frame = (g, raw, start)
+        return raw, start
 
     def _entry(self, pos: int) -> tuple[bytes, int, int, int, int, int, int]:
         """(id, hash, data offset, data length, crc, samples, next entry position)"""
@@ -291,14 +340,18 @@ class Fileset:
         h, off, length, crc, samples = ENTRY_TAIL.unpack_from(idx, pos + 4 + n)
         return bytes(idx[pos + 4 : pos + 4 + n]), h, off, length, crc, samples, end
 
-    def _block(self, sid: bytes, off: int, length: int, crc: int) -> memoryview:
-        if off + length > len(self._data):
+    def _block(self, g: int, sid: bytes, off: int, length: int, crc: int) -> memoryview:
+        """The block of a series of summary group g at data offset ``off`` (uncompressed)."""
+        data, start = self._group_data(g)
+        where = "within the file" if self.version == 1 else f"within frame {g}"
+        if not 0 <= off - start <= off - start + length <= len(data):
             raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
-                                      f"{length} bytes of series {sid!r} within the file")
-        block = self._data[off : off + length]
+                                      f"{length} bytes of series {sid!r} {where}")
+        block = memoryview(data)[off - start : off - start + length]
         if zlib.crc32(block) != crc:
             raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
-                                      f"CRC32 {crc:#010x} of series {sid!r}")
+                                      f"CRC32 {crc:#010x} of series {sid!r} "
+                                      f"(offset {off} of the uncompressed data)")
         return block
 
     def may_contain(self, series_hash: int) -> bool:
@@ -321,28 +374,33 @@ class Fileset:
                 break
             eid, _h, off, length, crc, _n, pos = self._entry(pos)
             if eid == sid:
-                return self._block(sid, off, length, crc)
+                return self._block(i, sid, off, length, crc)
             if eid > sid:
                 break
         return None
 
     def __iter__(self) -> Iterator[tuple[bytes, int, memoryview]]:
         """Every (series id, hash, block) in id order."""
-        pos = 0
+        pos = i = 0
+        every = self.info.summary_every
         while pos < len(self._index):
             sid, h, off, length, crc, _n, pos = self._entry(pos)
-            yield sid, h, self._block(sid, off, length, crc)
+            yield sid, h, self._block(i // every, sid, off, length, crc)
+            i += 1
 
     def entries(self) -> Iterator[tuple[bytes, int, memoryview | CorruptFilesetError]]:
         """Like iteration, but a series whose block fails its checks yields the error in place
-        of its block, so one corrupt block leaves the other series readable."""
-        pos = 0
+        of its block, so one corrupt block (in version 2: one corrupt frame, the series of one
+        summary group) leaves the other series readable."""
+        pos = i = 0
+        every = self.info.summary_every
         while pos < len(self._index):
             sid, h, off, length, crc, _n, pos = self._entry(pos)
             try:
-                yield sid, h, self._block(sid, off, length, crc)
+                yield sid, h, self._block(i // every, sid, off, length, crc)
             except CorruptFilesetError as e:
                 yield sid, h, e
+            i += 1
 
     def __len__(self) -> int:
         return self.info.num_series
@@ -352,7 +410,7 @@ class Fileset:
         self._check_crc(Kind.DATA, memoryview(self._maps[Kind.DATA]))
 
     def close(self) -> None:
-        for attr in ("_index", "_data", "_bloom"):
+        for attr in ("_index", "_data", "_bloom", "_frame"):
             if hasattr(self, attr):
                 delattr(self, attr)
         for m in self._maps.values():
