@@ -367,7 +367,8 @@ def _export_shard(seg, store, namespace: str, shard: int, slots: list[int], sele
             if pos not in want:
                 continue
             if isinstance(block, CorruptError):
-                errors.append(str(block))
+                if str(block) not in errors:  # a bad frame fails each series of its group
+                    errors.append(str(block))
                 continue
             ts, vs = codec.decode(block)
             sel = (ts >= start) & (ts <= end)
