@@ -9,12 +9,12 @@ Each worker flushes only its own shards, on a timer (``flush.interval``) and on 
    block (start + blockSize + bufferPast <= now) becomes volume 0 of its fileset, cold data
    (of blocks already flushed) volume N+1 (m3shm/storage/shard_flush.py); the chunks are then
    released; expired blocks (start + blockSize <= now - retention) are released unwritten;
-4. records the pass in ``<data>/flush/state-w<index>.json`` (atomic rename, fsync'd): the
+4. (every ``flush.retention_interval``) deletes the filesets of its shards whose block ended
+   before now - retention;
+5. records the pass in ``<data>/flush/state-w<index>.json`` (atomic rename, fsync'd): the
    commit-log trimming of every worker reads these files (m3shm/storage/commitlog.py
    ``covered``);
-5. deletes the commit-log files every worker's last pass covers, and (every
-   ``flush.retention_interval``) the filesets of its shards whose block ended before
-   now - retention.
+6. deletes the commit-log files every worker's last pass covers (commitlog.deletable).
 
 ``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit log
 (SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files, then trims:
@@ -137,14 +137,14 @@ class Flusher:
                              info.num_samples, info.data_bytes, time.perf_counter() - t0)
             seg.reclaim(s)
         self.blocks_written += written
-        self._save(pass_seq=seq, pass_ms=now, block_ms=ns.block_size_ms,
-                   buffer_past_ms=ns.buffer_past_ms)
-        self.trim()
         mono = time.monotonic()
         if force_retention or mono - self._last_retention >= (
                 self.cfg.flush.retention_interval_ms / 1000):
             self._last_retention = mono
-            self.apply_retention(now)
+            self.apply_retention(now)  # before the state: an admin flush waits for it
+        self._save(pass_seq=seq, pass_ms=now, block_ms=ns.block_size_ms,
+                   buffer_past_ms=ns.buffer_past_ms)
+        self.trim()
         return written
 
     def trim(self) -> list[str]:
