@@ -205,7 +205,12 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
     digests = b"".join(U32.pack(crcs[k]) for k in DIGESTED)
     dcrc = _write_file(fid.path(root, Kind.DIGESTS), Kind.DIGESTS, [digests])
     _fsync_dir(directory)  # every file above exists durably before the checkpoint does
-    _write_file(fid.path(root, Kind.CHECKPOINT), Kind.CHECKPOINT, [U32.pack(dcrc)])
+    # the checkpoint appears whole or not at all: a writer killed while writing it must not
+    # leave a short checkpoint that makes the fileset look complete
+    ckpt = fid.path(root, Kind.CHECKPOINT)
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    _write_file(tmp, Kind.CHECKPOINT, [U32.pack(dcrc)])
+    os.rename(tmp, ckpt)
     _fsync_dir(directory)
     return info
 
