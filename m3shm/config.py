@@ -57,9 +57,12 @@ def parse_size(v: Any, key: str) -> int:
 
 @dataclass(frozen=True)
 class ShmConfig:
-    lane_bytes: int = 1 << 20          # per (shard, producer) lane; a power of two
-    series_per_shard: int = 16384
-    arena_bytes: int = 16 << 20        # per shard: labels and open-block chunks
+    """Segment sizes (docs/formats/shm.md). The defaults take ~1.3M active series over the
+    default 64 shards (README "Memory"); pages are touched only as series and samples come."""
+
+    lane_bytes: int = 256 << 10        # per (shard, producer) lane; a power of two
+    series_per_shard: int = 20480
+    arena_bytes: int = 48 << 20        # per shard: labels and open-block chunks
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import m3shm
+from m3shm import heap
 from m3shm import stats as st
 from m3shm._native import ffi, lib
 from m3shm.net.http import Request, Response
@@ -218,6 +219,8 @@ class PromApi:
     def _release(self, qid: int) -> None:
         self.registry.remove(qid)
         lib.m3_qslot_leave(self._qcounters, st.WORKER_SLOTS, self.w.index)
+        # a large query leaves its peak in glibc's arenas: hand it back (m3shm/heap.py)
+        asyncio.get_running_loop().run_in_executor(self.pool, heap.trim)
 
     async def _holding(self, stream: AsyncIterator[bytes], qid: int) -> AsyncIterator[bytes]:
         """``stream``, then the query's slot and registry entry released (also when the
