@@ -144,7 +144,7 @@ typedef struct series_slot {
 /* A series' first chunk of a block is CHUNK_FIRST_BYTES (most series take few samples
    before a block closes or they go idle); its later chunks are M3_CHUNK_BYTES. A chunk's size
    is CHUNK_BUF_OFF + cap. Changing it changes the layout. */
-#define CHUNK_FIRST_BYTES 256
+#define CHUNK_FIRST_BYTES 192
 
 /* A chunk: one stream of one block of one series (CHUNK_FIRST_BYTES or M3_CHUNK_BYTES). */
 typedef struct chunk {

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from multiprocessing import get_context
@@ -291,8 +292,12 @@ def load(srv: Server, args: argparse.Namespace) -> dict:
 def query(srv: Server) -> dict:
     data = urllib.parse.urlencode({"query": QUERY}).encode()
     t = time.perf_counter()
-    with urllib.request.urlopen(srv.url + "/api/v1/query", data, timeout=600) as r:
-        body = json.loads(r.read())
+    try:
+        with urllib.request.urlopen(srv.url + "/api/v1/query", data, timeout=600) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return {"query": QUERY, "error": f"{e.code} {e.read()[:300]!r}",
+                "seconds": round(time.perf_counter() - t, 2)}
     res = body.get("data", {}).get("result", [])
     return {"query": QUERY, "value": res[0]["value"][1] if res else None,
             "seconds": round(time.perf_counter() - t, 2)}

@@ -1,5 +1,5 @@
 """Chunk sizes in shared memory (csrc/series.c, arena.c): a series' first chunk of a block is
-small (256 bytes), its later chunks of the block full (512); released chunks of each size are
+small (192 bytes), its later chunks of the block full (512); released chunks of each size are
 reused by the next chunks of that size, so the arena stops growing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from m3shm.shm import Segment, SegParams, make_record
 pytestmark = pytest.mark.native
 
 BLOCK = 3_600_000
-FIRST, FULL = 256, 512
+FIRST, FULL = 192, 512
 
 
 @pytest.fixture
