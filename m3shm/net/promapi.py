@@ -64,6 +64,7 @@ MAX_POINTS_PER_SERIES = 11_000  # Prometheus' resolution limit for query_range
 INDEX_REFRESH_S = 1.0
 ADMIT_POLL_S, ADMIT_POLL_MAX_S = 0.002, 0.05  # a queued query re-checks for a free slot
 WORKER_HEADER = "X-M3shm-Worker"  # on every query API answer: the index of the answering worker
+TRIM_AFTER = 10_000  # series indexed by one refresh that make it return freed heap to the OS
 MIN_TIME, MAX_TIME = -(1 << 62), 1 << 62
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
@@ -123,7 +124,9 @@ class PromApi:
         while True:
             await asyncio.sleep(INDEX_REFRESH_S)
             try:
-                await loop.run_in_executor(self.pool, self.index.refresh)
+                if await loop.run_in_executor(self.pool, self.index.refresh) >= TRIM_AFTER:
+                    # indexing leaves its read buffers in glibc's arenas (m3shm/heap.py)
+                    await loop.run_in_executor(self.pool, heap.trim)
             except Exception:  # noqa: BLE001 - keep refreshing; the query path reports errors
                 log.exception("index refresh failed")
 
