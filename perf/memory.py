@@ -214,7 +214,7 @@ class Victoria(Server):
     def command(self) -> list[str]:
         return ["/usr/bin/victoria-metrics", f"-storageDataPath={self.tmp / 'vm'}",
                 f"-httpListenAddr=127.0.0.1:{self.port}", "-retentionPeriod=100y",
-                "-search.maxUniqueTimeseries=100000000"]
+                "-search.maxUniqueTimeseries=100000000", "-search.maxQueryDuration=10m"]
 
 
 class Prometheus(Server):
