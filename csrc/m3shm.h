@@ -94,7 +94,7 @@ int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
 
 /* ---- segment.c: the shared-memory segment's header and layout (docs/formats/shm.md) ---- */
 
-#define M3_SEG_LAYOUT_VERSION 4
+#define M3_SEG_LAYOUT_VERSION 5
 #define M3_CACHE_LINE 64
 /* Bytes of one chunk of an open block (header + tsz stream); changing it changes the layout. */
 #define M3_CHUNK_BYTES 512
