@@ -691,6 +691,9 @@ int m3_windows(const int64_t *ts, const int64_t *offs, size_t nseries, const int
 int64_t m3_json_points(const int64_t *ts, const char *reprs, size_t reprs_len, size_t n,
                        char *out, size_t cap);
 size_t m3_json_points_bound(size_t n);
+/* The same from the doubles themselves (shortest round-trip digits computed in C); M3_ERANGE
+   if a value is one only the repr path formats exactly (some powers of two: see the file). */
+int64_t m3_json_points_f(const int64_t *ts, const double *v, size_t n, char *out, size_t cap);
 
 /* ---- query_slots.c: daemon-wide query admission over per-worker counters -------------- */
 

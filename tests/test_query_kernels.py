@@ -138,3 +138,25 @@ def test_json_points_many_magnitudes():
     v[::11] *= -1
     ts = np.cumsum(rng.integers(1, 30_000, len(v))).astype(np.int64)
     assert points_json(ts, v) == points_json_py(ts, v)
+
+
+def test_json_points_shortest_digits_in_c():
+    """The C shortest-digit formatter (m3_json_points_f) against CPython's repr (David Gay's
+    algorithm, the digits Go picks) on the hard cases: random bit patterns, short decimals,
+    ratios, neighbours of powers of ten and every power of two (some go the repr path)."""
+    rng = np.random.default_rng(11)
+    parts = [rng.integers(0, 1 << 64, 30_000, dtype=np.uint64).view(np.float64),
+             rng.integers(-10**6, 10**6, 20_000) / 10.0 ** rng.integers(0, 12, 20_000),
+             rng.uniform(0, 1e4, 20_000) / rng.integers(1, 97, 20_000),
+             np.ldexp(1.0, np.arange(-1074, 1024)),
+             np.ldexp(1.0, np.arange(-60, 60)) * 3,
+             np.nextafter(10.0 ** np.arange(-20, 22), 0), np.nextafter(10.0 ** np.arange(-20, 22),
+                                                                        np.inf),
+             np.nextafter(np.float64(2.0 ** 52), 0) * np.array([1.0, 0.5, 2.0]),
+             10.0 ** rng.uniform(-6, 16, 40_000),  # the exact path's range, log-uniform
+             rng.integers(1 << 40, 1 << 53, 20_000) / 4.0]  # ties between two candidates
+    v = np.concatenate(parts)
+    ts = np.arange(len(v), dtype=np.int64) * 1001
+    for a in range(0, len(v), 4096):
+        assert points_json(ts[a:a + 4096], v[a:a + 4096]) == \
+            points_json_py(ts[a:a + 4096], v[a:a + 4096])

@@ -129,24 +129,33 @@ _scratch = _Scratch()
 
 
 def points_json(ts: np.ndarray, vals: np.ndarray) -> str:
-    """``[t,"v"],...`` for a series' points, laid out in C (csrc/json_points.c) into a reused
-    per-thread buffer."""
+    """``[t,"v"],...`` for a series' points, formatted in C (csrc/json_points.c: shortest
+    round-trip digits as Go's FormatFloat) into a reused per-thread buffer."""
     n = len(ts)
     if not n:
         return ""
     ts = np.ascontiguousarray(ts, dtype=np.int64)
-    # CPython's float repr gives the shortest round-trip digits (as Go's FormatFloat) at C
-    # speed; the C side only lays them out as Prometheus does
-    reprs = repr(np.asarray(vals, dtype=np.float64).tolist()).encode("ascii")
+    vals = np.ascontiguousarray(vals, dtype=np.float64)
+    reprs = b""
     cap = n * 48
     while True:
         if len(_scratch.buf) < cap:
             _scratch.buf = np.empty(cap, dtype=np.uint8)
         buf = _scratch.buf
-        got = lib.m3_json_points(ffi.from_buffer("int64_t[]", ts), reprs, len(reprs), n,
-                                 ffi.cast("char *", ffi.from_buffer(buf)), len(buf))
+        out = ffi.cast("char *", ffi.from_buffer(buf))
+        if reprs:
+            got = lib.m3_json_points(ffi.from_buffer("int64_t[]", ts), reprs, len(reprs), n,
+                                     out, len(buf))
+        else:  # shortest digits computed in C from the doubles
+            got = lib.m3_json_points_f(ffi.from_buffer("int64_t[]", ts),
+                                       ffi.from_buffer("double[]", vals), n, out, len(buf))
         if got == lib.M3_ENOSPC:
             cap = int(lib.m3_json_points_bound(n))
+            continue
+        if got == lib.M3_ERANGE and not reprs:
+            # a power of two only Gay's algorithm gets exactly right (csrc/json_points.c):
+            # CPython's repr gives this series' shortest digits, C lays them out
+            reprs = repr(vals.tolist()).encode("ascii")
             continue
         check(int(got), "formatting result points")
         return buf[:got].tobytes().decode("ascii")
