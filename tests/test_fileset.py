@@ -1,9 +1,10 @@
-"""Filesets: round trip, lookups through bloom/summaries/index, corruption named per file,
-incomplete filesets invisible and removed."""
+"""Filesets: round trip, lookups through bloom/summaries/index, corruption named per section
+(version 3) and per file (version 2), incomplete filesets invisible and removed."""
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3shm import codec
+from m3shm.shm import canonical_labels
 from m3shm.storage.fileset import (
+    DIGESTED,
+    HEADER,
+    SECTION,
+    SECTIONS,
     CorruptFilesetError,
     Fileset,
     FilesetId,
@@ -21,6 +27,8 @@ from m3shm.storage.fileset import (
     remove_incomplete,
     write_fileset,
 )
+from m3shm.storage.flushed import FlushedStore
+from m3shm.storage.shard_flush import revindex_bytes
 
 BLOCK = 2 * 3600 * 1000
 START = 1_700_000_000_000 - 1_700_000_000_000 % BLOCK
@@ -34,7 +42,7 @@ def make_series(n: int, seed: int = 0) -> list[tuple[bytes, int, bytes]]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        sid = b"__name__\xffm%d\xffinstance\xffhost-%d" % (i % 7, i)
+        sid = canonical_labels({"__name__": f"m{i % 7}", "instance": f"host-{i}"})
         k = int(rng.integers(1, 50))
         ts = START + np.cumsum(rng.integers(1, 20_000, k))
         vs = np.round(rng.normal(0, 100, k), int(rng.integers(0, 4)))
@@ -86,17 +94,70 @@ def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
         write_fileset(tmp_path, FilesetId("default", 0, START, 0), BLOCK, s + s[:1])
 
 
-@pytest.mark.parametrize("kind", list(Kind))
-def test_a_flipped_byte_in_any_file_is_named(tmp_path: Path, kind: Kind) -> None:
+def sections(path: Path) -> dict[Kind, tuple[int, int]]:
+    """{section kind: (offset, length)} from a version-3 content file's table."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack_from("<I", raw, HEADER.size)
+    out = {}
+    for i in range(n):
+        kind, _f, _r, _crc, off, length = SECTION.unpack_from(raw, HEADER.size + 4 +
+                                                              SECTION.size * i)
+        out[Kind(kind)] = (off, length)
+    return out
+
+
+def read_all(root: Path, fid: FilesetId, series: list) -> None:
+    """Open, look every series up, verify, and open the reverse index."""
+    store = FlushedStore(root)
+    try:
+        fs = store.open(fid)
+        for sid, h, _ in series:  # data corruption shows up when the series is read
+            fs.get(sid, h)
+        fs.verify()
+        with store.reverse_index(fid) as ri:
+            ri.select([("__name__", "=", "m1")])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("where", ["table", *[k.name.lower() for k in SECTIONS], "checkpoint"])
+def test_a_flipped_byte_in_any_section_is_named(tmp_path: Path, where: str) -> None:
+    series = make_series(200)
+    fid = FilesetId("default", 0, START, 0)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=8, revindex=revindex_bytes)
+    content = fid.path(tmp_path, Kind.CONTENT)
+    path, at = content, HEADER.size + 4 + 3  # the table: a section's reserved bytes
+    if where == "checkpoint":
+        path = fid.path(tmp_path, Kind.CHECKPOINT)
+        at = path.stat().st_size - 2
+    elif where != "table":
+        off, length = sections(content)[Kind[where.upper()]]
+        assert length > 0
+        at = off + length // 2
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFilesetError) as err:
+        read_all(tmp_path, fid, series)
+    msg = str(err.value)
+    if where in ("table", "checkpoint"):  # the checkpoint holds the table's CRC: both named
+        assert str(content) in msg and str(fid.path(tmp_path, Kind.CHECKPOINT)) in msg, msg
+    else:
+        assert f"{content} (section {where})" in msg, msg
+
+
+@pytest.mark.parametrize("kind", [*DIGESTED, Kind.DIGESTS, Kind.CHECKPOINT])
+def test_version2_a_flipped_byte_in_any_file_is_named(tmp_path: Path, kind: Kind) -> None:
     series = make_series(50)
     fid = FilesetId("default", 0, START, 0)
-    write_fileset(tmp_path, fid, BLOCK, series, summary_every=8)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=8, version=2)
     path = fid.path(tmp_path, kind)
     raw = bytearray(path.read_bytes())
     at = len(raw) - 3 if len(raw) > 12 else 2
     raw[at] ^= 0x40
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptFilesetError) as err, Fileset(tmp_path, fid) as fs:
+        assert fs.version == 2
         for sid, h, _ in series:  # data corruption shows up when the series is read
             fs.get(sid, h)
         fs.verify()
@@ -105,14 +166,15 @@ def test_a_flipped_byte_in_any_file_is_named(tmp_path: Path, kind: Kind) -> None
 
 
 def test_data_corruption_spares_other_groups(tmp_path: Path) -> None:
-    """Version 2 compresses each summary group of the data as one zstd frame: a flipped byte
-    costs that group's series (a clear error naming the file), never another group's."""
+    """Version 3 compresses each summary group's blocks as one zstd frame: a flipped byte costs
+    that group's series (a clear error naming the file and section), never another group's."""
+    kind = Kind.DATA
     series = make_series(20)
     fid = FilesetId("default", 0, START, 0)
     write_fileset(tmp_path, fid, BLOCK, series, summary_every=4)
-    path = fid.path(tmp_path, Kind.DATA)
+    path = fid.path(tmp_path, Kind.CONTENT)
     raw = bytearray(path.read_bytes())
-    raw[20] ^= 0x01  # inside the first frame (the first 4 series in id order)
+    raw[sections(path)[kind][0] + 12] ^= 0x01  # inside the first frame (the first 4 series)
     path.write_bytes(bytes(raw))
     errors = 0
     with Fileset(tmp_path, fid) as fs:
@@ -120,28 +182,53 @@ def test_data_corruption_spares_other_groups(tmp_path: Path) -> None:
             try:
                 assert bytes(fs.get(sid, h)) == block
             except CorruptFilesetError as e:
-                assert str(path) in str(e)
+                assert f"{path} (section {kind.name.lower()})" in str(e)
                 errors += 1
         assert errors
         for sid, h, block in sorted(series)[4:]:
             assert bytes(fs.get(sid, h)) == block
 
 
-def test_v2_data_is_one_zstd_frame_per_summary_group(tmp_path: Path) -> None:
+def frames(raw: bytes) -> list[bytes]:
     import zstandard
 
+    out = []
+    while raw:
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        out.append(obj.decompress(raw))
+        raw = obj.unused_data
+    return out
+
+
+def test_v3_is_two_files_with_zstd_frames_per_summary_group(tmp_path: Path) -> None:
     series = make_series(10)
     fid = FilesetId("default", 0, START, 0)
-    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4, revindex=revindex_bytes)
+    assert sorted(p.name for p in (tmp_path / "default" / "0000").iterdir()) == [
+        f"fileset-{START}-0-checkpoint.db", f"fileset-{START}-0-content.db"]
+    content = fid.path(tmp_path, Kind.CONTENT).read_bytes()
+    assert content[:8] == b"M3FS\x08\x03\x00\x00"
+    where = sections(fid.path(tmp_path, Kind.CONTENT))
+    assert list(where) == list(SECTIONS)
+    blocks = [b for _, _, b in sorted(series)]
+    off, length = where[Kind.DATA]
+    assert frames(content[off:off + length]) == [b"".join(blocks[i:i + 4]) for i in (0, 4, 8)]
+    off, length = where[Kind.INDEX]
+    groups = frames(content[off:off + length])
+    assert len(groups) == 3
+    for g, ids in zip(groups, ([s for s, _, _ in sorted(series)][i:i + 4] for i in (0, 4, 8)),
+                      strict=True):
+        assert all(sid in g for sid in ids)
+
+
+def test_v2_data_is_one_zstd_frame_per_summary_group(tmp_path: Path) -> None:
+    series = make_series(10)
+    fid = FilesetId("default", 0, START, 0)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4, version=2)
     data = fid.path(tmp_path, Kind.DATA).read_bytes()
     assert data[:8] == b"M3FS\x05\x02\x00\x00"
-    frames, rest = [], data[8:]
-    while rest:
-        obj = zstandard.ZstdDecompressor().decompressobj()
-        frames.append(obj.decompress(rest))
-        rest = obj.unused_data
     blocks = [b for _, _, b in sorted(series)]
-    assert frames == [b"".join(blocks[i:i + 4]) for i in (0, 4, 8)]
+    assert frames(data[8:]) == [b"".join(blocks[i:i + 4]) for i in (0, 4, 8)]
 
 
 def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path) -> None:
@@ -152,18 +239,20 @@ def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path) -> None:
     b.path(tmp_path, Kind.CHECKPOINT).unlink()  # as if the flush died before its checkpoint
     assert list_filesets(tmp_path) == [a]
     removed = remove_incomplete(tmp_path)
-    assert len(removed) == 6 and all(f"-{START + BLOCK}-" in p.name for p in removed)
+    assert len(removed) == 1 and all(f"-{START + BLOCK}-" in p.name for p in removed)
     assert list_filesets(tmp_path) == [a]
 
 
 @settings(max_examples=30)
 @given(st.lists(st.binary(min_size=0, max_size=30), unique=True, max_size=80),
-       st.integers(1, 9))
-def test_any_ids_any_summary_spacing(tmp_path_factory, ids: list[bytes], every: int) -> None:
+       st.integers(1, 9), st.sampled_from([1, 2, 3]))
+def test_any_ids_any_summary_spacing(tmp_path_factory, ids: list[bytes], every: int,
+                                     version: int) -> None:
     root = tmp_path_factory.mktemp("fs")
     block = codec.encode([1, 2], [0.5, 1.5])
     fid = FilesetId("ns", 0, 0, 0)
-    write_fileset(root, fid, BLOCK, [(s, sid_hash(s), block) for s in ids], summary_every=every)
+    write_fileset(root, fid, BLOCK, [(s, sid_hash(s), block) for s in ids], summary_every=every,
+                  version=version)
     with Fileset(root, fid) as fs:
         for s in ids:
             assert fs.get(s, sid_hash(s)) is not None

@@ -12,7 +12,6 @@ from test_daemon_harness import Daemon, now_ms
 from m3shm.storage import commitlog
 from m3shm.storage.fileset import Fileset, list_filesets
 from m3shm.storage.flushed import FlushedStore
-from m3shm.storage.index_segment import SegmentReader
 
 # 2-second blocks that close 1 s after they end, so a test sees blocks close in seconds
 FAST = """
@@ -66,7 +65,7 @@ def test_flush_roundtrip_trims_commitlog_and_survives_restart(tmp_path):
             with Fileset(d.data / "filesets", fid) as fs:
                 fs.verify()
                 total += fs.info.num_samples
-            with SegmentReader(FlushedStore(d.data / "filesets").reverse_index(fid).path) as ri:
+            with FlushedStore(d.data / "filesets").reverse_index(fid) as ri:
                 assert len(ri.select([("__name__", "=", "f")])) == len(
                     list(FlushedStore(d.data / "filesets").series_labels(fid)))
         assert total == sum(len(v) for v in want.values())

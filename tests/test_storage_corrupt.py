@@ -1,15 +1,15 @@
-"""Flip a byte in each kind of fileset file (info, index, summaries, bloom, data, digests,
-checkpoint and the reverse index), each in another fileset, and read through a daemon: the
-export names every corrupt file (and the daemon logs it), and everything else — other blocks,
-other shards, the other series (version 2: summary groups) of a fileset whose data file has
-one bad block (frame) — reads back exactly; new writes still work."""
+"""Flip a byte in each section of a version-3 fileset (the section table, info, summaries,
+bloom, index, data, reverse index) and in its checkpoint, each in another fileset, and read
+through a daemon: the export names every corrupt file and section (and the daemon logs it),
+and everything else — other blocks, other shards, the other summary groups of a fileset whose
+data has one bad zstd frame — reads back exactly; new writes still work."""
 
 from __future__ import annotations
 
 from test_daemon_harness import Daemon, now_ms, parse_export_line
 
 from m3shm.shm import parse_labels
-from m3shm.storage.fileset import HEADER, Fileset, Kind, companion_path, list_filesets
+from m3shm.storage.fileset import HEADER, SECTION, SECTIONS, Fileset, Kind, list_filesets
 
 BLOCK = 2000
 CFG = """
@@ -30,7 +30,7 @@ def flip(path, offset: int) -> None:
 def test_flipped_byte_in_each_file_is_named_and_the_rest_reads(tmp_path):
     d = Daemon(tmp_path, extra=CFG).start()
     now = now_ms()
-    starts = [now - now % BLOCK - BLOCK * k for k in range(2, 10)]  # 8 closed blocks
+    starts = [now - now % BLOCK - BLOCK * k for k in range(2, 11)]  # 9 closed blocks
     want: dict = {}
     series = []
     for i in range(24):
@@ -46,27 +46,33 @@ def test_flipped_byte_in_each_file_is_named_and_the_rest_reads(tmp_path):
 
     root = d.data / "filesets"
     fids = list_filesets(root)
-    assert len(fids) >= 8
-    kinds = [*Kind, "revindex"]
-    bad_files, lost = [], set()  # lost: (series labels, block start)
-    for kind, fid in zip(kinds, fids[:: len(fids) // 8], strict=False):
+    assert len(fids) >= 9
+    kinds = ["table", *SECTIONS, Kind.CHECKPOINT]
+    bad: list[tuple[str, str]] = []  # (file, section or "") each export error must name
+    lost = set()  # (series labels, block start)
+    for kind, fid in zip(kinds, fids[:: len(fids) // len(kinds)], strict=False):
         with Fileset(root, fid) as fs:
+            assert fs.version == 3
             ids = [sid for sid, _h, _b in fs]
-            group = fs.info.summary_every if fs.version >= 2 else 1
-        if kind == "revindex":
-            path, off = companion_path(root, fid, "revindex"), 12  # inside the header's CRC
+            table = {Kind(k): (off, n) for k, _f, _r, _c, off, n in (
+                SECTION.unpack_from(fs._maps[Kind.CONTENT], HEADER.size + 4 + SECTION.size * i)
+                for i in range(len(SECTIONS)))}
+        path = fid.path(root, Kind.CONTENT)
+        if kind == "table":
+            off, section = HEADER.size + 4 + 2, ""  # a section entry's reserved bytes
+        elif kind == Kind.CHECKPOINT:
+            path, section = fid.path(root, kind), ""
+            off = path.stat().st_size - 2
         else:
-            path = fid.path(root, kind)
-            off = HEADER.size + 1 if kind == Kind.DATA else path.stat().st_size // 2
-            if kind == Kind.CHECKPOINT:
-                off = path.stat().st_size - 2
+            section = kind.name.lower()
+            start, n = table[kind]
+            # data: the first zstd frame's magic, i.e. the first summary group's series
+            off = start + 1 if kind == Kind.DATA else start + n // 2
         flip(path, off)
-        bad_files.append(path)
-        # data: version 1 loses the first series' block; version 2 the first zstd frame (its
-        # magic is flipped), i.e. the first summary group's series
-        hit = ids[:group] if kind == Kind.DATA else ids
+        bad.append((str(path), section))
+        hit = ids[: fs.info.summary_every] if kind == Kind.DATA else ids
         lost |= {(tuple(sorted(parse_labels(sid).items())), fid.block_start) for sid in hit}
-    assert len(bad_files) == 8
+    assert len(bad) == len(kinds)
 
     for key in want:
         want[key] = {t: v for t, v in want[key].items()
@@ -82,10 +88,11 @@ def test_flipped_byte_in_each_file_is_named_and_the_rest_reads(tmp_path):
                    dict(zip(r["timestamps"], r["values"], strict=True))
                    for r in rows if "metric" in r}
             assert got == {k: v for k, v in want.items() if v}
-            for p in bad_files:
-                assert any(str(p) in e and "corrupt" in e for e in errors), \
-                    f"{p}\n" + "\n".join(errors)
-            assert len(errors) == len(bad_files), errors
+            for p, section in bad:
+                named = f"{p} (section {section})" if section else p
+                assert any(named in e and "corrupt" in e for e in errors), \
+                    f"{named}\n" + "\n".join(errors)
+            assert len(errors) == len(bad), errors
         t = now_ms()
         code, body, _ = d.write([({"__name__": "k2"}, [(t, 1.0)])])
         assert code == 204, body
@@ -96,6 +103,6 @@ def test_flipped_byte_in_each_file_is_named_and_the_rest_reads(tmp_path):
         assert [(r["metric"], r["values"]) for r in rows if "metric" in r] == [
             ({"__name__": "k2"}, [1])]
         log = d.log.read_text()
-        assert all(str(p) in log for p in bad_files)
+        assert all(p in log for p, _s in bad)
     finally:
         assert d.stop() == 0

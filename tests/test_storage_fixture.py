@@ -1,5 +1,5 @@
-"""The version-1 fileset fixture (tests/fixtures/fileset_v1/, written once by
-tests/fixtures/make_fileset_v1.py) stays readable: every series read back bit for bit through
+"""The fileset fixtures of every version (tests/fixtures/fileset_v<N>/, written once by
+tests/fixtures/make_fileset_v<N>.py) stay readable: every series read back bit for bit through
 the fileset reader (iteration and bloom -> summaries -> index -> data lookups), its reverse
 index, and a daemon started on a data directory holding it."""
 
@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_daemon_harness import Daemon
 
 from m3shm import codec
@@ -19,26 +20,39 @@ from m3shm.storage.fileset import Fileset, FilesetId, list_filesets
 from m3shm.storage.flushed import FlushedStore
 
 FIX = Path(__file__).resolve().parent / "fixtures"
-DOC = json.loads((FIX / "fileset_v1.json").read_text())
-FID = FilesetId(DOC["namespace"], DOC["shard"], DOC["block_start"], DOC["volume"])
+VERSIONS = (1, 2, 3)
 
 
-def expected() -> dict[bytes, tuple[list[int], list[int]]]:
+def doc(version: int) -> dict:
+    d = json.loads((FIX / f"fileset_v{version}.json").read_text())
+    assert d["version"] == version
+    return d
+
+
+def fixture_id(version: int) -> FilesetId:
+    d = doc(version)
+    return FilesetId(d["namespace"], d["shard"], d["block_start"], d["volume"])
+
+
+def expected(version: int) -> dict[bytes, tuple[list[int], list[int]]]:
     """{canonical labels: (timestamps, value bit patterns)}"""
     return {canonical_labels(s["labels"]): (
         s["timestamps"], [struct.unpack(">Q", bytes.fromhex(h))[0] for h in s["values_hex"]])
-        for s in DOC["series"]}
+        for s in doc(version)["series"]}
 
 
 def bits(vs: np.ndarray) -> list[int]:
     return np.asarray(vs, dtype=np.float64).view(np.uint64).tolist()
 
 
-def test_fixture_v1_reads_back_exactly() -> None:
-    root = FIX / "fileset_v1"
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fixture_reads_back_exactly(version: int) -> None:
+    root = FIX / f"fileset_v{version}"
+    DOC, FID = doc(version), fixture_id(version)
     assert list_filesets(root) == [FID]
-    want = expected()
+    want = expected(version)
     with Fileset(root, FID) as fs:
+        assert fs.version == version
         fs.verify()
         assert fs.info.block_start == DOC["block_start"]
         assert fs.info.block_size == DOC["block_size"] and fs.info.volume == FID.volume
@@ -72,17 +86,18 @@ def test_fixture_v1_reads_back_exactly() -> None:
         store.close()
 
 
-def test_daemon_reads_fixture_v1(tmp_path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_daemon_reads_fixture(tmp_path, version: int) -> None:
     d = Daemon(tmp_path, extra="""
 namespaces:
   - {name: default, retention: 10y, blockSize: 2h}
 """)
-    shutil.copytree(FIX / "fileset_v1", d.data / "filesets")
+    shutil.copytree(FIX / f"fileset_v{version}", d.data / "filesets")
     d.start()
     try:
         rows = d.export('{__name__=~".+"}', start="0")
         got = {canonical_labels(r["metric"]): r for r in rows}
-        want = expected()
+        want = expected(version)
         assert got.keys() == want.keys()
         for sid, (ts, vb) in want.items():  # export is JSON text: compare values, not bits
             assert got[sid]["timestamps"] == ts

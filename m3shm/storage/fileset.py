@@ -1,18 +1,18 @@
 """Immutable filesets: one flushed block of one shard of one namespace (docs/formats/fileset.md).
 
-A fileset is seven files ``fileset-<block start>-<volume>-<kind>.db`` in
-``<root>/<namespace>/<shard>/``: info, index, summaries, bloom, data, digests and checkpoint.
-The checkpoint is written last (after every other file is fsync'd) and a fileset without a valid
-one does not exist: readers skip it and :func:`remove_incomplete` deletes it.
+Version 3 (written now) is two files in ``<root>/<namespace>/<shard>/``:
+``fileset-<block start>-<volume>-content.db`` holds every section (info, summaries, bloom,
+index, data, reverse index) behind a section table of offsets, lengths and CRCs, and
+``...-checkpoint.db`` (the CRC of the content file's header and table, and its size) is written
+last, after the content file is fsync'd; a fileset without a valid checkpoint does not exist:
+readers skip it and :func:`remove_incomplete` deletes it. Versions 1-2 (seven files and a
+companion reverse index file) stay readable, and writable for the fixtures.
 
 Writing happens once per block at flush; nothing rewrites a fileset. Readers mmap the files; a
-lookup of one series goes bloom filter -> summaries (in memory) -> index (a short scan) -> data,
-and checks the series' own CRC before handing out its block. Blocks stay compressed (TSZ,
-docs/formats/tsz.md); decoding is the caller's business.
-
-Version 2 (written now) stores the data file as zstd frames, one per summary group (the
-``summary_every`` series a summary entry starts), so a lookup decompresses one small frame and a
-scan each frame once; version 1 filesets (raw TSZ blocks back to back) stay readable.
+lookup of one series goes bloom filter -> summaries (in memory) -> index (one zstd frame of at
+most ``summary_every`` entries in version 3, decompressed) -> data (one zstd frame per summary
+group in versions 2-3), and checks the series' own CRC before handing out its block. Blocks
+stay compressed (TSZ, docs/formats/tsz.md); decoding is the caller's business.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -39,41 +40,55 @@ from m3shm.errors import CorruptError
 log = logging.getLogger("m3shm.fileset")
 
 MAGIC = b"M3FS"
-VERSION = 2  # written; every version in READABLE is read
-READABLE = (1, 2)
+VERSION = 3  # written by default; every version in READABLE is read (and can be written)
+READABLE = (1, 2, 3)
 ZSTD_LEVEL = 3  # docs/formats/fileset.md: the level sweep behind this choice
 HEADER = struct.Struct("<4sBBH")  # magic, kind, version, reserved
 INFO = struct.Struct("<qqIIQQQIIQ")
 ENTRY_TAIL = struct.Struct("<QQIII")  # hash, data offset, data length, data crc32, samples
+SECTION = struct.Struct("<BBHIQQ")  # v3 section table entry: kind, flags, 0, crc, off, len
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
+CKPT3 = struct.Struct("<IQ")  # v3 checkpoint: crc32 of content header + table, content size
 DEFAULT_SUMMARY_EVERY = 64
 BLOOM_BITS_PER_SERIES = 10
 BLOOM_K = 7
+FLAG_ZSTD = 1  # v3 section flag: the section is one zstd frame (used for the reverse index)
+REVINDEX_ZSTD_IF_BELOW = 0.9  # compress the reverse index when that saves 10 % or more
 NAME = re.compile(r"^fileset-(-?\d+)-(\d+)-([a-z]+)\.db$")
 
 
 class Kind(IntEnum):
-    """File kinds; the values are persisted in every file header."""
+    """File kinds (versions 1-2: one file each) and section kinds (version 3: sections of the
+    content file); the values are persisted in every file header and section table."""
 
     INFO = 1
     INDEX = 2
     SUMMARIES = 3
     BLOOM = 4
     DATA = 5
-    DIGESTS = 6
+    DIGESTS = 6  # versions 1-2 only
     CHECKPOINT = 7
+    CONTENT = 8  # version 3: the one file holding every section
+    REVINDEX = 9  # version 3: a section; versions 1-2: the companion file (no M3FS header)
 
 
 DIGESTED = (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM, Kind.DATA)
+SECTIONS = (Kind.INFO, Kind.SUMMARIES, Kind.BLOOM, Kind.INDEX, Kind.DATA, Kind.REVINDEX)
+FILES = {1: (*DIGESTED, Kind.DIGESTS, Kind.CHECKPOINT, Kind.REVINDEX),
+         2: (*DIGESTED, Kind.DIGESTS, Kind.CHECKPOINT, Kind.REVINDEX),
+         3: (Kind.CONTENT, Kind.CHECKPOINT)}
 
 
 class CorruptFilesetError(CorruptError):
-    """A fileset file that is not what its format says: names the file, offset and expectation."""
+    """A fileset file that is not what its format says: names the file (and in version 3 the
+    section), the offset in the file and what was expected there."""
 
-    def __init__(self, path: Path, offset: int, expected: str, found: str = "") -> None:
-        self.path, self.offset, self.expected = path, offset, expected
-        msg = f"corrupt fileset file {path} at offset {offset}: expected {expected}"
+    def __init__(self, path: Path, offset: int, expected: str, found: str = "",
+                 section: str = "") -> None:
+        self.path, self.offset, self.expected, self.section = path, offset, expected, section
+        where = f" (section {section})" if section else ""
+        msg = f"corrupt fileset file {path}{where} at offset {offset}: expected {expected}"
         super().__init__(msg + (f", found {found}" if found else ""))
 
 
@@ -121,11 +136,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, kind: Kind, parts: Iterable[bytes | memoryview]) -> int:
+def _write_file(path: Path, kind: Kind, parts: Iterable[bytes | memoryview],
+                version: int) -> int:
     """Write header + parts, fsync, and return the CRC32 of the whole file."""
     crc = 0
     with open(path, "wb") as f:
-        for part in (HEADER.pack(MAGIC, kind, VERSION, 0), *parts):
+        for part in (HEADER.pack(MAGIC, kind, version, 0), *parts):
             f.write(part)
             crc = zlib.crc32(part, crc)
         f.flush()
@@ -133,24 +149,52 @@ def _write_file(path: Path, kind: Kind, parts: Iterable[bytes | memoryview]) -> 
     return crc & 0xFFFFFFFF
 
 
+def _write_renamed(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.tmp``, fsync'd, renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
 def companion_path(root: Path, fid: FilesetId, kind: str) -> Path:
-    """A file that belongs to a fileset without being one of its digested kinds (the reverse
-    index segment, ``kind="revindex"``): same name pattern, so it lives and dies with it."""
+    """A file that belongs to a fileset without being one of its digested kinds (versions 1-2:
+    the reverse index segment, ``kind="revindex"``): same name pattern, so it lives and dies
+    with it."""
     return (root / fid.namespace / f"{fid.shard:04d}" /
             f"fileset-{fid.block_start}-{fid.volume}-{kind}.db")
+
+
+def _bloom(entries: list[tuple[bytes, int, Any]]) -> tuple[int, bytes]:
+    bloom_bits = 64
+    while bloom_bits < len(entries) * BLOOM_BITS_PER_SERIES:
+        bloom_bits *= 2
+    bloom = np.zeros(bloom_bits // 8, dtype=np.uint8)
+    if entries:
+        hashes = np.array([e[1] & 0xFFFFFFFFFFFFFFFF for e in entries], dtype=np.uint64)
+        pos = _bloom_positions(hashes, BLOOM_K, bloom_bits).ravel()
+        np.bitwise_or.at(bloom, (pos >> np.uint64(3)).astype(np.intp),
+                         (np.uint8(1) << (pos & np.uint64(7)).astype(np.uint8)))
+    return bloom_bits, bloom.tobytes()
 
 
 def write_fileset(root: Path, fid: FilesetId, block_size: int,
                   series: Iterable[tuple[bytes, int, bytes | memoryview]],
                   summary_every: int = DEFAULT_SUMMARY_EVERY,
-                  before_checkpoint: Callable[[list[bytes]], None] | None = None) -> Info:
+                  revindex: Callable[[list[bytes]], bytes] | None = None,
+                  version: int = VERSION) -> Info:
     """Write one fileset from (series id, series hash, TSZ block) triples, in any order.
 
-    Series ids must be unique. ``before_checkpoint`` is called with the ids in index order
-    after the content files are durable and before the checkpoint, to write companion files
-    (they must be durable when it returns). Returns the fileset's info once it is durable
-    (every file and the directory fsync'd, the checkpoint last).
+    Series ids must be unique. ``revindex`` is called with the ids in index order and returns
+    the block's reverse index segment (docs/formats/index.md), stored as a section (version 3)
+    or as the companion file (versions 1-2, written before the digests). ``version`` exists so
+    the fixtures of older versions can be rewritten; the daemon writes :data:`VERSION`.
+    Returns the fileset's info once it is durable (the checkpoint last).
     """
+    if version not in READABLE:
+        raise ValueError(f"fileset version {version} is not one of {READABLE}")
     entries = sorted(series, key=lambda e: e[0])
     for a, b in zip(entries, entries[1:], strict=False):
         if a[0] == b[0]:
@@ -158,61 +202,101 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
     directory = fid.path(root, Kind.INFO).parent
     directory.mkdir(parents=True, exist_ok=True)
 
-    index, summaries, data = bytearray(), bytearray(), []
-    data_off = samples = frame_off = 0
+    # index, summaries and data in index order; version 3 compresses each summary group's
+    # index entries as one zstd frame, versions 2-3 each group's blocks
+    index: list[bytes] = []
+    summaries, group_index = bytearray(), bytearray()
+    data: list[bytes | memoryview] = []
     group: list[bytes | memoryview] = []
+    data_off = samples = frame_off = index_off = 0
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+    def close_group() -> None:
+        nonlocal frame_off, index_off, group, group_index
+        if version == 1:
+            data.extend(group)
+        elif group:
+            data.append(cctx.compress(b"".join(group)))
+            frame_off += len(data[-1])
+        index.append(bytes(group_index) if version < 3 else cctx.compress(bytes(group_index)))
+        index_off += len(index[-1])
+        group, group_index = [], bytearray()
+
     for i, (sid, h, block) in enumerate(entries):
         n = codec.count(block)  # also checks the block header
         if i % summary_every == 0:
-            if group:
-                data.append(cctx.compress(b"".join(group)))
-                frame_off += len(data[-1])
-                group = []
-            summaries += U32.pack(len(sid)) + sid + U64.pack(len(index)) + U64.pack(frame_off)
-        index += U32.pack(len(sid)) + sid + ENTRY_TAIL.pack(
+            if i:
+                close_group()
+            summaries += U32.pack(len(sid)) + sid + U64.pack(index_off)
+            if version >= 2:
+                summaries += U64.pack(frame_off)
+        group_index += U32.pack(len(sid)) + sid + ENTRY_TAIL.pack(
             h & 0xFFFFFFFFFFFFFFFF, data_off, len(block), zlib.crc32(block), n)
         group.append(block)
         data_off += len(block)
         samples += n
-    if group:
-        data.append(cctx.compress(b"".join(group)))
+    if entries:
+        close_group()
 
-    nseries = len(entries)
-    bloom_bits = 64
-    while bloom_bits < nseries * BLOOM_BITS_PER_SERIES:
-        bloom_bits *= 2
-    bloom = np.zeros(bloom_bits // 8, dtype=np.uint8)
-    if nseries:
-        hashes = np.array([e[1] & 0xFFFFFFFFFFFFFFFF for e in entries], dtype=np.uint64)
-        pos = _bloom_positions(hashes, BLOOM_K, bloom_bits).ravel()
-        np.bitwise_or.at(bloom, (pos >> np.uint64(3)).astype(np.intp),
-                         (np.uint8(1) << (pos & np.uint64(7)).astype(np.uint8)))
-
-    info = Info(fid.block_start, block_size, fid.volume, summary_every, nseries, samples,
+    bloom_bits, bloom = _bloom(entries)
+    info = Info(fid.block_start, block_size, fid.volume, summary_every, len(entries), samples,
                 data_off, codec.VERSION, BLOOM_K, bloom_bits)
-    crcs = {
-        Kind.INFO: _write_file(fid.path(root, Kind.INFO), Kind.INFO,
-                               [INFO.pack(*info.__dict__.values())]),
-        Kind.INDEX: _write_file(fid.path(root, Kind.INDEX), Kind.INDEX, [index]),
-        Kind.SUMMARIES: _write_file(fid.path(root, Kind.SUMMARIES), Kind.SUMMARIES,
-                                    [summaries]),
-        Kind.BLOOM: _write_file(fid.path(root, Kind.BLOOM), Kind.BLOOM, [bloom.tobytes()]),
-        Kind.DATA: _write_file(fid.path(root, Kind.DATA), Kind.DATA, data),
-    }
-    if before_checkpoint is not None:
-        before_checkpoint([e[0] for e in entries])
-    digests = b"".join(U32.pack(crcs[k]) for k in DIGESTED)
-    dcrc = _write_file(fid.path(root, Kind.DIGESTS), Kind.DIGESTS, [digests])
+    sections: dict[Kind, list[bytes | memoryview]] = {
+        Kind.INFO: [INFO.pack(*info.__dict__.values())], Kind.SUMMARIES: [bytes(summaries)],
+        Kind.BLOOM: [bloom], Kind.INDEX: list(index), Kind.DATA: data}
+    rev = revindex([e[0] for e in entries]) if revindex is not None else None
+    if version == 3:
+        ckpt_body = _write_content(fid.path(root, Kind.CONTENT), sections, rev)
+    else:
+        crcs = {k: _write_file(fid.path(root, k), k, sections[k], version) for k in DIGESTED}
+        if rev is not None:
+            _write_renamed(companion_path(root, fid, "revindex"), rev)
+        digests = b"".join(U32.pack(crcs[k]) for k in DIGESTED)
+        ckpt_body = U32.pack(_write_file(fid.path(root, Kind.DIGESTS), Kind.DIGESTS,
+                                         [digests], version))
     _fsync_dir(directory)  # every file above exists durably before the checkpoint does
     # the checkpoint appears whole or not at all: a writer killed while writing it must not
     # leave a short checkpoint that makes the fileset look complete
     ckpt = fid.path(root, Kind.CHECKPOINT)
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    _write_file(tmp, Kind.CHECKPOINT, [U32.pack(dcrc)])
+    _write_file(tmp, Kind.CHECKPOINT, [ckpt_body], version)
     os.rename(tmp, ckpt)
     _fsync_dir(directory)
     return info
+
+
+def _write_content(path: Path, sections: dict[Kind, list[bytes | memoryview]],
+                   rev: bytes | None) -> bytes:
+    """Write the version-3 content file (header, section table, sections), fsync it, and
+    return the checkpoint's body (CRC32 of header + table, file size)."""
+    flags = {k: 0 for k in sections}
+    if rev is not None:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(rev)
+        if len(packed) <= REVINDEX_ZSTD_IF_BELOW * len(rev):
+            rev, flags[Kind.REVINDEX] = packed, FLAG_ZSTD
+        else:
+            flags[Kind.REVINDEX] = 0
+        sections[Kind.REVINDEX] = [rev]
+    kinds = [k for k in SECTIONS if k in sections]
+    head = HEADER.pack(MAGIC, Kind.CONTENT, 3, 0) + U32.pack(len(kinds))
+    pos = len(head) + SECTION.size * len(kinds)
+    table = bytearray()
+    for k in kinds:
+        crc = length = 0
+        for part in sections[k]:
+            crc = zlib.crc32(part, crc)
+            length += len(part)
+        table += SECTION.pack(k, flags[k], 0, crc, pos, length)
+        pos += length
+    head += table
+    with open(path, "wb") as f:
+        f.write(head)
+        for k in kinds:
+            for part in sections[k]:
+                f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+    return CKPT3.pack(zlib.crc32(head), pos)
 
 
 class Fileset:
@@ -226,6 +310,13 @@ class Fileset:
         except BaseException:
             self.close()
             raise
+
+    def _fail(self, kind: Kind, off: int, expected: str, found: str = ""
+              ) -> CorruptFilesetError:
+        """An error at offset ``off`` of section/file ``kind``'s body (after a v1-2 file's
+        header, from a v3 section's start)."""
+        return CorruptFilesetError(self.paths[kind], self._base.get(kind, 0) + off, expected,
+                                   found, kind.name.lower() if self.version >= 3 else "")
 
     def _map(self, root: Path, kind: Kind) -> memoryview:
         path = self.fid.path(root, kind)
@@ -250,8 +341,36 @@ class Fileset:
         return memoryview(m)
 
     def _open(self, root: Path) -> None:
+        self._base: dict[Kind, int] = {}
         self.paths = {k: self.fid.path(root, k) for k in Kind}
         ckpt = self._map(root, Kind.CHECKPOINT)
+        self.paths[Kind.REVINDEX] = companion_path(root, self.fid, "revindex")
+        if self.version >= 3:
+            self._rev: bytes | memoryview | None = None
+            views = self._open_content(root, ckpt)
+        else:
+            views = self._open_files(root, ckpt)
+        # Everything but the data (and the reverse index) is checked whole on open; data is
+        # checked per series on read (and whole by verify()).
+        for k in (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM):
+            self._check_crc(k, views[k])
+        if len(views[Kind.INFO]) != INFO.size:
+            raise self._fail(Kind.INFO, 0, f"{INFO.size} bytes of info")
+        self.info = Info(*INFO.unpack_from(views[Kind.INFO], 0))
+        self._index = views[Kind.INDEX]
+        self._data = views[Kind.DATA]
+        self._bloom = np.frombuffer(views[Kind.BLOOM], dtype=np.uint8)
+        if self._bloom.size * 8 != self.info.bloom_bits:
+            raise self._fail(Kind.BLOOM, 0, f"{self.info.bloom_bits} bits")
+        self._sum_ids, self._sum_offs, self._frame_offs = self._read_summaries(
+            views[Kind.SUMMARIES])
+        # the last index group and data frame decompressed: (group, bytes[, data offset]);
+        # replaced whole, so threads sharing the fileset never see a torn one
+        self._igroup: tuple[int, bytes] | None = None
+        self._frame: tuple[int, bytes, int] | None = None
+
+    def _open_files(self, root: Path, ckpt: memoryview) -> dict[Kind, memoryview]:
+        """Versions 1-2: seven files; the checkpoint holds the digests file's CRC."""
         digests = self._map(root, Kind.DIGESTS)
         if len(ckpt) != HEADER.size + 4:
             raise CorruptFilesetError(self.paths[Kind.CHECKPOINT], HEADER.size,
@@ -267,48 +386,105 @@ class Fileset:
                                       f"{len(DIGESTED)} CRCs")
         self._digest = {k: U32.unpack_from(digests, HEADER.size + 4 * i)[0]
                         for i, k in enumerate(DIGESTED)}
-        views = {k: self._map(root, k) for k in DIGESTED}
-        # Everything but the data is checked whole on open; data is checked per series on
-        # read (and whole by verify()).
-        for k in (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM):
-            self._check_crc(k, views[k])
-        if len(views[Kind.INFO]) != HEADER.size + INFO.size:
-            raise CorruptFilesetError(self.paths[Kind.INFO], HEADER.size,
-                                      f"{INFO.size} bytes of info")
-        self.info = Info(*INFO.unpack_from(views[Kind.INFO], HEADER.size))
-        self._index = views[Kind.INDEX][HEADER.size:]
-        self._data = views[Kind.DATA][HEADER.size:]
-        self._bloom = np.frombuffer(views[Kind.BLOOM], dtype=np.uint8, offset=HEADER.size)
-        if self._bloom.size * 8 != self.info.bloom_bits:
-            raise CorruptFilesetError(self.paths[Kind.BLOOM], HEADER.size,
-                                      f"{self.info.bloom_bits} bits")
-        self._sum_ids, self._sum_offs, self._frame_offs = self._read_summaries(
-            views[Kind.SUMMARIES])
-        # the last frame decompressed (v2): (group, bytes, data offset where they start);
-        # replaced whole, so threads sharing the fileset never see a torn one
-        self._frame: tuple[int, bytes, int] | None = None
+        views, self._whole = {}, {}
+        for k in DIGESTED:
+            self._whole[k] = self._map(root, k)
+            views[k], self._base[k] = self._whole[k][HEADER.size:], HEADER.size
+        return views
+
+    def _open_content(self, root: Path, ckpt: memoryview) -> dict[Kind, memoryview]:
+        """Version 3: one content file; the checkpoint holds the CRC of its header and section
+        table and its size; the table holds each section's offset, length and CRC."""
+        cpath, kpath = self.paths[Kind.CONTENT], self.paths[Kind.CHECKPOINT]
+        for k in SECTIONS:
+            self.paths[k] = cpath
+        if len(ckpt) != HEADER.size + CKPT3.size:
+            raise CorruptFilesetError(kpath, HEADER.size, f"{CKPT3.size} bytes",
+                                      f"{len(ckpt) - HEADER.size} bytes")
+        want_crc, want_size = CKPT3.unpack_from(ckpt, HEADER.size)
+        content = self._map(root, Kind.CONTENT)
+        if len(content) != want_size:
+            raise CorruptFilesetError(cpath, len(content), f"{want_size} bytes (as checkpoint "
+                                      f"{kpath} says; one of the two files is corrupt)",
+                                      f"{len(content)} bytes")
+        (n,) = U32.unpack_from(content, HEADER.size) if len(content) >= 12 else (-1,)
+        end = HEADER.size + 4 + SECTION.size * n
+        if not 0 <= n <= len(SECTIONS) or end > len(content):
+            raise CorruptFilesetError(cpath, HEADER.size, f"a section count <= {len(SECTIONS)}",
+                                      str(n))
+        got = zlib.crc32(content[:end])
+        if got != want_crc:  # one of the two is corrupt: name both
+            raise CorruptFilesetError(
+                kpath, HEADER.size, f"the CRC32 of the header and section table of {cpath}, "
+                f"{want_crc:#010x}", f"{got:#010x} (one of the two files is corrupt)")
+        views: dict[Kind, memoryview] = {}
+        self._digest, self._flags = {}, {}
+        pos = end
+        for i in range(n):
+            kind, flags, _r, crc, off, length = SECTION.unpack_from(content, HEADER.size + 4 +
+                                                                   SECTION.size * i)
+            if kind not in SECTIONS or Kind(kind) in views or off != pos or (
+                    off + length > len(content)):
+                raise CorruptFilesetError(cpath, HEADER.size + 4 + SECTION.size * i,
+                                          f"section {i} of a known kind at offset {pos}",
+                                          f"kind {kind} at {off}+{length}")
+            k = Kind(kind)
+            views[k], self._base[k] = content[off:off + length], off
+            self._digest[k], self._flags[k] = crc, flags
+            pos = off + length
+        missing = [k.name.lower() for k in SECTIONS if k not in views and k != Kind.REVINDEX]
+        if missing or pos != len(content):
+            raise CorruptFilesetError(cpath, HEADER.size, "sections covering the file",
+                                      f"missing {missing}, ending at {pos}")
+        self._views = views
+        return views
 
     def _check_crc(self, kind: Kind, view: memoryview) -> None:
-        got = zlib.crc32(view)
+        """Versions 1-2: the whole file of ``kind`` (header included); 3: the section."""
+        got = zlib.crc32(self._whole[kind] if self.version < 3 else view)
         if got != self._digest[kind]:
-            raise CorruptFilesetError(self.paths[kind], 0,
-                                      f"CRC32 {self._digest[kind]:#010x} (digests file)",
-                                      f"{got:#010x}")
+            what = "digests file" if self.version < 3 else "section table"
+            raise CorruptFilesetError(self.paths[kind], 0 if self.version < 3 else
+                                      self._base[kind], f"CRC32 {self._digest[kind]:#010x} "
+                                      f"({what})", f"{got:#010x}",
+                                      kind.name.lower() if self.version >= 3 else "")
 
     def _read_summaries(self, view: memoryview) -> tuple[list[bytes], list[int], list[int]]:
-        ids, offs, frames, pos = [], [], [], HEADER.size
-        tail = 8 if self.version == 1 else 16  # v2: + the group's frame offset
+        ids, offs, frames, pos = [], [], [], 0
+        tail = 8 if self.version == 1 else 16  # v2-3: + the group's data frame offset
         while pos < len(view):
             (n,) = U32.unpack_from(view, pos)
             if pos + 4 + n + tail > len(view):
-                raise CorruptFilesetError(self.paths[Kind.SUMMARIES], pos,
-                                          "a summary entry within the file")
+                raise self._fail(Kind.SUMMARIES, pos, "a summary entry within the file")
             ids.append(bytes(view[pos + 4 : pos + 4 + n]))
             offs.append(U64.unpack_from(view, pos + 4 + n)[0])
             if tail == 16:
                 frames.append(U64.unpack_from(view, pos + 12 + n)[0])
             pos += 4 + n + tail
         return ids, offs, frames
+
+    def _span(self, kind: Kind, offs: list[int], g: int, size: int) -> tuple[int, int]:
+        lo = offs[g]
+        hi = offs[g + 1] if g + 1 < len(offs) else size
+        if not lo <= hi <= size:
+            raise self._fail(kind, lo, f"group {g} within the {kind.name.lower()}")
+        return lo, hi
+
+    def _index_group(self, g: int) -> bytes | memoryview:
+        """The index entries of summary group g, back to back."""
+        lo, hi = self._span(Kind.INDEX, self._sum_offs, g, len(self._index))
+        if self.version < 3:
+            return self._index[lo:hi]
+        cached = self._igroup
+        if cached is not None and cached[0] == g:
+            return cached[1]
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self._index[lo:hi])
+        except zstandard.ZstdError as e:
+            raise self._fail(Kind.INDEX, lo, f"a zstd frame of summary group {g}",
+                             str(e)) from e
+        self._igroup = (g, raw)
+        return raw
 
     def _group_data(self, g: int) -> tuple[bytes | memoryview, int]:
         """(bytes holding summary group g's blocks, data offset where they start)."""
@@ -317,31 +493,29 @@ class Fileset:
         cached = self._frame
         if cached is not None and cached[0] == g:
             return cached[1], cached[2]
-        lo = self._frame_offs[g]
-        hi = self._frame_offs[g + 1] if g + 1 < len(self._frame_offs) else len(self._data)
-        path = self.paths[Kind.DATA]
-        if not lo <= hi <= len(self._data):
-            raise CorruptFilesetError(path, HEADER.size + lo, f"frame {g} within the file")
+        lo, hi = self._span(Kind.DATA, self._frame_offs, g, len(self._data))
         try:
             # a decompressor per frame: they are not safe to share between threads
             raw = zstandard.ZstdDecompressor().decompress(self._data[lo:hi])
         except zstandard.ZstdError as e:
-            raise CorruptFilesetError(path, HEADER.size + lo,
-                                      f"a zstd frame of summary group {g}", str(e)) from e
-        _sid, _h, start, *_ = self._entry(self._sum_offs[g])
+            raise self._fail(Kind.DATA, lo, f"a zstd frame of summary group {g}",
+                             str(e)) from e
+        _sid, _h, start, *_ = self._entry(g, self._index_group(g), 0)
         self._frame = (g, raw, start)
         return raw, start
 
-    def _entry(self, pos: int) -> tuple[bytes, int, int, int, int, int, int]:
-        """(id, hash, data offset, data length, crc, samples, next entry position)"""
-        idx = self._index
+    def _entry(self, g: int, idx: bytes | memoryview, pos: int
+               ) -> tuple[bytes, int, int, int, int, int, int]:
+        """(id, hash, data offset, data length, crc, samples, next entry position) of the
+        entry at ``pos`` of group g's index entries."""
         if pos + 4 > len(idx):
-            raise CorruptFilesetError(self.paths[Kind.INDEX], HEADER.size + pos, "an entry")
+            raise self._fail(Kind.INDEX, self._sum_offs[g],
+                             f"an entry at byte {pos} of group {g}'s index entries")
         (n,) = U32.unpack_from(idx, pos)
         end = pos + 4 + n + ENTRY_TAIL.size
         if end > len(idx):
-            raise CorruptFilesetError(self.paths[Kind.INDEX], HEADER.size + pos,
-                                      "an entry within the file")
+            raise self._fail(Kind.INDEX, self._sum_offs[g],
+                             f"an entry within group {g}'s index entries at byte {pos}")
         h, off, length, crc, samples = ENTRY_TAIL.unpack_from(idx, pos + 4 + n)
         return bytes(idx[pos + 4 : pos + 4 + n]), h, off, length, crc, samples, end
 
@@ -349,14 +523,13 @@ class Fileset:
         """The block of a series of summary group g at data offset ``off`` (uncompressed)."""
         data, start = self._group_data(g)
         where = "within the file" if self.version == 1 else f"within frame {g}"
+        at = off if self.version == 1 else self._frame_offs[g]
         if not 0 <= off - start <= off - start + length <= len(data):
-            raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
-                                      f"{length} bytes of series {sid!r} {where}")
+            raise self._fail(Kind.DATA, at, f"{length} bytes of series {sid!r} {where}")
         block = memoryview(data)[off - start : off - start + length]
         if zlib.crc32(block) != crc:
-            raise CorruptFilesetError(self.paths[Kind.DATA], HEADER.size + off,
-                                      f"CRC32 {crc:#010x} of series {sid!r} "
-                                      f"(offset {off} of the uncompressed data)")
+            raise self._fail(Kind.DATA, at, f"CRC32 {crc:#010x} of series {sid!r} "
+                             f"(offset {off} of the uncompressed data)")
         return block
 
     def may_contain(self, series_hash: int) -> bool:
@@ -370,52 +543,74 @@ class Fileset:
         """The compressed block of one series, or None if the fileset does not hold it."""
         if not self._sum_ids or not self.may_contain(series_hash):
             return None
-        i = bisect.bisect_right(self._sum_ids, sid) - 1
-        if i < 0:
+        g = bisect.bisect_right(self._sum_ids, sid) - 1
+        if g < 0:
             return None
-        pos = self._sum_offs[i]
+        idx, pos = self._index_group(g), 0
         for _ in range(self.info.summary_every):
-            if pos >= len(self._index):
+            if pos >= len(idx):
                 break
-            eid, _h, off, length, crc, _n, pos = self._entry(pos)
+            eid, _h, off, length, crc, _n, pos = self._entry(g, idx, pos)
             if eid == sid:
-                return self._block(i, sid, off, length, crc)
+                return self._block(g, sid, off, length, crc)
             if eid > sid:
                 break
         return None
 
+    def _walk(self) -> Iterator[tuple[int, bytes, int, int, int, int]]:
+        """(group, id, hash, data offset, length, crc) of every entry, in id order."""
+        for g in range(len(self._sum_ids)):
+            idx, pos = self._index_group(g), 0
+            while pos < len(idx):
+                sid, h, off, length, crc, _n, pos = self._entry(g, idx, pos)
+                yield g, sid, h, off, length, crc
+
     def __iter__(self) -> Iterator[tuple[bytes, int, memoryview]]:
         """Every (series id, hash, block) in id order."""
-        pos = i = 0
-        every = self.info.summary_every
-        while pos < len(self._index):
-            sid, h, off, length, crc, _n, pos = self._entry(pos)
-            yield sid, h, self._block(i // every, sid, off, length, crc)
-            i += 1
+        for g, sid, h, off, length, crc in self._walk():
+            yield sid, h, self._block(g, sid, off, length, crc)
 
     def entries(self) -> Iterator[tuple[bytes, int, memoryview | CorruptFilesetError]]:
         """Like iteration, but a series whose block fails its checks yields the error in place
-        of its block, so one corrupt block (in version 2: one corrupt frame, the series of one
-        summary group) leaves the other series readable."""
-        pos = i = 0
-        every = self.info.summary_every
-        while pos < len(self._index):
-            sid, h, off, length, crc, _n, pos = self._entry(pos)
+        of its block, so one corrupt block (in versions 2-3: one corrupt frame, the series of
+        one summary group) leaves the other series readable."""
+        for g, sid, h, off, length, crc in self._walk():
             try:
-                yield sid, h, self._block(i // every, sid, off, length, crc)
+                yield sid, h, self._block(g, sid, off, length, crc)
             except CorruptFilesetError as e:
                 yield sid, h, e
-            i += 1
 
     def __len__(self) -> int:
         return self.info.num_series
 
+    def revindex(self) -> bytes | memoryview | None:
+        """Version 3: the reverse index segment (checked against its section CRC and
+        decompressed on first use, then kept), or None when the fileset has none. Versions
+        1-2 keep it in the companion file (``paths[Kind.REVINDEX]``): None."""
+        if self.version < 3 or Kind.REVINDEX not in self._views:
+            return None
+        rev = self._rev
+        if rev is None:
+            view = self._views[Kind.REVINDEX]
+            self._check_crc(Kind.REVINDEX, view)
+            if self._flags[Kind.REVINDEX] & FLAG_ZSTD:
+                try:
+                    rev = zstandard.ZstdDecompressor().decompress(view)
+                except zstandard.ZstdError as e:
+                    raise self._fail(Kind.REVINDEX, 0, "a zstd frame", str(e)) from e
+            else:
+                rev = view
+            self._rev = rev
+        return rev
+
     def verify(self) -> None:
-        """Check the data file's CRC as a whole too (open checks everything else)."""
-        self._check_crc(Kind.DATA, memoryview(self._maps[Kind.DATA]))
+        """Check the data (and reverse index) CRC as a whole too (open checks the rest)."""
+        self._check_crc(Kind.DATA, self._data)
+        self.revindex()
 
     def close(self) -> None:
-        for attr in ("_index", "_data", "_bloom", "_frame"):
+        for attr in ("_index", "_data", "_bloom", "_frame", "_igroup", "_views", "_whole",
+                     "_rev"):
             if hasattr(self, attr):
                 delattr(self, attr)
         for m in self._maps.values():

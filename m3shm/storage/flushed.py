@@ -25,7 +25,7 @@ from pathlib import Path
 
 from m3shm.errors import CorruptError
 from m3shm.shm import parse_labels
-from m3shm.storage.fileset import NAME, Fileset, FilesetId, companion_path
+from m3shm.storage.fileset import NAME, CorruptFilesetError, Fileset, FilesetId, Kind
 from m3shm.storage.index_segment import SegmentReader
 
 
@@ -132,7 +132,13 @@ class FlushedStore:
 
     def reverse_index(self, fid: FilesetId) -> SegmentReader:
         """The block's reverse index segment (close it when done)."""
-        return SegmentReader(companion_path(self.root, fid, "revindex"))
+        fs = self.open(fid)
+        rev = fs.revindex()
+        if fs.version < 3:
+            return SegmentReader(fs.paths[Kind.REVINDEX])
+        if rev is None:
+            raise CorruptFilesetError(fs.paths[Kind.CONTENT], 0, "a revindex section")
+        return SegmentReader(fs.paths[Kind.CONTENT], rev)
 
     def close(self) -> None:
         with self._lock:

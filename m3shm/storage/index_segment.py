@@ -74,9 +74,8 @@ def _block_bytes(col: LabelColumn) -> bytes:
     return body + U32.pack(zlib.crc32(body))
 
 
-def write_segment(path: str | os.PathLike[str], index: IndexReader) -> None:
-    """Persist ``index`` as a segment at ``path`` (written to a temporary name, then renamed)."""
-    path = Path(path)
+def segment_bytes(index: IndexReader) -> bytes:
+    """``index`` as the bytes of one segment (a file of its own, or a fileset section)."""
     series = index.all_postings()
     body = [_u32s(series), U32.pack(zlib.crc32(_u32s(series)))]
     pos = HEADER_SIZE + 4 * series.size + 4
@@ -92,12 +91,16 @@ def write_segment(path: str | os.PathLike[str], index: IndexReader) -> None:
         pos += len(block)
     toc_bytes = b"".join(toc)
     head = HEADER.pack(MAGIC, VERSION, 0, 0, series.size, len(names), pos, len(toc_bytes))
+    return b"".join([head, U32.pack(zlib.crc32(head)), *body, toc_bytes,
+                     U32.pack(zlib.crc32(toc_bytes))])
+
+
+def write_segment(path: str | os.PathLike[str], index: IndexReader) -> None:
+    """Persist ``index`` as a segment at ``path`` (written to a temporary name, then renamed)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(head + U32.pack(zlib.crc32(head)))
-        for b in body:
-            f.write(b)
-        f.write(toc_bytes + U32.pack(zlib.crc32(toc_bytes)))
+        f.write(segment_bytes(index))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -138,15 +141,26 @@ class _Utf8Values(Sequence[str]):
 class SegmentReader(IndexReader):
     """Queries over a segment file through mmap; use as a context manager or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str],
+                 buf: bytes | memoryview | None = None) -> None:
+        """Open the segment file ``path``, or with ``buf`` the segment held there (a fileset
+        section; ``path`` then only names it in errors)."""
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        self._mm: mmap.mmap | None = None
+        if buf is not None:
+            size = len(buf)
             if size < HEADER_SIZE:
                 raise CorruptIndexError(self.path, 0, f"a {HEADER_SIZE}-byte header",
                                         f"{size} bytes")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._buf = memoryview(self._mm)
+            self._buf = memoryview(buf)
+        else:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < HEADER_SIZE:
+                    raise CorruptIndexError(self.path, 0, f"a {HEADER_SIZE}-byte header",
+                                            f"{size} bytes")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._buf = memoryview(self._mm)
         self._columns: dict[str, LabelColumn] = {}
         try:
             self._open(size)
@@ -203,7 +217,8 @@ class SegmentReader(IndexReader):
         # arrays handed out may still view the map; then it unmaps when they are gone
         with contextlib.suppress(BufferError):
             self._buf.release()
-            self._mm.close()
+            if self._mm is not None:
+                self._mm.close()
 
     def __enter__(self) -> SegmentReader:
         return self

@@ -3,9 +3,9 @@
 The samples never pass through Python: the owner seals the block's chunks (csrc/block.c
 ``m3_block_seal``), ``m3_block_encode`` re-encodes each series' merged samples as one TSZ
 stream with its labels into a buffer, and Python hands the streams, with the canonical labels
-as series ids, to :func:`m3shm.storage.fileset.write_fileset`, building the block's reverse
-index segment (``fileset-<start>-<volume>-revindex.db``, docs/formats/index.md; series id =
-position in the fileset's index) which is durable before the checkpoint. Only then are the
+as series ids, to :func:`m3shm.storage.fileset.write_fileset` with the block's reverse index segment
+(docs/formats/index.md; series id = position in the fileset's index), stored as a section of
+the fileset (durable before the checkpoint). Only then are the
 chunks released (``m3_block_release``): a flush killed half-way leaves them sealed but in
 memory, and the commit log still holds them.
 
@@ -24,14 +24,14 @@ from typing import Any
 from m3shm import codec
 from m3shm.shm import COLD, WARM, Segment, parse_labels
 from m3shm.storage.fileset import (
+    VERSION,
     Fileset,
     FilesetId,
     Info,
     Kind,
-    companion_path,
     write_fileset,
 )
-from m3shm.storage.index_segment import write_segment
+from m3shm.storage.index_segment import segment_bytes
 from m3shm.storage.reverse_index import ReverseIndex
 
 log = logging.getLogger("m3shm.flush")
@@ -70,21 +70,24 @@ def newest_volume(root: Path, namespace: str, shard: int, block_start: int) -> i
 
 
 def write_block(root: Path, fid: FilesetId, block_size: int,
-                series: list[tuple[bytes, int, Any]]) -> Info:
-    def write_index(ids: list[bytes]) -> None:
-        idx = ReverseIndex()
-        for i, sid in enumerate(ids):
-            idx.add(i, parse_labels(sid))
-        write_segment(companion_path(root, fid, "revindex"), idx)
+                series: list[tuple[bytes, int, Any]], version: int = VERSION) -> Info:
+    return write_fileset(root, fid, block_size, series, revindex=revindex_bytes,
+                         version=version)
 
-    return write_fileset(root, fid, block_size, series, before_checkpoint=write_index)
+
+def revindex_bytes(ids: list[bytes]) -> bytes:
+    """The reverse index segment of a fileset whose index holds ``ids`` (id = position)."""
+    idx = ReverseIndex()
+    for i, sid in enumerate(ids):
+        idx.add(i, parse_labels(sid))
+    return segment_bytes(idx)
 
 
 def delete_volume(root: Path, fid: FilesetId) -> None:
     """Remove a superseded volume, checkpoint first (so a crash leaves it incomplete)."""
     paths = [fid.path(root, Kind.CHECKPOINT)] + [fid.path(root, k) for k in Kind
                                                  if k != Kind.CHECKPOINT]
-    for p in paths + [companion_path(root, fid, "revindex")]:
+    for p in paths:  # Kind.REVINDEX's path is the v1-2 companion file
         p.unlink(missing_ok=True)
 
 
