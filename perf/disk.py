@@ -112,6 +112,33 @@ def m3shm_fileset_samples(data: Path) -> tuple[int, int]:
     return series, samples
 
 
+def m3shm_sections(data: Path) -> dict:
+    """Bytes of each section of m3shm's version-3 filesets, summed over all of them: as stored
+    and, for the sections stored compressed (index, data, revindex), uncompressed."""
+    import zstandard
+
+    from m3shm.storage.fileset import FLAG_ZSTD, Fileset, Kind, list_filesets
+
+    root = data / "filesets"
+    out: dict[str, dict[str, int]] = {}
+    for fid in list_filesets(root):
+        with Fileset(root, fid) as fs:
+            if fs.version < 3:
+                continue
+            for kind, view in fs._views.items():
+                row = out.setdefault(kind.name.lower(), {"stored": 0, "raw": 0})
+                row["stored"] += len(view)
+                raw = len(view)
+                if kind == Kind.DATA:
+                    raw = fs.info.data_bytes
+                elif kind == Kind.INDEX:
+                    raw = sum(len(fs._index_group(g)) for g in range(len(fs._sum_ids)))
+                elif kind == Kind.REVINDEX and fs._flags[kind] & FLAG_ZSTD:
+                    raw = len(zstandard.ZstdDecompressor().decompress(view))
+                row["raw"] += raw
+    return out
+
+
 def zstd_sweep(data: Path, nsamples: int, levels: list[int], group: int,
                runs: int = 3) -> dict:
     """What a zstd pass at flush would do to m3shm's flushed data files: per level, the data
@@ -176,6 +203,7 @@ def run_store(store: Store, bodies: list[bytes], nsamples: int, settle_args: tup
         if isinstance(store, M3shm):
             out["breakdown"] = du_by(store.data, classify_m3shm)
             out["fileset_series"], out["fileset_samples"] = m3shm_fileset_samples(store.data)
+            out["fileset_sections"] = m3shm_sections(store.data)
             if zstd_levels:
                 out["zstd_at_flush"] = zstd_sweep(store.data, nsamples, zstd_levels, 64)
         elif isinstance(store, Prometheus):
