@@ -68,11 +68,11 @@ ST_STARTING, ST_RECOVERING, ST_SERVING, ST_STOPPING = range(4)
 
 # persisted order: append only (a slot's meaning never changes)
 REQUEST_REASONS = ("method", "unsupported_media_type", "too_large", "malformed",
-                   "invalid_series", "segment_full", "overloaded", "shutting_down")
+                   "invalid_series", "segment_full", "overloaded", "shutting_down", "disk_full")
 SAMPLE_REASONS = ("bad_label_name", "duplicate_label", "no_labels", "no_metric_name",
                   "too_many_labels", "label_too_long", "too_old", "too_new", "histogram",
                   "malformed", "bad_utf8", "segment_full", "overloaded", "shutting_down",
-                  "exemplars", "bad_symbol_ref", "too_many_series", "bad_metadata")
+                  "exemplars", "bad_symbol_ref", "too_many_series", "bad_metadata", "disk_full")
 assert W_FSYNC_BUCKETS + len(FSYNC_BUCKETS_S) + 1 <= W_REQ_REJECTED
 assert W_REQ_REJECTED + len(REQUEST_REASONS) <= W_SAMPLES_REJECTED
 assert W_SAMPLES_REJECTED + len(SAMPLE_REASONS) <= WORKER_SLOTS

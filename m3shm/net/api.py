@@ -6,7 +6,8 @@ decoder (1.0 or 2.0, by the Content-Type's proto= parameter) run on the worker's
 (the event loop never decodes); metadata the store does not have yet is written durably, then
 the batch goes to the ingest pipeline (commit log, lanes) and the answer is 204, 400 naming the
 first rejected series (the valid ones are still written, and the counts say so), 415 for a
-body it cannot read, or 503 with Retry-After when the daemon is overloaded. Every answer
+body it cannot read, 503 with Retry-After when the daemon is overloaded, or 507 with
+Retry-After when the disk is full (the commit log cannot be written). Every answer
 carries X-Prometheus-Remote-Write-{Samples,Histograms,Exemplars}-Written. Every outcome is
 counted in the worker's block of the stats file (per request, never per sample), which
 /metrics sums.
@@ -15,6 +16,7 @@ counted in the worker's block of the stats file (per request, never per sample),
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import json
 import logging
@@ -33,7 +35,7 @@ from m3shm.net.http import Handler, Request, Response, text
 from m3shm.net.rwdecode import Decoded, Limits, MalformedError, decode_rw1, decode_rw2
 from m3shm.shm import parse_labels
 from m3shm.storage.metadata_hashes import MetaHashSet
-from m3shm.workers.ingest import Overloaded
+from m3shm.workers.ingest import DiskFull, Overloaded
 
 if TYPE_CHECKING:
     from m3shm.config import NamespaceConfig
@@ -174,6 +176,11 @@ class Api:
             try:
                 await loop.run_in_executor(self.w.pool, store.update, d.metadata, version)
             except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    stats.reject_request("disk_full", d.samples_ok + d.samples_bad, "disk_full")
+                    return text(507, f"disk full: metadata cannot be written ({e}); nothing "
+                                     "of this request was stored; retry later",
+                                **{"Retry-After": "1"}, **none)
                 stats.reject_request("overloaded", d.samples_ok + d.samples_bad, "overloaded")
                 return text(503, f"overloaded: metadata write failed: {e}; retry later",
                             **{"Retry-After": "1"}, **none)
@@ -181,6 +188,9 @@ class Api:
         if d.length:
             try:
                 adm = await self.w.pipeline.submit(d.batch, d.length, d.records)
+            except DiskFull as e:
+                stats.reject_request("disk_full", d.samples_ok + d.samples_bad, "disk_full")
+                return text(507, f"{e}; retry later", **{"Retry-After": "1"}, **none)
             except Overloaded as e:
                 why = "shutting_down" if self.w.stopping else "overloaded"
                 stats.reject_request(why, d.samples_ok + d.samples_bad, why)

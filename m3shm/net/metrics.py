@@ -88,7 +88,7 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int) -> bytes:
     p.one("m3shm_remote_write_requests_total", "counter", "Remote write requests received.",
           stats.sum(st.W_REQUESTS))
     p.family("m3shm_remote_write_requests_rejected_total", "counter",
-             "Remote write requests answered with an error (4xx, 503), by reason.",
+             "Remote write requests answered with an error (4xx, 503, 507), by reason.",
              [(f'reason="{r}"', stats.sum(st.W_REQ_REJECTED + i))
               for i, r in enumerate(st.REQUEST_REASONS)])
     p.one("m3shm_ingest_samples_received_total", "counter",

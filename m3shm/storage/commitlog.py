@@ -23,6 +23,8 @@ covered file is deleted, and replay skips it (:func:`covered`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import json
 import logging
@@ -98,6 +100,9 @@ class CommitLog:
         self.size = 0
         self.fsync_seconds = 0.0
         self._dirty = False
+        self.path = ""
+        # closed files whose index is not written yet: (path, close_seq, min, max, batches)
+        self._unindexed: list[tuple[str, int, int, int, int]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         os.makedirs(directory, exist_ok=True)
@@ -109,68 +114,125 @@ class CommitLog:
             self._syncer.start()
 
     def _open(self) -> None:
+        """Start the file of the current part. A failure (disk full) removes what was made
+        of the file, so the next attempt starts clean under the same name."""
         path = os.path.join(self.dir, file_name(self.boot, self.worker, self.incarnation,
                                                 self.part))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         hdr = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, self.worker, 0, self.boot,
                                int(time.time() * 1000))
-        os.write(fd, hdr)
-        os.fsync(fd)
-        dfd = os.open(self.dir, os.O_RDONLY)
         try:
-            os.fsync(dfd)  # the new name is durable too
-        finally:
-            os.close(dfd)
+            if os.write(fd, hdr) != len(hdr):
+                raise OSError(errno.ENOSPC, "short write of the commit log file header")
+            os.fsync(fd)
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # the new name is durable too
+            finally:
+                os.close(dfd)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         self.fd, self.size, self.path = fd, len(hdr), path
         self.min_ts, self.max_ts, self.nbatches = _EMPTY_MIN, _EMPTY_MAX, 0
 
     def _close_locked(self) -> None:
         """Sync and close the current file and write its index (only after every batch in it
-        was published: the pipeline calls append/rotate in order, publishing in between)."""
-        self._sync_locked()
-        os.close(self.fd)
+        was published: the pipeline calls append/rotate in order, publishing in between).
+        The next part is opened lazily by the next append or rotate. An index that cannot be
+        written (disk full) is retried at the next close."""
+        try:
+            self._sync_locked()
+        finally:
+            self._retire_locked()
+
+    def _retire_locked(self) -> None:
+        """Close the current file without syncing it and move on to the next part: after a
+        failed fsync the file is never appended to again (its pages' state is unknown)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
         self.fd = -1
+        self._dirty = False
+        self.part += 1
         close_seq = self.seq_sync() if self.seq_sync is not None else 0
-        write_index(self.path, close_seq, self.min_ts, self.max_ts, self.nbatches)
+        self._unindexed.append((self.path, close_seq, self.min_ts, self.max_ts,
+                                self.nbatches))
+        self._write_indexes_locked()
+
+    def _write_indexes_locked(self) -> None:
+        while self._unindexed:
+            try:
+                write_index(*self._unindexed[0])
+            except OSError as e:
+                log.warning("commit log %s: cannot write its index yet (%s); will retry",
+                            self._unindexed[0][0], e)
+                return
+            self._unindexed.pop(0)
 
     def rotate(self) -> bool:
         """Close the current file (if it holds batches) and start the next part. Call it only
         between groups (after the last group's publish), as the ingest pipeline does."""
         with self._lock:
-            if self.fd < 0 or not self.nbatches:
+            self._write_indexes_locked()
+            if self.fd < 0:
+                self._open()
+                return False
+            if not self.nbatches:
                 return False
             self._close_locked()
-            self.part += 1
             self._open()
             return True
 
     def append(self, batches: list[Batch]) -> None:
-        """Write the batches with one write (group commit); fsync under every_batch."""
+        """Write the batches with one write (group commit); fsync under every_batch. Raises
+        OSError (ENOSPC when the disk is full) when they cannot be made durable; the file
+        then holds none of them (a partial write is cut off again) or, if the fsync failed,
+        it is closed and never appended to again."""
         blob = b"".join(encode_record(b) for b in batches)
         lo, hi = _EMPTY_MIN, _EMPTY_MAX
         for b in batches:
             a, z = batch_time_range(b.payload)
             lo, hi = min(lo, a), max(hi, z)
         with self._lock:
-            if self.size + len(blob) > self.max_bytes and self.size > FILE_HEADER.size:
+            if self.fd >= 0 and (self.size + len(blob) > self.max_bytes and
+                                 self.size > FILE_HEADER.size):
                 self._close_locked()
-                self.part += 1
+            if self.fd < 0:  # rotated, or an earlier open failed (disk full)
                 self._open()
+            view = memoryview(blob)
+            try:
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+            except OSError:
+                self._cut_locked()
+                raise
             self.min_ts, self.max_ts = min(self.min_ts, lo), max(self.max_ts, hi)
             self.nbatches += len(batches)
-            view = memoryview(blob)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
             self.size += len(blob)
             self._dirty = True
             if self.observer is not None:
                 self.observer.wrote_commitlog(len(blob), len(batches))
             if self.fsync_every:
-                self._sync_locked()
+                try:
+                    self._sync_locked()
+                except OSError:
+                    self._retire_locked()
+                    raise
+
+    def _cut_locked(self) -> None:
+        """Cut a partly written group off the end of the file, so records appended later are
+        not hidden behind a torn one (replay stops at the first bad record). If even that
+        fails, the file is closed as it is and the next append starts a new one."""
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            self._retire_locked()
 
     def _sync_locked(self) -> None:
-        if self._dirty:
+        if self._dirty and self.fd >= 0:
             t = time.perf_counter()
             os.fdatasync(self.fd)
             dt = time.perf_counter() - t
@@ -181,11 +243,18 @@ class CommitLog:
 
     def sync(self) -> None:
         with self._lock:
-            self._sync_locked()
+            try:
+                self._sync_locked()
+            except OSError:
+                self._retire_locked()
+                raise
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.sync()
+            try:
+                self.sync()
+            except OSError as e:  # the file is retired; the next append starts a new one
+                log.error("commit log %s: fsync failed: %s", self.path, e)
 
     def close(self) -> None:
         """Sync and close; the file gets its index, so a later boot need not replay it once

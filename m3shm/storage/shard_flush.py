@@ -113,7 +113,20 @@ def flush_block(seg: Segment, root: Path, namespace: str, block_size: int, shard
                     series.append((sid, h, bytes(blk) if mine is None
                                    else _merge(blk, mine[1])))
             series += [(sid, h, blk) for sid, (h, blk) in streams.items()]
-        info = write_block(root, fid, block_size, series)
+        try:
+            info = write_block(root, fid, block_size, series)
+        except OSError as e:
+            # disk full (or another I/O error): remove what was written of the new volume
+            # unless its checkpoint made it; the chunks stay sealed in memory and the next
+            # pass writes the block again
+            ckpt = fid.path(root, Kind.CHECKPOINT)
+            if not ckpt.exists():
+                delete_volume(root, fid)
+                ckpt.with_name(ckpt.name + ".tmp").unlink(missing_ok=True)
+            log.warning("flush of %s shard %d block %d volume %d failed (%s); its partial "
+                        "files are removed and the block stays in memory for the next pass",
+                        namespace, shard, block_start, fid.volume, e)
+            raise
         if vol is not None:
             delete_volume(root, FilesetId(namespace, shard, block_start, vol))
     seg.release(shard, block_start, kind)

@@ -177,8 +177,14 @@ class Flusher:
             await asyncio.sleep(self.cfg.flush.interval_ms / 1000)
             try:
                 await self.rotate()
+            except Exception as e:  # noqa: BLE001 - disk trouble: the pass still runs
+                log.error("worker %d: commit log rotation failed: %s", self.w.index, e)
+            try:
                 await self.flush_now()
-            except Exception:  # noqa: BLE001 - disk trouble: log, retry next interval
+            except OSError as e:  # disk full: the blocks stay in memory; next interval
+                log.error("worker %d: flush pass failed, retrying in %.1fs: %s",
+                          self.w.index, self.cfg.flush.interval_ms / 1000, e)
+            except Exception:  # noqa: BLE001 - log, retry next interval
                 log.exception("worker %d: flush pass failed", self.w.index)
 
     async def rotate(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import struct
 import time
 from concurrent.futures import Executor
@@ -24,6 +25,16 @@ from m3shm.storage.commitlog import Batch, CommitLog
 
 class Overloaded(Exception):
     """Lanes full or the commit log behind: answer 503 with Retry-After."""
+
+
+class DiskFull(Overloaded):
+    """The commit log could not be written or synced for lack of space (ENOSPC, EDQUOT):
+    nothing of the batch is acknowledged; answer 507 with Retry-After. Ingestion resumes by
+    itself with the first append that finds room."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -179,9 +190,12 @@ class IngestPipeline:
                 self.pool, self.clog.append, [b for _, b, _ in ok])
         except Exception as e:  # noqa: BLE001 - disk trouble: nothing of the group is acked
             self.seg.recover_producer(self.producer)
+            err = (DiskFull(f"disk full: the commit log cannot be written ({e}); nothing of "
+                            "this request was stored") if _disk_full(e)
+                   else Overloaded(f"commit log write failed: {e}"))
             for it, _, _ in ok:
                 if not it.fut.done():
-                    it.fut.set_exception(Overloaded(f"commit log write failed: {e}"))
+                    it.fut.set_exception(err)
             return
         self.seg.publish(self.producer)
         self.batches += len(ok)
