@@ -119,10 +119,11 @@ def flush_block(seg: Segment, root: Path, namespace: str, block_size: int, shard
             # disk full (or another I/O error): remove what was written of the new volume
             # unless its checkpoint made it; the chunks stay sealed in memory and the next
             # pass writes the block again
-            ckpt = fid.path(root, Kind.CHECKPOINT)
-            if not ckpt.exists():
+            if not fid.path(root, Kind.CHECKPOINT).exists():
                 delete_volume(root, fid)
-                ckpt.with_name(ckpt.name + ".tmp").unlink(missing_ok=True)
+                for k in Kind:
+                    p = fid.path(root, k)
+                    p.with_name(p.name + ".tmp").unlink(missing_ok=True)
             log.warning("flush of %s shard %d block %d volume %d failed (%s); its partial "
                         "files are removed and the block stays in memory for the next pass",
                         namespace, shard, block_start, fid.volume, e)
