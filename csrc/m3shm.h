@@ -704,3 +704,11 @@ int m3_qslot_enter(uint64_t *counters, uint32_t nworkers, uint32_t stride, uint3
                    uint64_t limit);
 void m3_qslot_leave(uint64_t *counters, uint32_t stride, uint32_t self);
 void m3_qslot_reset(uint64_t *counters, uint32_t stride, uint32_t self);
+
+/* ---- group_sum.c: sum and count of a values matrix by group (sum/avg/count/group) ------ */
+
+/* vals, present: nrows x nsteps row-major; gid[r] in [0, ngroups). sum, cnt: ngroups x nsteps;
+   seen: ngroups bytes of scratch. Additions within a group in row order, starting from the
+   first row (absent values add 0.0). M3_EINVAL for a gid out of range. */
+int m3_group_sum(const double *vals, const uint8_t *present, const int64_t *gid, size_t nrows,
+                 size_t nsteps, size_t ngroups, double *sum, int64_t *cnt, uint8_t *seen);

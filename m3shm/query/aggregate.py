@@ -46,6 +46,18 @@ def evaluate(ev: Evaluator, node: Any) -> Vector:
         return _topk(vec, gid, len(uniq), np.asarray(param), op == "topk")
     if op == "count_values":
         return _count_values(vec, gid, uniq, str(param))
+    if op in ("sum", "avg", "count", "group"):  # one pass in C, no sorted copy
+        total, cnt = group_sum(vec.values, vec.present, gid, len(uniq))
+        if op == "sum":
+            res = total
+        elif op == "avg":
+            with np.errstate(all="ignore"):
+                res = total / cnt
+        elif op == "count":
+            res = cnt.astype(np.float64)
+        else:
+            res = np.ones(cnt.shape)
+        return Vector(uniq, res, cnt > 0)
     order, starts, sizes = sorted_groups(gid, len(uniq))
     vals, present = vec.values[order], vec.present[order]
     cnt = np.add.reduceat(present.astype(np.int64), starts, axis=0)
@@ -56,6 +68,27 @@ def evaluate(ev: Evaluator, node: Any) -> Vector:
         else:
             res = _reduce(op, vals, present, starts, sizes, cnt)
     return Vector(uniq, res, out_present)
+
+
+def group_sum(values: np.ndarray, present: np.ndarray, gid: np.ndarray, ngroups: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, count) per group and step (csrc/group_sum.c); the additions in the order of
+    ``np.add.reduceat`` over the rows sorted stably by group (what ``_reduce`` does)."""
+    from m3shm._native import ffi, lib
+    from m3shm.errors import check
+
+    n, s = values.shape
+    vals = np.ascontiguousarray(values, dtype=np.float64)
+    pres = np.ascontiguousarray(present, dtype=bool).view(np.uint8)
+    g = np.ascontiguousarray(gid, dtype=np.int64)
+    total = np.empty((ngroups, s), dtype=np.float64)
+    cnt = np.empty((ngroups, s), dtype=np.int64)
+    seen = np.empty(max(ngroups, 1), dtype=np.uint8)
+    check(lib.m3_group_sum(ffi.from_buffer("double[]", vals), ffi.from_buffer("uint8_t[]", pres),
+                           ffi.from_buffer("int64_t[]", g), n, s, ngroups,
+                           ffi.from_buffer("double[]", total), ffi.from_buffer("int64_t[]", cnt),
+                           ffi.from_buffer("uint8_t[]", seen)), "summing groups")
+    return total, cnt
 
 
 def _reduce(op: str, vals: np.ndarray, present: np.ndarray, starts: np.ndarray,

@@ -9,6 +9,7 @@ series groups and AST nodes, never over samples or series x steps.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,6 +234,16 @@ class Result:
     stats: Stats = field(default_factory=Stats)
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(query: str) -> Any:
+    """The AST of a query (cached: the HTTP layer parses to validate, then evaluates; the
+    parser's nodes are never modified)."""
+    try:
+        return promql_parser.parse(_rename_functions(query))
+    except Exception as e:  # the parser raises plain exceptions without a type of its own
+        raise QueryError(f"parse error: {e}") from None
+
+
 @dataclass
 class Engine:
     storage: Storage
@@ -247,10 +258,7 @@ class Engine:
 
     @staticmethod
     def parse(query: str) -> Any:
-        try:
-            return promql_parser.parse(_rename_functions(query))
-        except Exception as e:  # the parser raises plain exceptions without a type of its own
-            raise QueryError(f"parse error: {e}") from None
+        return _parse(query)
 
     def instant(self, query: str, t_ms: int) -> Result:
         node = self.parse(query)
