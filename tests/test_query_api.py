@@ -179,10 +179,16 @@ def test_disconnect_cancels_and_registry_is_shared(data):
                  b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
                  % (len(body), body))
     deadline = time.monotonic() + 30
-    while not any(e["expr"] == q for e in running(d)):
+    # until both workers answered with it (the other worker reads it from the registry file,
+    # written within queryreg.FLUSH_S of the query's start)
+    answered: set[int] = set()
+    while answered != {0, 1}:
+        with urllib.request.urlopen(d.url + "/api/v1/status/queries", timeout=30) as r:
+            if any(e["expr"] == q for e in json.loads(r.read())["data"]):
+                answered.add(int(r.headers["X-M3shm-Worker"]))
         assert time.monotonic() < deadline, "query never showed up in status/queries"
         time.sleep(0.05)
-    # every worker sees it (requests land on either worker through SO_REUSEPORT)
+    # every worker keeps seeing it (requests land on either worker through SO_REUSEPORT)
     seen_by = set()
     for _ in range(20):
         entries = [e for e in running(d) if e["expr"] == q]
