@@ -257,3 +257,21 @@ def test_any_ids_any_summary_spacing(tmp_path_factory, ids: list[bytes], every: 
         for s in ids:
             assert fs.get(s, sid_hash(s)) is not None
         assert [s for s, _, _ in fs] == sorted(ids)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_deleting_a_volume_removes_every_file_of_its_version(tmp_path: Path,
+                                                             version: int) -> None:
+    """A cold-write flush deletes volume N (any version) after writing volume N+1 (version 3):
+    nothing of volume N may stay behind, its reverse index included."""
+    from m3shm.storage.shard_flush import delete_volume, write_block
+
+    old, new = FilesetId("default", 0, START, 0), FilesetId("default", 0, START, 1)
+    series = make_series(30)
+    write_block(tmp_path, old, BLOCK, series, version=version)
+    with Fileset(tmp_path, old) as fs:
+        write_block(tmp_path, new, BLOCK, [(s, h, bytes(b)) for s, h, b in fs])
+    delete_volume(tmp_path, old)
+    assert sorted(p.name for p in (tmp_path / "default" / "0000").iterdir()) == [
+        f"fileset-{START}-1-checkpoint.db", f"fileset-{START}-1-content.db"]
+    read_all(tmp_path, new, series)

@@ -24,6 +24,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -116,6 +117,19 @@ class Info:
     codec_version: int
     bloom_k: int
     bloom_bits: int
+
+
+_local = threading.local()
+
+
+def _decompress(frame: bytes | memoryview) -> bytes:
+    """One zstd frame, decompressed with this thread's decompressor (they are not safe to
+    share between threads, and making one costs ~20 us, several times a small frame's
+    decompression)."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx.decompress(frame)
 
 
 def _bloom_positions(hashes: np.ndarray, k: int, bits: int) -> np.ndarray:
@@ -479,7 +493,7 @@ class Fileset:
         if cached is not None and cached[0] == g:
             return cached[1]
         try:
-            raw = zstandard.ZstdDecompressor().decompress(self._index[lo:hi])
+            raw = _decompress(self._index[lo:hi])
         except zstandard.ZstdError as e:
             raise self._fail(Kind.INDEX, lo, f"a zstd frame of summary group {g}",
                              str(e)) from e
@@ -495,8 +509,7 @@ class Fileset:
             return cached[1], cached[2]
         lo, hi = self._span(Kind.DATA, self._frame_offs, g, len(self._data))
         try:
-            # a decompressor per frame: they are not safe to share between threads
-            raw = zstandard.ZstdDecompressor().decompress(self._data[lo:hi])
+            raw = _decompress(self._data[lo:hi])
         except zstandard.ZstdError as e:
             raise self._fail(Kind.DATA, lo, f"a zstd frame of summary group {g}",
                              str(e)) from e
@@ -595,7 +608,7 @@ class Fileset:
             self._check_crc(Kind.REVINDEX, view)
             if self._flags[Kind.REVINDEX] & FLAG_ZSTD:
                 try:
-                    rev = zstandard.ZstdDecompressor().decompress(view)
+                    rev = _decompress(view)
                 except zstandard.ZstdError as e:
                     raise self._fail(Kind.REVINDEX, 0, "a zstd frame", str(e)) from e
             else:
