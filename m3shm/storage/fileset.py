@@ -438,10 +438,12 @@ class Fileset:
             kind, flags, _r, crc, off, length = SECTION.unpack_from(content, HEADER.size + 4 +
                                                                    SECTION.size * i)
             if kind not in SECTIONS or Kind(kind) in views or off != pos or (
-                    off + length > len(content)):
+                    off + length > len(content)) or flags not in (
+                    (0, FLAG_ZSTD) if kind == Kind.REVINDEX else (0,)):
                 raise CorruptFilesetError(cpath, HEADER.size + 4 + SECTION.size * i,
-                                          f"section {i} of a known kind at offset {pos}",
-                                          f"kind {kind} at {off}+{length}")
+                                          f"section {i} of a known kind with known flags at "
+                                          f"offset {pos}",
+                                          f"kind {kind}, flags {flags} at {off}+{length}")
             k = Kind(kind)
             views[k], self._base[k] = content[off:off + length], off
             self._digest[k], self._flags[k] = crc, flags
