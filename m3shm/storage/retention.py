@@ -1,8 +1,9 @@
 """Retention: delete whole filesets whose block ended before now - retention.
 
 No compaction ever rewrites data, so retention is the only way data leaves the disk: every
-file of an expired block's filesets (all volumes, the reverse index segment and the digests
-included) is removed. The checkpoint goes first, so a deletion cut short by a crash leaves a
+file of an expired block's filesets is removed, all volumes and every format version (v3: the
+content file and its checkpoint; v1/v2: one file per section, the reverse-index companion and
+the digests included). The checkpoint goes first, so a deletion cut short by a crash leaves a
 fileset without a checkpoint, which readers ignore and start-up removes
 (:func:`m3shm.storage.fileset.remove_incomplete`). Readers that still map a deleted fileset
 keep reading it until they close it (unlinked files live while mapped).
