@@ -21,7 +21,13 @@ import urllib.parse
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 from test_daemon_harness import Daemon, now_ms
 
 CFG = """
@@ -48,6 +54,15 @@ class StorageModel(RuleBasedStateMachine):
         self.d = _daemon
         self.name = f"sm{next(_names)}"
         self.model: dict[str, dict[int, float]] = {}
+
+    @initialize()
+    def start_with_flushed_data(self) -> None:
+        """Every example starts with a flushed volume per series (samples of closed blocks),
+        so a later cold overwrite and flush exercises the volume N+1 merge at once."""
+        for i in range(SERIES):
+            t = now_ms() - 10_000 - 1000 * i
+            self._write(i, [(t + 5 * k, self._value()) for k in range(3)])
+        self.flush()
 
     # -- writes ------------------------------------------------------------------------------
     def _write(self, i: int, samples: list[tuple[int, float]]) -> None:
