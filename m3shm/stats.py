@@ -8,13 +8,14 @@ what the supervisor (watchdog, reload) and ``GET /metrics`` need, and its layout
 without touching the segment's.
 
 Layout: a header block, then one block per worker, every field a little-endian u64 slot. Each
-slot has exactly one writer at a time (the header: the supervisor; a worker block: that
-worker's event loop, except the commit-log slots, written by whichever thread holds the commit
-log's lock). Aligned 8-byte stores and loads are single instructions on the platforms m3shm
-runs on, so a reader never sees a torn value; it may see a slightly stale one, which is all a
-counter or a heartbeat needs. No fences: nothing else is ordered by these values. One
-exception: ``W_QUERIES_RUNNING`` is changed only with seq_cst atomics (csrc/query_slots.c),
-because workers admit queries daemon-wide by summing every worker's count.
+slot has exactly one writer at a time (the header: the supervisor; a worker block: that worker's
+event loop, except the commit-log slots, written by whichever thread holds the commit log's
+lock, and the flush-failure slots, written by the thread holding the flusher's lock). Aligned
+8-byte stores and loads are single instructions on the platforms m3shm runs on, so a reader
+never sees a torn value; it may see a slightly stale one, which is all a counter or a heartbeat
+needs. No fences: nothing else is ordered by these values. One exception: ``W_QUERIES_RUNNING``
+is changed only with seq_cst atomics (csrc/query_slots.c), because workers admit queries
+daemon-wide by summing every worker's count.
 
 A worker restarted by the supervisor keeps its block, so its counters continue where the dead
 incarnation left them (Prometheus counters stay monotonic across worker restarts). Counters are
@@ -60,6 +61,8 @@ W_FSYNC_BUCKETS = 13         # len(FSYNC_BUCKETS_S) + 1 cumulative buckets (last
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5)
 W_QUERIES_RUNNING = 28       # queries this worker evaluates now; atomic, csrc/query_slots.c
+W_FLUSH_FAILURES = 29        # flush passes and commit-log rotations that failed
+W_FLUSH_DISK_FULL = 30       # ... of them for lack of space (ENOSPC, EDQUOT)
 W_REQ_REJECTED = 32          # len(REQUEST_REASONS) slots
 W_SAMPLES_REJECTED = 64      # len(SAMPLE_REASONS) slots
 

@@ -121,6 +121,11 @@ def test_disk_full_refuses_keeps_and_resumes(tmp_path):
                 assert time.monotonic() < deadline, d.logtext()
                 time.sleep(0.1)
             assert "its partial files are removed" in d.log.read_text(errors="replace")
+            assert metric(d, 'm3shm_flush_failures_total{cause="disk_full"}') >= 4
+            # an admin flush says so (not a 503 after its 120 s timeout: the failing workers
+            # cannot record their passes in the state files, the stats file tells it)
+            code, body = d.post("/api/v1/admin/flush", b"")[:2]
+            assert code == 507 and b"disk full" in body, (code, body)
             complete_filesets(d)
             assert d.export_map("df") == want  # acknowledged samples read back, from memory
             code, body = write(d, want, t0 + 1000 + k, k)

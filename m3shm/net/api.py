@@ -112,8 +112,8 @@ class Api:
             return text(503, "recovering: retry once /ready says ready", **{"Retry-After": "1"})
         from m3shm.workers.flush import flush_everywhere
 
-        ok, msg = await flush_everywhere(self.w)
-        return text(200 if ok else 503, msg)
+        status, msg = await flush_everywhere(self.w)
+        return text(status, msg)
 
     # -- remote write ------------------------------------------------------------------------
     async def remote_write(self, req: Request) -> Response:

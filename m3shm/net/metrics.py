@@ -103,6 +103,11 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int) -> bytes:
              [(f'reason="{r}"', stats.sum(st.W_SAMPLES_REJECTED + i))
               for i, r in enumerate(st.SAMPLE_REASONS)])
 
+    p.family("m3shm_flush_failures_total", "counter",
+             "Flush passes and commit-log rotations that failed (retried by the next pass), "
+             "by cause.",
+             [('cause="disk_full"', stats.sum(st.W_FLUSH_DISK_FULL)),
+              ('cause="other"', stats.sum(st.W_FLUSH_FAILURES) - stats.sum(st.W_FLUSH_DISK_FULL))])
     p.one("m3shm_commitlog_written_bytes_total", "counter", "Bytes appended to commit logs.",
           stats.sum(st.W_CL_BYTES))
     p.one("m3shm_commitlog_batches_total", "counter", "Batches appended to commit logs.",

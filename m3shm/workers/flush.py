@@ -19,13 +19,17 @@ Each worker flushes only its own shards, on a timer (``flush.interval``) and on 
 ``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit log
 (SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files, then trims:
 when it answers 200 every closed block is durable in a fileset and the commit log it covered
-is gone. Signals reach sibling workers through the supervisor's child list.
+is gone. Signals reach sibling workers through the supervisor's child list. A pass or rotation
+that fails (a full disk: the state file cannot be written either) is counted in the worker's
+stats-file slots (``m3shm_flush_failures_total``); the admin flush sees the count grow and
+answers 507 (disk full) or 503 at once instead of waiting for its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from m3shm import stats
 from m3shm._native import lib
 from m3shm.storage import commitlog, retention
 from m3shm.storage.commitlog import PassState
@@ -101,7 +106,18 @@ class Flusher:
     # -- the pass (pool thread) -------------------------------------------------------------
     def run_pass(self, force_retention: bool = False) -> int:
         with self._lock:
-            return self._pass(force_retention)
+            try:
+                return self._pass(force_retention)
+            except Exception as e:
+                self._count_failure(e)
+                raise
+
+    def _count_failure(self, e: BaseException) -> None:
+        """Count a failed pass or rotation in the stats file (call with ``_lock`` held), where
+        an admin flush waiting on the state files sees it (they may not be writable)."""
+        self.w.stats.add(stats.W_FLUSH_FAILURES)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.w.stats.add(stats.W_FLUSH_DISK_FULL)
 
     def _pass(self, force_retention: bool) -> int:
         seg, ns = self.seg, self.ns
@@ -188,8 +204,13 @@ class Flusher:
                 log.exception("worker %d: flush pass failed", self.w.index)
 
     async def rotate(self) -> None:
-        await self.w.pipeline.rotate_log()
-        self.note_rotated()
+        try:
+            await self.w.pipeline.rotate_log()
+            self.note_rotated()
+        except Exception as e:
+            with self._lock:
+                self._count_failure(e)
+            raise
 
     async def flush_now(self, force_retention: bool = False) -> int:
         loop = asyncio.get_running_loop()
@@ -206,27 +227,47 @@ def sibling_workers() -> list[int]:
         return [os.getpid()]
 
 
-async def _wait_states(data_dir: str, nworkers: int, key: str, after: int,
-                       deadline: float) -> bool:
+def _failures(w: Worker, slot: int) -> list[int]:
+    return [w.statsfile.worker(i).get(slot) for i in range(w.nworkers)]
+
+
+async def _wait_states(w: Worker, key: str, after: int, deadline: float,
+                       failed: list[int]) -> bool:
+    """Wait until every worker's state records ``key`` past ``after``; False at the deadline
+    or as soon as a worker's failure count passes ``failed``."""
     while time.monotonic() < deadline:
-        if all(read_state(data_dir, i).get(key, 0) > after for i in range(nworkers)):
+        if all(read_state(w.data_dir, i).get(key, 0) > after for i in range(w.nworkers)):
             return True
+        if _failures(w, stats.W_FLUSH_FAILURES) != failed:
+            return False
         await asyncio.sleep(0.01)
     return False
 
 
-async def flush_everywhere(w: Worker, timeout: float = 120) -> tuple[bool, str]:
-    """Rotate every worker's commit log, then flush every worker's closed blocks; trim."""
+async def flush_everywhere(w: Worker, timeout: float = 120) -> tuple[int, str]:
+    """Rotate every worker's commit log, then flush every worker's closed blocks; trim.
+    Returns the HTTP status (200; 507 if a worker failed for lack of space, 503 for another
+    failure or the timeout) and a message."""
     deadline = time.monotonic() + timeout
+    failed = _failures(w, stats.W_FLUSH_FAILURES)
+    full = _failures(w, stats.W_FLUSH_DISK_FULL)
     for key, sig in (("rotated_seq", signal.SIGUSR1), ("pass_seq", signal.SIGUSR2)):
         mark = int(lib.m3_seq_sync(w.seg.base))
         for pid in sibling_workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        if not await _wait_states(w.data_dir, w.nworkers, key, mark, deadline):
+        phase = key.split("_")[0]
+        if not await _wait_states(w, key, mark, deadline, failed):
+            now_failed = _failures(w, stats.W_FLUSH_FAILURES)
+            bad = [i for i in range(w.nworkers) if now_failed[i] != failed[i]]
+            if bad and _failures(w, stats.W_FLUSH_DISK_FULL) != full:
+                return 507, (f"disk full: the {phase} phase failed on workers {bad} for lack "
+                             "of space; the blocks stay in memory and the commit log keeps "
+                             "them; retry once space is freed")
+            if bad:
+                return 503, f"the {phase} phase failed on workers {bad} (see the log); retry"
             late = [i for i in range(w.nworkers)
                     if read_state(w.data_dir, i).get(key, 0) <= mark]
-            return False, f"workers {late} did not finish the {key.split('_')[0]} phase " \
-                          f"in {timeout:.0f}s"
+            return 503, f"workers {late} did not finish the {phase} phase in {timeout:.0f}s"
     removed = await asyncio.get_running_loop().run_in_executor(w.pool, w.flusher.trim)
-    return True, f"flushed; {len(removed)} commit-log files deleted"
+    return 200, f"flushed; {len(removed)} commit-log files deleted"
