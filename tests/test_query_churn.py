@@ -9,6 +9,7 @@ under another's labels, must not list expired series, and must find the new ones
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -144,17 +145,24 @@ def test_queries_while_another_process_churns():
     stay exact all along, and see exactly the survivors at the end."""
     seg = new_segment()
     rounds = 150
+    # Pacing: after each round the owner waits for one query to have finished, so it can run
+    # at most a round ahead (on an idle machine it would otherwise finish all 150 rounds
+    # before the queries saw two) while every round still overlaps a running query.
+    paced_r, paced_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the owner
         code = 1
         try:
+            os.close(paced_w)
             for r in range(rounds):
                 write_round(seg, r, n_samples=5)
                 if r < rounds - 1:
                     retire_round(seg, r)
+                os.read(paced_r, 1)
             code = 0
         finally:
             os._exit(code)
+    os.close(paced_r)
     try:
         index = ShmIndex(seg)
         queries = 0
@@ -165,6 +173,8 @@ def test_queries_while_another_process_churns():
             queries += 1
             if done:
                 break
+            with contextlib.suppress(BrokenPipeError):
+                os.write(paced_w, b"q")
         pid = 0
         assert os.waitstatus_to_exitcode(status) == 0
         last = set(range((rounds - 1) * PER_ROUND, rounds * PER_ROUND))
@@ -172,6 +182,7 @@ def test_queries_while_another_process_churns():
         assert check_result(index) == last
         assert queries > 3 and len(seen) > 2 * PER_ROUND  # the queries did overlap the churn
     finally:
+        os.close(paced_w)
         if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
