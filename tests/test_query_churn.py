@@ -145,9 +145,10 @@ def test_queries_while_another_process_churns():
     stay exact all along, and see exactly the survivors at the end."""
     seg = new_segment()
     rounds = 150
-    # Pacing: after each round the owner waits for one query to have finished, so it can run
-    # at most a round ahead (on an idle machine it would otherwise finish all 150 rounds
-    # before the queries saw two) while every round still overlaps a running query.
+    # Pacing: after writing each round the owner waits for one query to have finished before
+    # it retires the round and writes the next (on an idle machine it would otherwise finish
+    # all 150 rounds before the queries saw two); the retire and the next write then run
+    # while the following query does.
     paced_r, paced_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the owner
@@ -156,9 +157,9 @@ def test_queries_while_another_process_churns():
             os.close(paced_w)
             for r in range(rounds):
                 write_round(seg, r, n_samples=5)
+                os.read(paced_r, 1)  # a query has finished since: retire r under the next one
                 if r < rounds - 1:
                     retire_round(seg, r)
-                os.read(paced_r, 1)
             code = 0
         finally:
             os._exit(code)
