@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from forking import fork_call
 
 from m3shm.shm import REC_HEADER, Segment, SegParams, make_record, parse_labels
 
@@ -76,21 +77,6 @@ def _producer(seg: Segment, producer: int, inc: int, threads: int, batches: int,
         th.join()
 
 
-def _fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    return pid
-
-
 def _decode(rec: bytes) -> tuple[tuple[int, int, int], int]:
     f = REC_HEADER.unpack_from(rec)
     labels_len, n = f[8], f[7]
@@ -129,7 +115,7 @@ def _check_exactly_once(seen: dict) -> None:
 
 
 def test_lane_exactly_once_multi_process(seg):
-    pids = {_fork(_producer, seg, p, 0, 2, 400) for p in range(3)}
+    pids = {fork_call(_producer, seg, p, 0, 2, 400) for p in range(3)}
     seen: dict = {}
     _consume(seg, seen, pids)
     assert len(seen) == 6
@@ -139,7 +125,7 @@ def test_lane_exactly_once_multi_process(seg):
 
 
 def test_lane_per_producer_order(seg):
-    pids = {_fork(_producer, seg, 1, 0, 1, 300)}
+    pids = {fork_call(_producer, seg, 1, 0, 1, 300)}
     order: dict = {}
     while pids or any(seg.backlog(s) for s in range(SHARDS)):
         for s in range(SHARDS):
@@ -156,14 +142,14 @@ def test_lane_per_producer_order(seg):
 def test_lane_killed_producer_half_written_record_is_skipped(seg):
     # incarnation 0 reserves a batch it never publishes, then is killed
     rfd, wfd = os.pipe()
-    pid = _fork(_producer, seg, 2, 0, 1, 50, 30, wfd)
+    pid = fork_call(_producer, seg, 2, 0, 1, 50, 30, wfd)
     assert os.read(rfd, 1) == b"x"  # the unpublished reservation is in place
     os.close(rfd)
     os.close(wfd)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     # incarnation 1 recovers its lanes and produces normally
-    pids = {_fork(_producer, seg, 2, 1, 1, 100)}
+    pids = {fork_call(_producer, seg, 2, 1, 1, 100)}
     seen: dict = {}
     _consume(seg, seen, pids)
     inc0 = seen[(2, 0, 0)]
@@ -176,7 +162,7 @@ def test_lane_random_sigkill_of_producers(seg):
     rng = random.Random(7)
     seen: dict = {}
     for trial in range(5):
-        pids = {_fork(_producer, seg, p, trial, 2, 100_000) for p in range(3)}
+        pids = {fork_call(_producer, seg, p, trial, 2, 100_000) for p in range(3)}
         deadline = time.monotonic() + rng.uniform(0.05, 0.3)
         while time.monotonic() < deadline:
             for s in range(SHARDS):
@@ -188,7 +174,7 @@ def test_lane_random_sigkill_of_producers(seg):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     # final incarnation recovers and finishes cleanly; drain everything
-    pids = {_fork(_producer, seg, p, 99, 1, 20) for p in range(3)}
+    pids = {fork_call(_producer, seg, p, 99, 1, 20) for p in range(3)}
     _consume(seg, seen, pids)
     _check_exactly_once(seen)
     assert sum(len(v) for v in seen.values()) > 0
@@ -222,16 +208,16 @@ def _owner(seg: Segment) -> None:
 
 def test_owner_killed_mid_apply_loses_nothing(seg):
     nseries, points = 20, 300
-    prods = {_fork(_series_producer, seg, p, nseries, points) for p in range(2)}
+    prods = {fork_call(_series_producer, seg, p, nseries, points) for p in range(2)}
     rng = random.Random(3)
-    owner = _fork(_owner, seg)
+    owner = fork_call(_owner, seg)
     kills = 0
     while prods or kills < 6:
         time.sleep(rng.uniform(0.005, 0.05))
         os.kill(owner, signal.SIGKILL)
         os.waitpid(owner, 0)
         kills += 1
-        owner = _fork(_owner, seg)
+        owner = fork_call(_owner, seg)
         for pid in list(prods):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:

@@ -1,5 +1,5 @@
 /*
- * Pure-C stress test of the lane protocol (csrc/lane.c), built and run by tests/test_lane_tsan.py
+ * Pure-C stress test of the lane protocol (csrc/lane.c), built and run by tests/test_c_stress.py
  * with ThreadSanitizer (and, in a second build, ASan+UBSan): P producer threads, each the only
  * producer of its lanes, push batches of records spread over S shards through
  * m3_lane_reserve/m3_lane_publish on small lanes (so they wrap and fill); one consumer thread

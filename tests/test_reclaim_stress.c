@@ -1,6 +1,6 @@
 /*
  * Pure-C stress test of reclamation (csrc/epoch.c, arena.c, block.c) against lock-free readers,
- * built and run by tests/test_reclaim_tsan.py under ThreadSanitizer and under ASan+UBSan.
+ * built and run by tests/test_c_stress.py under ThreadSanitizer and under ASan+UBSan.
  *
  * One owner thread writes a sliding window of series into consecutive blocks (a third of the
  * series are new each block: churn), and after each block seals, encodes, releases the

@@ -12,6 +12,7 @@ import signal
 import time
 
 import pytest
+from forking import fork_call
 
 from m3shm import codec
 from m3shm.shm import WARM, Segment, SegParams, make_record, parse_labels
@@ -77,21 +78,6 @@ def reader(path: str) -> None:
                         os._exit(3)
 
 
-def fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    return pid
-
-
 @pytest.mark.parametrize("trial", range(4))
 def test_owner_killed_mid_flush_loses_nothing(tmp_path, trial):
     path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
@@ -100,9 +86,9 @@ def test_owner_killed_mid_flush_loses_nothing(tmp_path, trial):
                                          block_ms=BLOCK))
     try:
         out = str(tmp_path)
-        rd = fork(reader, path)
+        rd = fork_call(reader, path)
         r, w = os.pipe()  # after forking the reader, which must not hold the write end
-        own = fork(owner, path, out, w)
+        own = fork_call(owner, path, out, w)
         os.close(w)
         time.sleep(random.Random(trial).uniform(0.3, 1.2))
         os.kill(own, signal.SIGKILL)
