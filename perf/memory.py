@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -43,6 +42,7 @@ import snappy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nodegen  # noqa: E402
+from ingest import process_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = 'count({__name__=~".+"})'
@@ -50,26 +50,6 @@ SCRAPE_MS = 15_000
 
 
 # -- processes and their memory ----------------------------------------------------------------
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 FIELDS = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "anon", "Pss_Shmem": "shmem",
           "Pss_File": "file"}
 
@@ -96,7 +76,7 @@ def comm(pid: int) -> str:
 
 def memory(pid: int) -> dict:
     procs = []
-    for p in descendants(pid):
+    for p in process_tree(pid):
         r = rollup(p)
         if r:
             procs.append({"pid": p, "cmd": comm(p), **r})
