@@ -4,7 +4,9 @@ Series look like node-exporter targets: ``{__name__, job (100), instance (one pe
 cpu (8)}``. Selectors are ``{job="x", instance=~"host-1.*"}``-style; each is timed over several
 runs and the median reported (regex scans over values are cached per column, so
 ``first_query_seconds`` shows the uncached cost). Also reported: build time and Python heap
-bytes per series of the in-memory index (tracemalloc), segment write time and bytes per series.
+bytes per series of the in-memory index (tracemalloc), segment write time and bytes per series,
+and the same selectors against :class:`CompactIndex` (``compact``: the index the query path
+keeps per worker over the series in shared memory; its columns are built by the first query).
 Usage: ``.venv/bin/python perf/series_lookup.py [--series N] [--runs R]``; prints one JSON object.
 """
 
@@ -18,6 +20,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from m3shm.storage.compact_index import CompactIndex
 from m3shm.storage.index_segment import SegmentReader, write_segment
 from m3shm.storage.reverse_index import ReverseIndex
 
@@ -38,6 +41,15 @@ def build(n: int) -> ReverseIndex:
                     "instance": f"host-{i}", "cpu": str(i % 8)})
     for name in idx.names():  # build the query columns, as the first query would
         idx.column(name)
+    return idx
+
+
+def build_compact(n: int) -> CompactIndex:
+    """The index every worker keeps over the series in shared memory (the query path's)."""
+    idx = CompactIndex()
+    for i in range(n):
+        idx.add_labels((("__name__", "node_cpu_seconds_total"), ("cpu", str(i % 8)),
+                        ("instance", f"host-{i}"), ("job", f"job-{i % 100}")))
     return idx
 
 
@@ -81,6 +93,25 @@ def main() -> None:
         r, hits = rate(idx, ms, args.runs)
         mem[key] = {"matchers_per_second": round(r, 1), "series_selected": hits}
     out["memory"] = mem
+    del idx
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    cidx = build_compact(n)
+    cbuild_s = time.perf_counter() - t0
+    cheap = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    comp: dict[str, object] = {"build_seconds_traced": round(cbuild_s, 3),
+                               "memory_bytes_per_series_before_columns": round(cheap / n, 1)}
+    for key, ms in SELECTORS.items():
+        first = time.perf_counter()
+        cidx.select(ms)
+        first_s = time.perf_counter() - first
+        r, hits = rate(cidx, ms, args.runs)
+        comp[key] = {"matchers_per_second": round(r, 1), "series_selected": hits,
+                     "first_query_seconds": round(first_s, 4)}
+    out["compact"] = comp
+    del cidx
+    idx = build(n)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "index.seg"
         t0 = time.perf_counter()
