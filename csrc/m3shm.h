@@ -712,3 +712,17 @@ void m3_qslot_reset(uint64_t *counters, uint32_t stride, uint32_t self);
    first row (absent values add 0.0). M3_EINVAL for a gid out of range. */
 int m3_group_sum(const double *vals, const uint8_t *present, const int64_t *gid, size_t nrows,
                  size_t nsteps, size_t ngroups, double *sum, int64_t *cnt, uint8_t *seen);
+
+/* ---- rec_build.c: lane records from rows (aggregated points, rollup forwarding) -------- */
+
+/* Records (docs/formats/shm.md "Record") of type `type` for rows (series[i], ts[i], v[i]),
+   i < nrows: series[i] indexes a label-blob table (canonical label set s at
+   labels[offs[s], offs[s+1]), offs has nseries + 1 entries); hash and shard as the
+   remote-write decoders compute them. Consecutive rows of one series make one record (split
+   every M3_REC_MAX_SAMPLES). *used = bytes (written, or needed: M3_ENOSPC if cap is short,
+   nothing written), *nrecords = records written. M3_EINVAL: bad index, label set not
+   canonical, type PAD/0, num_shards 0. */
+int m3_rec_build(uint16_t type, uint32_t num_shards, const uint8_t *labels, uint64_t labels_len,
+                 const uint64_t *offs, uint32_t nseries, const uint32_t *series,
+                 const int64_t *ts, const double *v, size_t nrows, uint8_t *out, size_t cap,
+                 size_t *used, uint32_t *nrecords);
