@@ -9,7 +9,12 @@ strings as Prometheus writes them (``500ms``, ``10s``, ``10m``, ``48h``, ``30d``
 Storage namespaces use M3's names (``namespaces: [{name: default, retention: 48h, blockSize: 2h,
 bufferPast: 10m, bufferFuture: 2m, coldWrites: true}, {name: agg_1m_30d, resolution: 1m,
 retention: 30d, blockSize: 12h}]``). Exactly one namespace is unaggregated (no ``resolution``):
-remote-written samples land there. The embedded default is that one namespace, ``default``.
+remote-written samples land there. Aggregated namespaces come from the downsampling rules'
+storage policies (:func:`with_policy_namespaces`): when the list names no aggregated namespace,
+one is derived per policy (``1m:30d`` -> ``agg_1m_30d``, block size from
+``StoragePolicy.block_size_ms``); when it names some, every policy needs its namespace there
+(same resolution and retention) or start-up is refused naming the policy. The embedded default
+is therefore ``default`` (raw, 48h) plus ``agg_1m_30d`` (the default policy ``1m:30d``).
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class ShmConfig:
     lane_bytes: int = 256 << 10        # per (shard, producer) lane; a power of two
     series_per_shard: int = 20480
     arena_bytes: int = 48 << 20        # per shard: labels and open-block chunks
+    # Each aggregated namespace's segment (same shards, producers and lanes). The default
+    # rules keep every series at 1m, so the series table matches the raw one; the arena is
+    # smaller (one point per resolution instead of one per scrape, in longer blocks).
+    agg_series_per_shard: int = 20480
+    agg_arena_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,62 @@ def _validate_namespaces(nss: tuple[NamespaceConfig, ...]) -> None:
     if len(raw) != 1:
         raise ConfigError(f"namespaces: exactly one namespace must be unaggregated (no "
                           f"resolution); found {len(raw)}: {raw}")
+
+
+def policy_namespace(policy: Any, raw: NamespaceConfig, admission_ms: int,
+                     forward_delay_ms: int) -> NamespaceConfig:
+    """The aggregated namespace derived for a storage policy (m3shm.rules.policy). Its points
+    arrive once a window is final (window end + admission, + forward_delay for rollup groups),
+    so bufferPast covers that (capped at the block size) and most points are warm writes."""
+    block = policy.block_size_ms
+    admission = admission_ms or raw.buffer_past_ms
+    past = min(block, admission + forward_delay_ms + 2 * policy.resolution_ms)
+    return NamespaceConfig(name=policy.namespace, retention_ms=policy.retention_ms,
+                           block_size_ms=block, buffer_past_ms=past,
+                           buffer_future_ms=min(block, raw.buffer_future_ms),
+                           cold_writes=True, resolution_ms=policy.resolution_ms)
+
+
+def with_policy_namespaces(c: Config) -> Config:
+    """``c`` with an aggregated namespace for every storage policy of its rule set: derived
+    (appended in policy order) when ``namespaces`` lists no aggregated one, else checked
+    against the listed ones (a policy without its namespace, or with another resolution or
+    retention, is a ConfigError naming both)."""
+    policies = c.downsample.rule_set().policies()
+    listed = {ns.name: (i, ns) for i, ns in enumerate(c.namespaces)}
+    if not any(ns.aggregated for ns in c.namespaces):
+        derived = []
+        for p in policies:
+            if p.namespace in listed:
+                i, _ = listed[p.namespace]
+                raise ConfigError(f"namespaces[{i}] ({p.namespace}): the storage policy {p} "
+                                  f"writes to this namespace, so it needs resolution: "
+                                  f"{str(p).split(':')[0]}")
+            ns = policy_namespace(p, c.raw_namespace, c.downsample.admission_ms,
+                                  c.downsample.forward_delay_ms)
+            try:
+                _validate_namespaces((c.raw_namespace, ns))
+            except ConfigError as e:
+                raise ConfigError(f"downsample.rules: storage policy {p} cannot have a derived "
+                                  f"namespace ({e}); list it under namespaces with a block "
+                                  f"size that fits") from None
+            derived.append(ns)
+        return dataclasses.replace(c, namespaces=c.namespaces + tuple(derived))
+    for p in policies:
+        if p.namespace not in listed:
+            raise ConfigError(
+                f"downsample.rules: storage policy {p} needs the aggregated namespace "
+                f"{p.namespace!r}, which namespaces does not list (list it, e.g. {{name: "
+                f"{p.namespace}, resolution: {str(p).split(':')[0]}, retention: "
+                f"{str(p).split(':')[1]}}}, or list no aggregated namespace to derive "
+                f"them all)")
+        i, ns = listed[p.namespace]
+        if (ns.resolution_ms, ns.retention_ms) != (p.resolution_ms, p.retention_ms):
+            raise ConfigError(
+                f"namespaces[{i}] ({ns.name}): storage policy {p} writes here, so resolution "
+                f"and retention must be {p.resolution_ms}ms and {p.retention_ms}ms (got "
+                f"{ns.resolution_ms}ms and {ns.retention_ms}ms)")
+    return c
 
 
 @dataclass(frozen=True)
@@ -252,8 +318,8 @@ _DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync
                   "catchup_wait_ms": "catchup_wait",
                   "admission_ms": "admission", "forward_delay_ms": "forward_delay"}
 _MOVED = {"ingest.retention", "ingest.buffer_past", "ingest.buffer_future", "ingest.block_size"}
-_SIZE_KEYS = {"lane_bytes", "arena_bytes", "max_body_bytes", "max_decompressed_bytes",
-              "max_segment_bytes", "max_bytes"}
+_SIZE_KEYS = {"lane_bytes", "arena_bytes", "agg_arena_bytes", "max_body_bytes",
+              "max_decompressed_bytes", "max_segment_bytes", "max_bytes"}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -314,6 +380,9 @@ def validate(c: Config) -> Config:
     need(c.shm.series_per_shard >= 1, "shm.series_per_shard", "must be >= 1")
     need(c.shm.arena_bytes >= 64 << 10 and c.shm.arena_bytes % 512 == 0, "shm.arena_bytes",
          "must be >= 64KiB and a multiple of 512")
+    need(c.shm.agg_series_per_shard >= 1, "shm.agg_series_per_shard", "must be >= 1")
+    need(c.shm.agg_arena_bytes >= 64 << 10 and c.shm.agg_arena_bytes % 512 == 0,
+         "shm.agg_arena_bytes", "must be >= 64KiB and a multiple of 512")
     need(c.limits.max_body_bytes > 0, "limits.max_body_bytes", "must be > 0")
     need(c.limits.max_decompressed_bytes > 0, "limits.max_decompressed_bytes", "must be > 0")
     need(1 <= c.limits.max_labels <= 256, "limits.max_labels", "must be 1..256")
@@ -338,7 +407,7 @@ def validate(c: Config) -> Config:
     need(c.downsample.admission_ms >= 0, "downsample.admission", "must be >= 0")
     need(c.downsample.forward_delay_ms >= 0, "downsample.forward_delay", "must be >= 0")
     c.downsample.rule_set()  # raises a ConfigError naming the downsample.rules key
-    return c
+    return with_policy_namespaces(c)
 
 
 def load(path: str | None = None, **overrides: Any) -> Config:

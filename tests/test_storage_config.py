@@ -20,11 +20,70 @@ def _load(tmp_path, text: str) -> config.Config:
     return config.load(str(p))
 
 
-def test_embedded_default_is_one_raw_namespace():
+def test_embedded_default_is_raw_2d_plus_1m_30d():
     c = config.load()
-    assert c.namespaces == (NamespaceConfig("default", 48 * 3_600_000, 2 * 3_600_000,
-                                            10 * 60_000, 2 * 60_000, True, 0),)
+    assert c.namespaces == (
+        NamespaceConfig("default", 48 * 3_600_000, 2 * 3_600_000, 10 * 60_000, 2 * 60_000,
+                        True, 0),
+        # from the default policy 1m:30d: 12h blocks; bufferPast = admission (the raw
+        # bufferPast) + forward delay (5s) + 2 windows
+        NamespaceConfig("agg_1m_30d", 30 * 86_400_000, 12 * 3_600_000, 725_000, 120_000,
+                        True, 60_000))
     assert c.raw_namespace.name == "default"
+    assert config.validate(c) == c  # deriving again changes nothing
+
+
+def test_namespaces_derived_from_the_rules_policies(tmp_path):
+    c = _load(tmp_path, """
+namespaces: [{name: default, blockSize: 1h, retention: 2d}]
+downsample:
+  admission: 1m
+  rules:
+    mappingRules:
+      - {name: disk, filter: "name:disk_used* device:sd*",
+         policies: [10s:2d, 1m:30d, {resolution: 1h, retention: 5y}]}
+    rollupRules:
+      - name: r
+        filter: "__name__:http_requests_total"
+        transforms:
+          - rollup: {metricName: by_ep, groupBy: [endpoint], aggregations: [Sum]}
+        storagePolicies: [30s:1d]
+""")
+    got = {ns.name: (ns.resolution_ms, ns.retention_ms, ns.block_size_ms, ns.buffer_past_ms)
+           for ns in c.namespaces}
+    assert got == {"default": (0, 2 * 86_400_000, 3_600_000, 600_000),
+                   "agg_10s_2d": (10_000, 2 * 86_400_000, 2 * 3_600_000, 85_000),
+                   "agg_30s_1d": (30_000, 86_400_000, 2 * 3_600_000, 125_000),
+                   "agg_1m_30d": (60_000, 30 * 86_400_000, 12 * 3_600_000, 185_000),
+                   "agg_1h_5y": (3_600_000, 5 * 365 * 86_400_000, 86_400_000, 7_265_000)}
+    assert c.namespaces[0].name == "default"
+
+
+@pytest.mark.parametrize("text,needle", [
+    # explicit aggregated namespaces: every policy needs its own
+    ("namespaces: [{name: default}, {name: agg_1h_5y, resolution: 1h, retention: 5y}]\n",
+     "downsample.rules: storage policy 1m:30d needs the aggregated namespace 'agg_1m_30d', "
+     "which namespaces does not list"),
+    ("namespaces: [{name: default}, {name: agg_1m_30d, resolution: 1m, retention: 7d}]\n",
+     "namespaces[1] (agg_1m_30d): storage policy 1m:30d writes here, so resolution and "
+     "retention must be 60000ms and 2592000000ms"),
+    ("namespaces: [{name: agg_1m_30d}]\n",
+     "namespaces[0] (agg_1m_30d): the storage policy 1m:30d writes to this namespace, so it "
+     "needs resolution: 1m"),
+    ("downsample: {rules: {defaultPolicies: [7m:14d]}}\n",
+     "downsample.rules: storage policy 7m:14d cannot have a derived namespace"),
+])
+def test_policy_namespaces_refused_naming_the_policy(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, text)
+    assert needle in str(e.value)
+
+
+def test_agg_segment_keys(tmp_path):
+    c = _load(tmp_path, "shm: {agg_arena_bytes: 1MiB, agg_series_per_shard: 100}\n")
+    assert (c.shm.agg_arena_bytes, c.shm.agg_series_per_shard) == (1 << 20, 100)
+    with pytest.raises(ConfigError, match="shm.agg_arena_bytes: must be >= 64KiB"):
+        _load(tmp_path, "shm: {agg_arena_bytes: 1000}\n")
 
 
 def test_issue_example_parses(tmp_path):
@@ -94,10 +153,10 @@ def test_block_size_change_refused_at_start_up(tmp_path):
     # a new namespace may be added next to it
     cfg = yaml.safe_load(d.cfg.read_text())
     cfg["namespaces"] = [{"name": "default", "blockSize": "2h"},
-                         {"name": "agg", "resolution": "1m", "retention": "30d",
-                          "blockSize": "12h"}]
+                         {"name": "agg_1m_30d", "resolution": "1m", "retention": "30d",
+                          "blockSize": "6h"}]
     d.cfg.write_text(yaml.safe_dump(cfg))
     d.start()
     assert d.stop() == 0
-    assert json.loads((d.data / "meta.json").read_text())["namespaces"]["agg"] == {
-        "blockSize": 12 * 3_600_000, "resolution": 60_000}
+    assert json.loads((d.data / "meta.json").read_text())["namespaces"]["agg_1m_30d"] == {
+        "blockSize": 6 * 3_600_000, "resolution": 60_000}
