@@ -8,6 +8,11 @@
  * series s at [soffs[s], soffs[s+1]), each sorted by time with one sample per timestamp (the
  * last write wins), only those in [mint, maxt].
  *
+ * Clipping (m3_decode_flat_clip): each block may carry its own bounds [bmin[i], bmax[i]]
+ * (either array NULL: no bound on that side); a sample outside them is dropped like one outside [mint, maxt].
+ * A query that stitches namespaces of different resolutions (m3shm/query/resolution.py) uses
+ * them to take each series' samples from one namespace per time span.
+ *
  * Algorithm, per series: decode its blocks one after the other straight into the output,
  * keeping (compacting in place) only samples inside the range, and note whether the result is
  * already strictly increasing (the common case: one in-order stream per block). If it is not
@@ -67,6 +72,15 @@ int64_t m3_decode_flat(const uint8_t *data, size_t data_len, const uint64_t *off
                        int64_t maxt, int64_t *ts, double *v, size_t cap, int64_t *soffs,
                        size_t *bad)
 {
+    return m3_decode_flat_clip(data, data_len, offs, bser, NULL, NULL, nblocks, nseries, mint,
+                               maxt, ts, v, cap, soffs, bad);
+}
+
+int64_t m3_decode_flat_clip(const uint8_t *data, size_t data_len, const uint64_t *offs,
+                            const int64_t *bser, const int64_t *bmin, const int64_t *bmax,
+                            size_t nblocks, size_t nseries, int64_t mint, int64_t maxt,
+                            int64_t *ts, double *v, size_t cap, int64_t *soffs, size_t *bad)
+{
     if (!offs || !soffs || !bad || (nblocks && (!data || !bser)) || (cap && (!ts || !v)))
         return M3_EINVAL;
     *bad = 0;
@@ -96,11 +110,14 @@ int64_t m3_decode_flat(const uint8_t *data, size_t data_len, const uint64_t *off
                 *bad = b;
                 return got;
             }
-            /* keep the samples inside [mint, maxt], noting whether order holds */
+            /* keep the samples inside [mint, maxt] and the block's own bounds, noting
+               whether order holds */
+            int64_t lo_t = bmin && bmin[b] > mint ? bmin[b] : mint;
+            int64_t hi_t = bmax && bmax[b] < maxt ? bmax[b] : maxt;
             size_t w = o;
             for (size_t i = o; i < o + (size_t)got; i++) {
                 int64_t t = ts[i];
-                if (t < mint || t > maxt)
+                if (t < lo_t || t > hi_t)
                     continue;
                 if (w > first && ts[w - 1] >= t)
                     sorted = 0;

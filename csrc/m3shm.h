@@ -673,6 +673,12 @@ int64_t m3_decode_flat(const uint8_t *data, size_t data_len, const uint64_t *off
                        const int64_t *bser, size_t nblocks, size_t nseries, int64_t mint,
                        int64_t maxt, int64_t *ts, double *v, size_t cap, int64_t *soffs,
                        size_t *bad);
+/* m3_decode_flat with per-block bounds as well: block i's samples outside
+   [bmin[i], bmax[i]] are dropped (either may be NULL: no bound on that side). */
+int64_t m3_decode_flat_clip(const uint8_t *data, size_t data_len, const uint64_t *offs,
+                            const int64_t *bser, const int64_t *bmin, const int64_t *bmax,
+                            size_t nblocks, size_t nseries, int64_t mint, int64_t maxt,
+                            int64_t *ts, double *v, size_t cap, int64_t *soffs, size_t *bad);
 
 /* ---- windows.c: window bounds of every (series, step) of a query ----------------------- */
 

@@ -51,8 +51,9 @@ from m3shm.net.queryreg import QueryRegistry
 from m3shm.query.context import QueryContext, QueryLimits
 from m3shm.query.engine import Engine, Limits, Result
 from m3shm.query.errors import QueryCanceledError, QueryError, QueryLimitError, QueryTimeoutError
-from m3shm.query.local import LocalStorage, ShmSource
+from m3shm.query.local import ShmSource
 from m3shm.query.matchers import Matcher, from_selector
+from m3shm.query.resolution import NamespaceView, ResolutionStorage
 from m3shm.storage.shm_index import ShmIndex
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ MAX_POINTS_PER_SERIES = 11_000  # Prometheus' resolution limit for query_range
 INDEX_REFRESH_S = 1.0
 ADMIT_POLL_S, ADMIT_POLL_MAX_S = 0.002, 0.05  # a queued query re-checks for a free slot
 WORKER_HEADER = "X-M3shm-Worker"  # on every query API answer: the index of the answering worker
+# on query and listing answers: the namespaces that answered, finest first, with their
+# resolution ("default=raw,agg_1m_30d=1m"); empty when none held matching data
+NAMESPACES_HEADER = "X-M3shm-Namespaces"
 TRIM_AFTER = 10_000  # series indexed by one refresh that make it return freed heap to the OS
 MIN_TIME, MAX_TIME = -(1 << 62), 1 << 62
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -74,11 +78,10 @@ class PromApi:
         self.w = w
         self.qcfg = w.cfg.query
         self.index = ShmIndex(w.seg)
-        from m3shm.query.fileset_source import FilesetSource
-
-        # oldest data first: flushed blocks, then shared memory (which wins a tie)
-        self.sources = [FilesetSource(w.flushed_store, w.cfg.raw_namespace.name,
-                                      w.seg.params.num_shards), ShmSource(self.index)]
+        self.indexes = [self.index]  # one per namespace with a segment (refreshed together)
+        self.segments = [w.seg]
+        self.namespaces = self._namespaces()
+        self.sources = self.namespaces[0].sources  # the raw namespace's
         self.pool = ThreadPoolExecutor(self.qcfg.max_concurrency + 1,
                                        thread_name_prefix="m3shm-query")
         # daemon-wide admission: this worker's W_QUERIES_RUNNING slot of the stats file, and
@@ -104,6 +107,39 @@ class PromApi:
         for path in READ_PATHS:
             self.routes[path] = lambda req: remote_read(self, req)
 
+    def _namespaces(self) -> list[NamespaceView]:
+        """Every configured namespace as the query sees it: its filesets and, once its segment
+        exists (``Worker.ns[name].seg``), its shared memory. The raw namespace first."""
+        from m3shm.query.fileset_source import FilesetSource
+
+        w = self.w
+        runtimes = getattr(w, "ns", None) or {}
+        nshards = w.seg.params.num_shards
+        out = []
+        for ns in sorted(w.cfg.namespaces, key=lambda n: n.aggregated):
+            # oldest data first: flushed blocks, then shared memory (which wins a tie)
+            sources: list[Any] = [FilesetSource(w.flushed_store, ns.name, nshards)]
+            if not ns.aggregated:
+                sources.append(ShmSource(self.index))
+            else:
+                rt = runtimes.get(ns.name)
+                seg = getattr(rt, "seg", None)
+                if seg is not None:
+                    idx = ShmIndex(seg)
+                    self.indexes.append(idx)
+                    self.segments.append(seg)
+                    sources.append(ShmSource(idx))
+            out.append(NamespaceView(ns.name, ns.resolution_ms, ns.retention_ms, sources))
+        return out
+
+    def storage(self, ctx: QueryContext) -> ResolutionStorage:
+        """The storage of one query: every namespace, each series at the finest resolution
+        that holds it (m3shm/query/resolution.py)."""
+        return ResolutionStorage(self.namespaces, ctx)
+
+    def _refresh_all(self) -> int:
+        return sum(idx.refresh() for idx in self.indexes)
+
     def route(self, path: str) -> Callable[[Request], Any] | None:
         h = self.routes.get(path)
         if h is None and path.startswith("/api/v1/label/") and path.endswith("/values"):
@@ -124,7 +160,7 @@ class PromApi:
         while True:
             await asyncio.sleep(INDEX_REFRESH_S)
             try:
-                if await loop.run_in_executor(self.pool, self.index.refresh) >= TRIM_AFTER:
+                if await loop.run_in_executor(self.pool, self._refresh_all) >= TRIM_AFTER:
                     # indexing leaves its read buffers in glibc's arenas (m3shm/heap.py)
                     await loop.run_in_executor(self.pool, heap.trim)
             except Exception:  # noqa: BLE001 - keep refreshing; the query path reports errors
@@ -158,17 +194,17 @@ class PromApi:
 
     async def _catch_up(self, ctx: QueryContext) -> None:
         """Wait until every shard applied what was acknowledged before now, or warn."""
-        seg = self.w.seg
-        tails = seg.tails()
+        segs = self.segments
+        tails = [seg.tails() for seg in segs]
         deadline = time.monotonic() + self.qcfg.catchup_wait_ms / 1000
-        while not seg.caught_up(tails):
+        while not all(seg.caught_up(t) for seg, t in zip(segs, tails, strict=True)):
             if time.monotonic() > deadline:
                 ctx.warnings.append("some shards have not applied every acknowledged write "
                                     f"within {self.qcfg.catchup_wait_ms} ms (a worker may be "
                                     "restarting): the result may be partial")
                 break
             await asyncio.sleep(0.0005)
-        if not seg.all_recovered():
+        if not all(seg.all_recovered() for seg in segs):
             ctx.warnings.append("some shards are still recovering their data after a "
                                 "restart: the result may be partial")
 
@@ -250,7 +286,7 @@ class PromApi:
         return True
 
     def engine(self, ctx: QueryContext) -> Engine:
-        return Engine(LocalStorage(self.sources, ctx), self.qcfg.lookback_delta_ms,
+        return Engine(self.storage(ctx), self.qcfg.lookback_delta_ms,
                       limits=Limits(max_samples=self.qcfg.max_samples or (1 << 62)),
                       checkpoint=ctx.check)
 
@@ -264,9 +300,13 @@ class PromApi:
             raise ApiError("bad_data", f'invalid parameter "query": {e}') from None
         return expr
 
-    def _respond(self, res: Result, ctx: QueryContext) -> Response:
+    def _respond(self, res: Result, ctx: QueryContext, st: ResolutionStorage) -> Response:
         warnings = list(dict.fromkeys(ctx.warnings + res.stats.warnings))
-        return Response(200, success_body(result_json(res), warnings), "application/json")
+        w = st.warning()
+        if w:
+            warnings.append(w)
+        return Response(200, success_body(result_json(res), warnings), "application/json",
+                        {NAMESPACES_HEADER: st.header()})
 
     # -- query endpoints ------------------------------------------------------------------------
     async def query(self, req: Request) -> Response:
@@ -280,7 +320,8 @@ class PromApi:
             return error(e.kind, str(e))
 
         def work(ctx: QueryContext) -> Response:
-            return self._respond(self.engine(ctx).instant(expr, t_ms), ctx)
+            eng = self.engine(ctx)
+            return self._respond(eng.instant(expr, t_ms), ctx, eng.storage)
 
         return await self.run(req, ctx, work)
 
@@ -318,11 +359,12 @@ class PromApi:
             return error(e.kind, str(e))
 
         def work(ctx: QueryContext) -> Response:
-            res = self.engine(ctx).range(expr, start, end, step)
+            eng = self.engine(ctx)
+            res = eng.range(expr, start, end, step)
             if max_points:
                 for s in res.matrix:
                     s.ts, s.values = lttb(s.ts, s.values, max_points)
-            return self._respond(res, ctx)
+            return self._respond(res, ctx, eng.storage)
 
         return await self.run(req, ctx, work)
 
@@ -364,7 +406,7 @@ class PromApi:
         return n
 
     async def _listing(self, req: Request, what: str,
-                       fn: Callable[[LocalStorage, list[list[Matcher]], int | None,
+                       fn: Callable[[ResolutionStorage, list[list[Matcher]], int | None,
                                      int | None], list]) -> Response:
         try:
             form = self.form(req)
@@ -376,14 +418,17 @@ class PromApi:
             return error(e.kind, str(e))
 
         def work(ctx: QueryContext) -> Response:
-            items = fn(LocalStorage(self.sources, ctx), matchers, mint, maxt)
+            st = self.storage(ctx)
+            items = fn(st, matchers, mint, maxt)
             warnings = list(ctx.warnings)
             if limit and len(items) > limit:
                 items = items[:limit]
                 warnings.append("results truncated due to limit")
             if what == "series":
                 items = [dict(lb) for lb in items]
-            return success(items, warnings)
+            resp = success(items, warnings)
+            resp.headers[NAMESPACES_HEADER] = st.header()
+            return resp
 
         return await self.run(req, ctx, work)
 

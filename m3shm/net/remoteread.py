@@ -39,8 +39,8 @@ from m3shm.query.blocks import FlatSeries, decode_batch, decode_result
 from m3shm.query.context import QueryContext
 from m3shm.query.errors import QueryError
 from m3shm.query.labels import Labels
-from m3shm.query.local import LocalStorage
 from m3shm.query.matchers import Matcher
+from m3shm.query.resolution import ResolutionStorage
 from m3shm.query.storage import BlockBatch, SelectResult
 
 if TYPE_CHECKING:
@@ -126,11 +126,11 @@ def query_matchers(q: rr.Query) -> list[Matcher]:
         raise ApiError("bad_data", f"remote read: bad matcher: {e}") from None
 
 
-def _select(st: LocalStorage, q: rr.Query) -> SelectResult:
+def _select(st: ResolutionStorage, q: rr.Query) -> SelectResult:
     return st.select(query_matchers(q), q.start_timestamp_ms, q.end_timestamp_ms)
 
 
-def _series(st: LocalStorage, q: rr.Query):
+def _series(st: ResolutionStorage, q: rr.Query):
     """Every series of one query, decoded at once, sorted by labels: (labels, ts, vals)."""
     mint, maxt = q.start_timestamp_ms, q.end_timestamp_ms
     yield from _flat_series(decode_result(_select(st, q), mint, maxt))
@@ -178,7 +178,7 @@ def _series_groups(res: SelectResult, mint: int, maxt: int, ctx: QueryContext):
                 yield lbl, flat.ts[x:y], flat.vals[x:y]
 
 
-def samples_response(st: LocalStorage, req: rr.ReadRequest) -> bytes:
+def samples_response(st: ResolutionStorage, req: rr.ReadRequest) -> bytes:
     results = []
     for q in req.queries:
         ts_parts = [field_bytes(1, labels_bytes(lb) + samples_bytes(t, v))
@@ -227,7 +227,7 @@ def streamed_frames(selected: list[SelectResult], req: rr.ReadRequest, ctx: Quer
         yield out
 
 
-def streamed_response(st: LocalStorage, req: rr.ReadRequest) -> bytes:
+def streamed_response(st: ResolutionStorage, req: rr.ReadRequest) -> bytes:
     """The whole streamed response as one buffer (tests and tools)."""
     selected = [_select(st, q) for q in req.queries]
     return b"".join(f for fs in streamed_frames(selected, req, st.ctx) for f in fs)
@@ -271,7 +271,7 @@ async def remote_read(api: PromApi, req: Request) -> Response:
     ctx: QueryContext = api._ctx({}, f"remote read ({len(rq.queries)} queries)")
 
     def work(ctx: QueryContext) -> Response:
-        st = LocalStorage(api.sources, ctx)
+        st = api.storage(ctx)
         if streamed:  # select (and charge the limits) now; decode and send frame by frame
             selected = [_select(st, q) for q in rq.queries]
             return Response(200, b"", STREAM_CTYPE,

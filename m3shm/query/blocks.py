@@ -8,6 +8,7 @@ series, series ``i`` occupying ``[offsets[i], offsets[i+1])``, each sorted by ti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class FlatSeries:
     ts: np.ndarray  # int64 ms
     vals: np.ndarray  # float64
     offsets: np.ndarray  # int64, len(labels) + 1
+    stitch: Any = None  # the select's Stitch (m3shm.query.resolution), if it has one
 
     @property
     def counts(self) -> np.ndarray:
@@ -113,15 +115,19 @@ def decode_batch(batch: BlockBatch, mint: int, maxt: int) -> FlatSeries:
         offsets = np.zeros(len(lens) + 1, dtype=np.uint64)
         np.cumsum(lens, out=offsets[1:])
         batch = BlockBatch(batch.labels, data, offsets, bser[order], batch.counts[order],
-                           batch.start_ms[order], batch.end_ms[order])
+                           batch.start_ms[order], batch.end_ms[order],
+                           None if batch.clip_lo is None else batch.clip_lo[order],
+                           None if batch.clip_hi is None else batch.clip_hi[order])
         bser = batch.series
     return _decode_flat(list(batch.labels), batch.data, batch.offsets, bser,
-                        int(batch.counts.sum()), mint, maxt)
+                        int(batch.counts.sum()), mint, maxt, batch.clip_lo, batch.clip_hi)
 
 
 def _decode_flat(labels: list[Labels], data: np.ndarray, offsets: np.ndarray, bser: np.ndarray,
-                 cap: int, mint: int, maxt: int) -> FlatSeries:
-    """csrc/flat_decode.c: decode, keep [mint, maxt], merge overlapping blocks per series."""
+                 cap: int, mint: int, maxt: int, clip_lo: np.ndarray | None = None,
+                 clip_hi: np.ndarray | None = None) -> FlatSeries:
+    """csrc/flat_decode.c: decode, keep [mint, maxt] (and each block's clip bounds), merge
+    overlapping blocks per series."""
     from m3shm._native import ffi, lib
     from m3shm.errors import check
 
@@ -131,11 +137,16 @@ def _decode_flat(labels: list[Labels], data: np.ndarray, offsets: np.ndarray, bs
     soffs = np.empty(len(labels) + 1, dtype=np.int64)
     bad = ffi.new("size_t *")
     buf = ffi.from_buffer("uint8_t[]", data)
-    n = lib.m3_decode_flat(buf, len(buf), ffi.from_buffer("uint64_t[]", offs),
-                           ffi.from_buffer("int64_t[]", bser), len(bser), len(labels), mint,
-                           maxt, ffi.from_buffer("int64_t[]", ts),
-                           ffi.from_buffer("double[]", vals), cap,
-                           ffi.from_buffer("int64_t[]", soffs), bad)
+    i64 = "int64_t[]"
+    bmin = ffi.NULL if clip_lo is None else \
+        ffi.from_buffer(i64, np.ascontiguousarray(clip_lo, dtype=np.int64))
+    bmax = ffi.NULL if clip_hi is None else \
+        ffi.from_buffer(i64, np.ascontiguousarray(clip_hi, dtype=np.int64))
+    n = lib.m3_decode_flat_clip(buf, len(buf), ffi.from_buffer("uint64_t[]", offs),
+                                ffi.from_buffer(i64, bser), bmin, bmax, len(bser), len(labels),
+                                mint, maxt, ffi.from_buffer(i64, ts),
+                                ffi.from_buffer("double[]", vals), cap,
+                                ffi.from_buffer(i64, soffs), bad)
     if n < 0:
         b = int(bad[0])
         who = labels[int(bser[b])] if b < len(bser) and 0 <= bser[b] < len(labels) else "?"
@@ -162,7 +173,10 @@ def decode_result(res: SelectResult, mint: int, maxt: int) -> FlatSeries:
     parts = [decode_batch(b, mint, maxt) for b in res.batches]
     if res.series or not parts:
         parts.insert(0, decode_series(res.series, mint, maxt))
-    return concat(parts)
+    flat = concat(parts)
+    if res.stitch is not None:
+        flat = FlatSeries(flat.labels, flat.ts, flat.vals, flat.offsets, res.stitch)
+    return flat
 
 
 def decode_series(series: list[SeriesBlocks], mint: int, maxt: int) -> FlatSeries:

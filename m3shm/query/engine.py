@@ -163,13 +163,21 @@ class Evaluator:
 
     def vector_selector(self, vs: Any) -> Vector:
         refs = self.ref_times(vs.at, vs.offset)
-        flat = self.select(vs, int(refs.min()) - self.lookback_ms, int(refs.max()))
-        lo, hi = locate(flat, refs - self.lookback_ms, refs)
+        lb = wide = self.lookback_ms
+        widest = getattr(self.storage, "widest_lookback", None)
+        if widest is not None:  # downsampled points answer for up to their resolution
+            wide = widest(int(refs.min()) - lb, int(refs.max()), lb)
+        flat = self.select(vs, int(refs.min()) - wide, int(refs.max()))
+        lo, hi = locate(flat, refs - wide, refs)
         present = hi > lo
         if len(flat.ts) == 0:
             z = np.zeros(present.shape)
             return Vector(flat.labels, z, present, z.astype(np.int64))
         idx = np.where(present, hi - 1, 0)
+        if wide > lb:  # the newest sample answers within its own lookback (resolution.py)
+            hold = np.full(len(flat.ts), lb, dtype=np.int64) if flat.stitch is None else \
+                flat.stitch.hold_ms(flat.labels, flat.counts, flat.ts, lb)
+            present &= refs[None, :] - flat.ts[idx] <= hold[idx]
         vals = flat.vals[idx]
         present &= ~is_stale(vals)
         return Vector(flat.labels, vals, present, flat.ts[idx])

@@ -20,6 +20,7 @@ one sample per timestamp, shared memory winning).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.shm_index import parse_canonical
 
 FAR = 1 << 62
+Want = Callable[[list[Labels]], np.ndarray]  # as m3shm.query.local.Want (no import cycle)
 
 
 @dataclass
@@ -97,12 +99,17 @@ class FilesetSource:
 
     # -- the source interface ------------------------------------------------------------------
     def select(self, matchers: list[Matcher], mint: int, maxt: int,
-               ctx: QueryContext) -> SelectResult:
+               ctx: QueryContext, want: Want | None = None) -> SelectResult:
         parts = []  # (entries, positions, block start, block end)
         for fs in self._filesets(mint, maxt, ctx):
             pos = self._select(fs, matchers)
             if len(pos):
-                parts.append((self._entries(fs), pos, fs.fid.block_start,
+                ent = self._entries(fs)
+                if want is not None:
+                    pos = pos[want([ent.labels[p] for p in pos.tolist()])]
+                    if not len(pos):
+                        continue
+                parts.append((ent, pos, fs.fid.block_start,
                               fs.fid.block_start + fs.info.block_size - 1))
         if not parts:
             return SelectResult([])

@@ -16,6 +16,7 @@ shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,10 +28,18 @@ from m3shm.query.matchers import Matcher
 from m3shm.query.storage import BlockBatch, SelectResult
 from m3shm.storage.shm_index import Selection, ShmIndex
 
+FAR = 1 << 62
+
+
+# Which of these series (label sets) a select should read: a mask, one entry per series. A
+# query across resolutions passes one so a coarser namespace reads only the series that a
+# finer one does not already answer for (m3shm/query/resolution.py).
+Want = Callable[[list[Labels]], np.ndarray]
+
 
 class Source(Protocol):
     def select(self, matchers: list[Matcher], mint: int, maxt: int,
-               ctx: QueryContext) -> SelectResult: ...
+               ctx: QueryContext, want: Want | None = None) -> SelectResult: ...
 
     def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,
                ctx: QueryContext) -> list[Labels]: ...
@@ -71,10 +80,12 @@ class ShmSource:
         return sel.take(np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64))
 
     def select(self, matchers: list[Matcher], mint: int, maxt: int,
-               ctx: QueryContext) -> SelectResult:
+               ctx: QueryContext, want: Want | None = None) -> SelectResult:
         idx = self.index
         idx.refresh()
         sel = _select(idx, matchers)
+        if want is not None and len(sel):
+            sel = sel.take(np.flatnonzero(want(sel.labels())))
         groups = []
         nseries = nsamples = nchunks = 0
         for shard, pos, slots, gens in sel.by_shard():
@@ -186,10 +197,18 @@ def merge(results: list[SelectResult]) -> SelectResult:
     pos = np.repeat(glob_start - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
     new_offs = np.zeros(len(lens) + 1, dtype=np.uint64)
     np.cumsum(lens, out=new_offs[1:])
+    clip_lo = clip_hi = None
+    if any(b.clip_lo is not None or b.clip_hi is not None for b in batches):
+        n = [len(b.counts) for b in batches]
+        clip_lo = np.concatenate([np.full(k, -FAR, np.int64) if b.clip_lo is None else
+                                  b.clip_lo for k, b in zip(n, batches, strict=True)])[order]
+        clip_hi = np.concatenate([np.full(k, FAR, np.int64) if b.clip_hi is None else
+                                  b.clip_hi for k, b in zip(n, batches, strict=True)])[order]
     out.batches = [BlockBatch(labels, data[pos], new_offs, sers[order],
                               np.concatenate([b.counts for b in batches])[order],
                               np.concatenate([b.start_ms for b in batches])[order],
-                              np.concatenate([b.end_ms for b in batches])[order])]
+                              np.concatenate([b.end_ms for b in batches])[order],
+                              clip_lo, clip_hi)]
     return out
 
 

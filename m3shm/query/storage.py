@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +52,11 @@ class BlockBatch:
     ``labels``). A series' blocks may overlap in time (out-of-order streams of one block): in
     the order given, a later block's sample wins over an earlier one at the same timestamp.
     No Python object per block: the engine decodes the whole buffer in one C call.
+
+    ``clip_lo``/``clip_hi`` (optional, int64 per block): only block ``i``'s samples within
+    ``[clip_lo[i], clip_hi[i]]`` belong to the answer. A query across resolutions
+    (m3shm/query/resolution.py) takes each series' samples from one namespace per time span
+    this way; the decoder drops the others (csrc/flat_decode.c).
     """
 
     labels: list[Labels]
@@ -61,6 +66,8 @@ class BlockBatch:
     counts: np.ndarray  # int64 per block
     start_ms: np.ndarray  # int64 per block (bounds, not necessarily sample times)
     end_ms: np.ndarray  # int64 per block
+    clip_lo: np.ndarray | None = None  # int64 per block
+    clip_hi: np.ndarray | None = None  # int64 per block
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,10 +81,31 @@ class BlockBatch:
         out = [SeriesBlocks(lbl, []) for lbl in self.labels]
         data = self.data.tobytes()
         offs = self.offsets.tolist()
+        clipped = self.clip_lo is not None or self.clip_hi is not None
         for i, (s, a, b) in enumerate(zip(self.series.tolist(), self.start_ms.tolist(),
                                           self.end_ms.tolist(), strict=True)):
-            out[s].blocks.append(Block(a, b, data[offs[i]:offs[i + 1]], Encoding.TSZ))
+            blk = data[offs[i]:offs[i + 1]]
+            if clipped:  # per-series consumers have no clip: re-encode the kept samples
+                blk, a, b = self._clipped(i, blk, a, b)
+                if blk is None:
+                    continue
+            out[s].blocks.append(Block(a, b, blk, Encoding.TSZ))
         return out
+
+    def _clipped(self, i: int, blk: bytes, a: int, b: int
+                 ) -> tuple[bytes | None, int, int]:
+        from m3shm import codec
+
+        lo = int(self.clip_lo[i]) if self.clip_lo is not None else a
+        hi = int(self.clip_hi[i]) if self.clip_hi is not None else b
+        if lo <= a and hi >= b:
+            return blk, a, b
+        ts, vs = codec.decode(blk)
+        keep = (ts >= lo) & (ts <= hi)
+        if not keep.any():
+            return None, a, b
+        ts, vs = ts[keep], vs[keep]
+        return codec.encode(ts, vs), int(ts[0]), int(ts[-1])
 
 
 @dataclass
@@ -86,6 +114,9 @@ class SelectResult:
     partial: bool = False
     warnings: list[str] = field(default_factory=list)
     batches: list[BlockBatch] = field(default_factory=list)
+    # which namespace (resolution) answered for which times of each series, when the answer
+    # stitches namespaces (m3shm.query.resolution.Stitch); None: one resolution throughout
+    stitch: Any = None
 
     @property
     def nseries(self) -> int:

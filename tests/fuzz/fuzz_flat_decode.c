@@ -6,8 +6,9 @@
  * range, and the series offsets must add up. Inputs are capped at 64 KiB.
  *
  * Input: nblocks <u8 % 17>, cap <u16>, mint <i16>, span <u16>, then per block
- * series <u8 % 8> len <u16>; the rest is block data (lengths clipped to what remains, or
- * taken as is when the first flag bit says so, to exercise bad offsets).
+ * series <u8 % 8> len <u16> clip_lo <i16> clip_span <u16>; the rest is block data (lengths
+ * clipped to what remains, or taken as is when the first flag bit says so, to exercise bad
+ * offsets). Flag bit 4 decodes with the per-block bounds (m3_decode_flat_clip).
  *
  * fuzz-sources: csrc/flat_decode.c csrc/codec.c
  */
@@ -46,9 +47,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int64_t bser[MAXB];
     uint64_t offs[MAXB + 1];
     uint32_t lens[MAXB];
+    int64_t bmin[MAXB], bmax[MAXB];
     for (size_t b = 0; b < nb; b++) {
         bser[b] = rd(&p, &n, 1) % NSER;
         lens[b] = rd(&p, &n, 2);
+        bmin[b] = (int16_t)rd(&p, &n, 2);
+        bmax[b] = bmin[b] + (int64_t)rd(&p, &n, 2);
     }
     uint8_t *buf = malloc(n ? n : 1);   /* exact size: ASan sees reads past it */
     memcpy(buf, p, n);
@@ -71,8 +75,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     double *v = malloc((cap ? cap : 1) * sizeof *v);
     int64_t soffs[NSER + 1];
     size_t bad = 0;
-    int64_t got = m3_decode_flat(buf, n, offs, bser, nb, NSER, mint, maxt, ts, v, cap, soffs,
-                                 &bad);
+    int clip = (flags & 4) != 0;
+    int64_t got = clip ? m3_decode_flat_clip(buf, n, offs, bser, bmin, bmax, nb, NSER, mint,
+                                             maxt, ts, v, cap, soffs, &bad)
+                       : m3_decode_flat(buf, n, offs, bser, nb, NSER, mint, maxt, ts, v, cap,
+                                        soffs, &bad);
     if (got >= 0) {
         if ((size_t)got > cap || soffs[0] != 0 || soffs[NSER] != got)
             abort();
