@@ -1,6 +1,6 @@
 """Queries across resolutions through the daemon's HTTP API.
 
-The daemon runs with a raw namespace (1h retention) and an aggregated one (1m:1d). Raw samples
+The daemon runs with a raw namespace (1h retention) and an aggregated one (1m:30d, the default policy's). Raw samples
 arrive by remote write; the aggregated namespace's data are flushed filesets written beside
 the daemon's own (what its flush writes for that namespace), with the Last points of the same
 counter computed by the aggregation cells (csrc/aggwin.c), and a series that exists only there
@@ -22,7 +22,7 @@ MIN, HOUR = 60_000, 3_600_000
 CONFIG = """
 namespaces:
   - {name: default, retention: 1h, blockSize: 1h, bufferPast: 10m, bufferFuture: 2m}
-  - {name: agg_1m, resolution: 1m, retention: 1d, blockSize: 12h, bufferPast: 10m,
+  - {name: agg_1m_30d, resolution: 1m, retention: 30d, blockSize: 12h, bufferPast: 10m,
      bufferFuture: 2m}
 """
 SHARDS = 8  # the harness config's
@@ -46,7 +46,7 @@ def test_stitched_query_over_http(tmp_path):
     t1, v1 = t1[keep], v1[keep]
     rt, rv = counter(t0 - 5 * HOUR, t0, seed=9)
     r1, rv1 = downsample(rt, rv, MIN)
-    fileset_write(d.data / "filesets", "agg_1m", 12 * HOUR, [
+    fileset_write(d.data / "filesets", "agg_1m_30d", 12 * HOUR, [
         ({"__name__": "xc", "i": "0"}, t1, v1),
         ({"__name__": "xr", "service": "a"}, r1[r1 < t0 - 2 * MIN], rv1[r1 < t0 - 2 * MIN]),
     ], shards=SHARDS)
@@ -65,8 +65,8 @@ def test_stitched_query_over_http(tmp_path):
         got = [round(float(t) * 1000) for t, _ in r["data"]["result"][0]["values"]]
         want = np.concatenate([t1[(t1 >= t0 - 3 * HOUR) & (t1 < boundary)], ts[raw]])
         assert got == want.tolist()
-        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m=1m"
-        assert any("downsampled data from agg_1m (1m resolution" in w
+        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m_30d=1m"
+        assert any("downsampled data from agg_1m_30d (1m resolution" in w
                    for w in r.get("warnings", [])), r
 
         # within the raw retention only raw data is read, and nothing is said about it
@@ -80,12 +80,12 @@ def test_stitched_query_over_http(tmp_path):
         assert [s["metric"] for s in r["data"]["result"]] == [{"__name__": "xr",
                                                                "service": "a"}]
         assert float(r["data"]["result"][0]["value"][1]) == rv1[r1 < t0 - 2 * MIN][-1]
-        assert h["X-M3shm-Namespaces"] == "agg_1m=1m"
+        assert h["X-M3shm-Namespaces"] == "agg_1m_30d=1m"
         r, h = get(d, "/api/v1/series", **{"match[]": "{__name__=~\"x.\"}",
                                             "start": (t0 - 10 * MIN) / 1000,
                                             "end": t0 / 1000})
         assert sorted(s["__name__"] for s in r["data"]) == ["xc", "xr"]
-        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m=1m"
+        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m_30d=1m"
         # rate over the stitched range is continuous: the 1m Last points of a counter give
         # the raw data's rate at minute boundaries on both sides of the boundary
         at = (boundary - 10 * MIN) // MIN * MIN
