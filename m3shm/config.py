@@ -433,7 +433,8 @@ def load(path: str | None = None, **overrides: Any) -> Config:
 # process (listen address, data dir, workers, shards, segment sizes, threads, commit log,
 # flush, namespaces).
 LIVE_SECTIONS = ("limits", "ingest")
-LIVE_KEYS: tuple[str, ...] = ()
+# downsample.rules: a change becomes a new rule-set version (m3shm/rules/versions.py)
+LIVE_KEYS: tuple[str, ...] = ("downsample.rules",)
 
 
 def flatten(c: Any, prefix: str = "") -> dict[str, Any]:
@@ -468,8 +469,13 @@ def live_update(old: Config, new: Config) -> tuple[Config, list[str], list[str]]
     live = [k for k in changed if _is_live(k)]
     fixed = [k for k in changed if not _is_live(k)]
     merged = from_dict({**fo, **{k: fn[k] for k in live}})
-    return (validate(merged), [f"{yaml_key(k)}: {fo[k]!r} -> {fn[k]!r}" for k in live],
-            [f"{yaml_key(k)}: {fo[k]!r} -> {fn[k]!r}" for k in fixed])
+
+    def what(k: str) -> str:
+        if k == "downsample.rules":
+            return f"{k}: changed (a new rules version, below)"
+        return f"{yaml_key(k)}: {fo[k]!r} -> {fn[k]!r}"
+
+    return validate(merged), [what(k) for k in live], [what(k) for k in fixed]
 
 
 def from_dict(flat: dict[str, Any]) -> Config:

@@ -42,6 +42,11 @@ H_CONFIG_GEN = 6             # generation of the config in force (1 at start, +1
 H_RELOADS = 7                # accepted reloads
 H_RELOAD_FAILURES = 8        # rejected reloads (bad file; old config kept)
 H_READY = 9                  # 1 once READY=1 was sent (every worker recovered)
+# rules (m3shm/rules/versions.py): writer = whoever holds <data>/rules.lock (the supervisor at
+# start and on SIGHUP, a worker answering PUT /api/v1/rules), after rules.json is renamed
+H_RULES_VERSION = 10         # newest rule-set version in <data>/rules.json
+H_RULES_ACTIVATION_MS = 11   # its activation time, unix ms
+H_RULES_CHANGES = 12         # versions written since start (PUT, SIGHUP)
 
 # -- worker slots ----------------------------------------------------------------------------
 W_PID = 0
@@ -63,6 +68,8 @@ FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 W_QUERIES_RUNNING = 28       # queries this worker evaluates now; atomic, csrc/query_slots.c
 W_FLUSH_FAILURES = 29        # flush passes and commit-log rotations that failed
 W_FLUSH_DISK_FULL = 30       # ... of them for lack of space (ENOSPC, EDQUOT)
+W_RULES_VERSION = 31         # newest rule-set version this worker installed
+W_RULES_ACTIVATION_MS = 63   # its activation time, unix ms (the request reasons grow below)
 W_REQ_REJECTED = 32          # len(REQUEST_REASONS) slots
 W_SAMPLES_REJECTED = 64      # len(SAMPLE_REASONS) slots
 
@@ -77,7 +84,7 @@ SAMPLE_REASONS = ("bad_label_name", "duplicate_label", "no_labels", "no_metric_n
                   "malformed", "bad_utf8", "segment_full", "overloaded", "shutting_down",
                   "exemplars", "bad_symbol_ref", "too_many_series", "bad_metadata", "disk_full")
 assert W_FSYNC_BUCKETS + len(FSYNC_BUCKETS_S) + 1 <= W_REQ_REJECTED
-assert W_REQ_REJECTED + len(REQUEST_REASONS) <= W_SAMPLES_REJECTED
+assert W_REQ_REJECTED + len(REQUEST_REASONS) <= W_RULES_ACTIVATION_MS < W_SAMPLES_REJECTED
 assert W_SAMPLES_REJECTED + len(SAMPLE_REASONS) <= WORKER_SLOTS
 
 

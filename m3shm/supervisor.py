@@ -43,6 +43,7 @@ import time
 
 from m3shm import stats as sf
 from m3shm.config import Config, ConfigError, live_update, load
+from m3shm.rules import versions
 from m3shm.shm import Segment, SegParams, seq_base_now
 from m3shm.storage import commitlog
 from m3shm.systemd import Notifier
@@ -167,6 +168,7 @@ class Supervisor:
         os.makedirs(os.path.join(self.data, "commitlog"), exist_ok=True)
         self.lock_fd = lock_data_dir(self.data)
         check_meta(self.data, self.cfg)
+        self._start_rules()
         self.boot = commitlog.next_boot(os.path.join(self.data, "commitlog"))
         c = self.cfg
         params = SegParams(num_shards=c.shards, num_producers=self.nworkers,
@@ -193,6 +195,7 @@ class Supervisor:
         except BaseException:
             self.seg.unlink()
             raise
+        versions.publish(self.stats, self.rules_chain, changed=False)
         log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s (%d MiB)",
                  os.getpid(), self.boot, self.nworkers, c.shards, self.seg.path,
                  params.size() >> 20)
@@ -355,6 +358,7 @@ class Supervisor:
             log.info("reload: %s", what)
         if not live:
             log.info("reload: no live setting changed")
+        self._reload_rules(new)
         gen = self.stats.header(sf.H_CONFIG_GEN) + 1
         write_applied_config(applied_config_path(self.stats.path), gen, applied)
         self.cfg = applied
@@ -364,6 +368,56 @@ class Supervisor:
             with _suppress():
                 os.kill(pid, signal.SIGHUP)
         self.reload_pending = (gen, time.monotonic() + RELOAD_WAIT_S)
+
+    # -- rules (m3shm/rules/versions.py) --------------------------------------------------------
+    def _rules_margin(self) -> int:
+        c = self.cfg
+        return versions.margin_ms(c.downsample.admission_ms, c.raw_namespace.buffer_past_ms,
+                                  c.raw_namespace.buffer_future_ms)
+
+    def _start_rules(self) -> None:
+        """The saved rules or the config's, whichever is newer (versions.start_up), written
+        to <data>/rules.json before any worker exists."""
+        mtime = 0
+        if self.config_path:
+            with contextlib.suppress(OSError):
+                mtime = os.stat(self.config_path).st_mtime_ns // 1_000_000
+        self.rules_chain, why = versions.start_up(
+            self.data, self.cfg.downsample.rule_set(), mtime,
+            [ns.name for ns in self.cfg.namespaces], int(time.time() * 1000),
+            self._rules_margin())
+        log.info("rules: %s", why)
+
+    def _reload_rules(self, new: Config) -> None:
+        """SIGHUP: the config's rules become the next version if they changed since the
+        daemon last read them (a PUT in between is not undone by an unchanged config)."""
+        rs = new.downsample.rule_set()
+        d = versions.digest(rs)
+        try:
+            with versions.locked(self.data):
+                chain = versions.load(self.data)
+                if chain is None:
+                    raise ConfigError(f"{versions.RULES_FILE} is missing from {self.data}")
+                if chain.config_digest == d:
+                    log.info("reload: the config's rules are unchanged; rules stay at version "
+                             "%d", chain.newest.version)
+                    return
+                lacking = versions.missing_namespace(rs, [ns.name for ns in
+                                                          self.cfg.namespaces])
+                if lacking is not None:
+                    log.error("reload: %s; the rules stay at version %d", lacking,
+                              chain.newest.version)
+                    return
+                chain = versions.append(chain, rs, "config", int(time.time() * 1000),
+                                        self._rules_margin(), d)
+                versions.save(chain, self.data)
+                versions.publish(self.stats, chain, changed=True)
+        except (OSError, ConfigError) as e:
+            log.error("reload: the rules were not changed: %s", e)
+            return
+        self.rules_chain = chain
+        log.info("reload: rules version %d from the config, activation at %d ms",
+                 chain.newest.version, chain.newest.activation_ms)
 
     def _throttle(self) -> None:
         now = time.monotonic()

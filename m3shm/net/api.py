@@ -81,7 +81,7 @@ class Api:
         if req.path in RW_PATHS:
             return self.remote_write
         own = {"/api/v1/export": self.export, "/metrics": self.metrics, "/ready": self.ready,
-               "/api/v1/admin/flush": self.admin_flush,
+               "/api/v1/admin/flush": self.admin_flush, "/api/v1/rules": self.rules,
                "/health": self.health, "/-/healthy": self.health,
                "/-/ready": self.ready}.get(req.path)
         if own is not None:
@@ -103,6 +103,12 @@ class Api:
         if self.w.seg.all_recovered() and not self.w.stopping:
             return text(200, "ready")
         return text(503, "recovering: replaying commit logs", **{"Retry-After": "1"})
+
+    async def rules(self, req: Request) -> Response:
+        """GET/PUT /api/v1/rules (m3shm/net/rulesapi.py)."""
+        from m3shm.net import rulesapi
+
+        return await rulesapi.handle(self.w, req)
 
     async def admin_flush(self, req: Request) -> Response:
         """Flush every closed block of every shard of every worker; 200 once durable."""

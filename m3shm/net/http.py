@@ -22,8 +22,8 @@ import httptools
 log = logging.getLogger("m3shm.http")
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
-           422: "Unprocessable Entity", 499: "Client Closed Request",
+           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+           415: "Unsupported Media Type", 422: "Unprocessable Entity", 499: "Client Closed Request",
            500: "Internal Server Error", 503: "Service Unavailable",
            507: "Insufficient Storage"}
 

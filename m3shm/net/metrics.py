@@ -84,6 +84,16 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int) -> bytes:
     p.family("m3shm_config_reloads_total", "counter", "SIGHUP reloads by result.",
              [('result="success"', stats.header(st.H_RELOADS)),
               ('result="failure"', stats.header(st.H_RELOAD_FAILURES))])
+    p.one("m3shm_rules_version", "gauge", "Newest version of the downsampling rules "
+          "(<data>/rules.json).", stats.header(st.H_RULES_VERSION))
+    p.one("m3shm_rules_activation_timestamp_seconds", "gauge", "When the newest rules version "
+          "takes over (windows starting at or after it use it).",
+          stats.header(st.H_RULES_ACTIVATION_MS) / 1000)
+    p.one("m3shm_rules_changes_total", "counter", "Rules versions written since start "
+          "(PUT /api/v1/rules, SIGHUP).", stats.header(st.H_RULES_CHANGES))
+    p.family("m3shm_rules_worker_version", "gauge", "Newest rules version each worker "
+             "installed.", [(f'worker="{i}"', w.get(st.W_RULES_VERSION))
+                            for i, w in enumerate(ws)])
 
     p.one("m3shm_remote_write_requests_total", "counter", "Remote write requests received.",
           stats.sum(st.W_REQUESTS))

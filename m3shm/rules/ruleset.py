@@ -2,19 +2,17 @@
 
 Parsing validates everything once and names the key that is wrong
 (``downsample.rules.rollupRules[0].transforms[1].rollup.groupBy: ...``). A rule set is
-versioned (every replacement takes the next version) and round-trips through a plain dict, so
-it serialises to YAML or JSON for the data directory and for ``GET/PUT /api/v1/rules``.
+versioned (every replacement takes the next version; m3shm/rules/versions.py keeps them in the
+data directory) and round-trips through a plain dict, so it serialises to YAML or JSON for
+``<data>/rules.json`` and for ``GET/PUT /api/v1/rules``.
 Semantics (defaults, drop, pipelines): docs/rules.md.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from m3shm.rules.filters import LABEL_RE, Filter, parse_filter
@@ -29,8 +27,6 @@ DEFAULT_AGGREGATION = "Last"
 # The embedded default: raw data for 2 days (the unaggregated namespace's retention) and every
 # series at 1 minute for 30 days, aggregated with Last.
 DEFAULT_POLICIES = (StoragePolicy(60_000, 30 * 86_400_000),)
-RULES_FILE = "rules.json"
-FILE_FORMAT = 1
 
 METRIC_RE = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _AGG_BY_LOWER = {a.lower(): a for a in AGGREGATIONS}
@@ -317,49 +313,3 @@ def parse_yaml(text: str, key: str = "rules") -> RuleSet:
         return parse_rules(ds.get("rules"), "downsample.rules")
     return parse_rules(doc, key)
 
-
-def dumps(rs: RuleSet) -> str:
-    """The data-directory form: JSON with the format, the version and the rules."""
-    return json.dumps({"format": FILE_FORMAT, "version": rs.version,
-                       "updated_ms": rs.updated_ms, "rules": rs.to_dict()}, indent=1)
-
-
-def loads(text: str, where: str) -> RuleSet:
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise RuleError(f"{where}: not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
-        raise RuleError(f"{where}: expected format {FILE_FORMAT}, got "
-                        f"{doc.get('format') if isinstance(doc, dict) else doc!r}")
-    v, t = doc.get("version"), doc.get("updated_ms", 0)
-    if not isinstance(v, int) or v < 1 or not isinstance(t, int):
-        raise RuleError(f"{where}: version must be an integer >= 1, got {v!r}")
-    return replace(parse_rules(doc.get("rules"), f"{where}: rules"), version=v, updated_ms=t)
-
-
-def save(rs: RuleSet, data_dir: str | os.PathLike[str]) -> Path:
-    """Write the rule set to ``data_dir/rules.json`` atomically (temp file, fsync, rename)."""
-    d = Path(data_dir)
-    path, tmp = d / RULES_FILE, d / (RULES_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(dumps(rs))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def load(data_dir: str | os.PathLike[str]) -> RuleSet | None:
-    """The rule set saved in ``data_dir``, or None if there is none."""
-    path = Path(data_dir) / RULES_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    return loads(text, str(path))

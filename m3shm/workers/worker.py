@@ -45,6 +45,7 @@ from m3shm.storage import commitlog
 from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.metadata import MetadataStore
 from m3shm.workers.ingest import IngestPipeline
+from m3shm.workers.rulesync import RuleSync
 
 log = logging.getLogger("m3shm.worker")
 
@@ -86,6 +87,8 @@ class Worker:
         self._drain_thread: threading.Thread | None = None
         self._drain_beat = 0.0
         self.flushed_store = FlushedStore(os.path.join(data_dir, "filesets"))
+        # rule-set versions (m3shm/workers/rulesync.py); the Aggregator attaches to it
+        self.rules = RuleSync(data_dir, stats, self.stats, index)
 
     def drain_stopped(self) -> bool:
         return self._drain_stop.is_set()
@@ -114,6 +117,7 @@ class Worker:
         from m3shm.supervisor import FORK_BLOCKED_SIGNALS
 
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
+        self.rules.check(force=True)
         beat = loop.create_task(self._heartbeat())
         # admin flush requests from sibling workers (m3shm/workers/flush.py); remembered
         # until this worker has recovered its shards
@@ -189,6 +193,8 @@ class Worker:
         while True:
             if self.statsfile.header(st.H_CONFIG_GEN) != self.stats.get(st.W_CONFIG_GEN):
                 self._check_config()
+            if self.statsfile.header(st.H_RULES_VERSION) > self.rules.version:
+                self.rules.check()
             drain = self._drain_thread
             ok = drain is None or self.stopping or (drain.is_alive() and
                                    time.monotonic() - self._drain_beat < DRAIN_STALL_S)
