@@ -30,6 +30,7 @@ first; READY=1 once every worker reports the new generation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -343,7 +344,7 @@ class Supervisor:
         log.info("reload: SIGHUP, re-reading %s", self.config_path or "(no config file: "
                  "embedded defaults)")
         try:
-            new = load(self.config_path, **self.overrides)
+            new = self._without_new_namespaces(load(self.config_path, **self.overrides))
             applied, live, fixed = live_update(self.cfg, new)
         except ConfigError as e:
             log.error("reload: %s; keeping the running config", e)
@@ -384,9 +385,21 @@ class Supervisor:
                 mtime = os.stat(self.config_path).st_mtime_ns // 1_000_000
         self.rules_chain, why = versions.start_up(
             self.data, self.cfg.downsample.rule_set(), mtime,
-            [ns.name for ns in self.cfg.namespaces], int(time.time() * 1000),
+            self.cfg.namespaces, int(time.time() * 1000),
             self._rules_margin())
         log.info("rules: %s", why)
+
+    def _without_new_namespaces(self, new: Config) -> Config:
+        """``new``, but with the running rules if its rules need a namespace the running
+        daemon lacks (logged, naming the policy: that needs a restart); the rest of the
+        reload still applies."""
+        lacking = versions.missing_namespace(new.downsample.rule_set(), self.cfg.namespaces)
+        if lacking is None:
+            return new
+        log.error("reload: %s; the rules stay at version %d", lacking,
+                  self.stats.header(sf.H_RULES_VERSION))
+        ds = dataclasses.replace(new.downsample, rules=self.cfg.downsample.rules)
+        return dataclasses.replace(new, downsample=ds)
 
     def _reload_rules(self, new: Config) -> None:
         """SIGHUP: the config's rules become the next version if they changed since the
@@ -402,12 +415,8 @@ class Supervisor:
                     log.info("reload: the config's rules are unchanged; rules stay at version "
                              "%d", chain.newest.version)
                     return
-                lacking = versions.missing_namespace(rs, [ns.name for ns in
-                                                          self.cfg.namespaces])
-                if lacking is not None:
-                    log.error("reload: %s; the rules stay at version %d", lacking,
-                              chain.newest.version)
-                    return
+                if versions.missing_namespace(rs, self.cfg.namespaces) is not None:
+                    return  # _reload said why and kept the running rules
                 chain = versions.append(chain, rs, "config", int(time.time() * 1000),
                                         self._rules_margin(), d)
                 versions.save(chain, self.data)

@@ -17,20 +17,21 @@ from test_daemon_harness import Daemon
 
 from m3shm.rules import versions
 
-# short windows: admission 1 s + bufferFuture 1 s, resolutions of 1 s and 2 s
+# short windows: admission 1 s + bufferFuture 1 s, resolutions of 1 s and 2 s; the aggregated
+# namespaces agg_1s_2h and agg_2s_2h are derived from the rules' policies
 EXTRA = """
 namespaces:
   - {name: default, retention: 2h, blockSize: 1h, bufferPast: 2s, bufferFuture: 1s}
-  - {name: agg_1s_1h, resolution: 1s, retention: 1h, blockSize: 1h}
-  - {name: agg_2s_1h, resolution: 2s, retention: 1h, blockSize: 1h}
 downsample:
   admission: 1s
   rules:
-    defaultPolicies: [1s:1h]
+    mappingRules:
+      - {name: keep2s, filter: "__name__:never_written", storagePolicies: [2s:2h]}
+    defaultPolicies: [1s:2h]
 """
 RULES_V2 = {"mappingRules": [{"name": "up at 2s", "filter": "__name__:up job:{api,web}",
-                              "aggregations": ["Max", "Last"], "storagePolicies": ["2s:1h"]}],
-            "defaultPolicies": ["1s:1h"]}
+                              "aggregations": ["Max", "Last"], "storagePolicies": ["2s:2h"]}],
+            "defaultPolicies": ["1s:2h"]}
 
 
 def _call(d: Daemon, method: str, body: bytes | None = None,
@@ -90,7 +91,7 @@ def test_put_switches_every_worker_at_the_same_boundary(tmp_path: Path) -> None:
     try:
         v1 = _same(_views(d, 1))
         assert v1["source"] == "config" and v1["activation_ms"] == 0 and v1["active"]
-        assert [p["namespace"] for p in v1["policies"]] == ["agg_1s_1h"]
+        assert [p["namespace"] for p in v1["policies"]] == ["agg_1s_2h", "agg_2s_2h"]
         t0 = int(time.time() * 1000)
         code, doc, h = _put_json(d, RULES_V2)
         t1 = int(time.time() * 1000)
@@ -106,7 +107,7 @@ def test_put_switches_every_worker_at_the_same_boundary(tmp_path: Path) -> None:
         assert v2["activation_ms"] == act and v2["rules"] == put["rules"]
         assert v2["rules"]["mappingRules"][0]["filter"] == "__name__:up job:{api,web}"
         assert [(p["policy"], p["namespace"], p["rules"]) for p in v2["policies"]] == [
-            ("1s:1h", "agg_1s_1h", ["default"]), ("2s:1h", "agg_2s_1h", ["up at 2s"])]
+            ("1s:2h", "agg_1s_2h", ["default"]), ("2s:2h", "agg_2s_2h", ["up at 2s"])]
         assert _metric(d, "m3shm_rules_version") == 2
         assert _metric(d, "m3shm_rules_activation_timestamp_seconds") == act / 1000
         assert _metric(d, "m3shm_rules_changes_total") == 1
@@ -127,19 +128,19 @@ def test_put_switches_every_worker_at_the_same_boundary(tmp_path: Path) -> None:
 def test_put_refuses_bad_rules_with_the_config_error(tmp_path: Path) -> None:
     d = Daemon(tmp_path, extra=EXTRA).start()
     try:
-        bad = {"mappingRules": [{"filter": "__name__:up dev:sd[", "storagePolicies": ["1s:1h"]}]}
+        bad = {"mappingRules": [{"filter": "__name__:up dev:sd[", "storagePolicies": ["1s:2h"]}]}
         code, doc, _ = _put_json(d, bad)
         assert code == 400 and doc["errorType"] == "bad_data"
         assert doc["error"] == ("downsample.rules.mappingRules[0].filter: term 'dev:sd[': "
                                 "pattern 'sd[': '[' is never closed at position 2")
         code, doc, _ = _put_json(d, {"mappingRules": [{"filter": "a:b", "aggregations": ["P42"],
-                                                       "storagePolicies": ["1s:1h"]}]})
+                                                       "storagePolicies": ["1s:2h"]}]})
         assert code == 400 and doc["error"].startswith(
             "downsample.rules.mappingRules[0].aggregations[0]: unknown aggregation 'P42'")
         code, doc, _ = _put_json(d, {"rollupRules": [{"filter": "a:b", "storagePolicies":
                                                       ["1h:5y"], "transforms": [{"rollup": {
                                                           "metricName": "x", "groupBy": ["a"]}}]}],
-                                     "defaultPolicies": ["1s:1h"]})
+                                     "defaultPolicies": ["1s:2h"]})
         assert code == 400 and doc["error"].startswith(
             "downsample.rules.rollupRules[0].storagePolicies[0]: storage policy 1h:5y writes to "
             "namespace 'agg_1h_5y', which the running daemon does not have; a new namespace "
@@ -161,7 +162,7 @@ def test_put_refuses_bad_rules_with_the_config_error(tmp_path: Path) -> None:
         code, doc, _ = _put_json(d, RULES_V2, **{"If-Match": "1"})
         assert code == 409
         # YAML, as a config file's downsample section
-        yml = (b"downsample:\n  rules:\n    defaultPolicies: [2s:1h]\n    mappingRules:\n"
+        yml = (b"downsample:\n  rules:\n    defaultPolicies: [2s:2h]\n    mappingRules:\n"
                b"      - {name: drop debug, filter: '__name__:*_debug', drop: true}\n")
         code, doc, _ = _call(d, "PUT", yml, {"Content-Type": "application/yaml",
                                              "If-Match": "2"})
@@ -203,21 +204,21 @@ def test_rules_survive_restarts_and_sighup_reloads_them(tmp_path: Path) -> None:
         _sighup(d, "applied by every worker")
         assert "the config's rules are unchanged; rules stay at version 2" in d.log.read_text()
         # SIGHUP with edited rules: a new version from the config, on every worker
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:1h]", "defaultPolicies: [2s:1h]"))
+        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [2s:2h]"))
         _sighup(d, "applied by every worker")
         v3 = _same(_views(d, 3))
-        assert v3["source"] == "config" and v3["rules"]["defaultPolicies"] == ["2s:1h"]
-        assert v3["rules"]["mappingRules"] == []
+        assert v3["source"] == "config" and v3["rules"]["defaultPolicies"] == ["2s:2h"]
+        assert [r["name"] for r in v3["rules"]["mappingRules"]] == ["keep2s"]
         assert "downsample.rules: changed" in d.log.read_text()
         # a config rule whose namespace the daemon lacks: refused, named, version kept
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:1h]", "defaultPolicies: [1m:30d]"))
+        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [1m:30d]"))
         _sighup(d, "applied by every worker")
         assert ("downsample.rules.defaultPolicies[0]: storage policy 1m:30d writes to "
                 "namespace 'agg_1m_30d', which the running daemon does not have; a new "
                 "namespace needs a restart") in d.log.read_text()
         assert _same(_views(d, 3))["version"] == 3
         # a PUT after the SIGHUP, then a SIGKILLed worker: its new incarnation has it too
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:1h]", "defaultPolicies: [2s:1h]"))
+        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [2s:2h]"))
         _sighup(d, "applied by every worker")
         assert _put_json(d, RULES_V2)[0] == 200
         before = _same(_views(d, 4))
@@ -231,11 +232,11 @@ def test_rules_survive_restarts_and_sighup_reloads_them(tmp_path: Path) -> None:
         assert d.stop() == 0, d.logtext()
     # the config edited after the last PUT: at start it is newer and becomes version 5
     time.sleep(0.01)
-    d.cfg.write_text(base.replace("defaultPolicies: [1s:1h]", "defaultPolicies: [1s:1h, 2s:1h]"))
+    d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [1s:2h, 2s:2h]"))
     d.start()
     try:
         v5 = _same(_views(d, 5))
-        assert v5["source"] == "config" and v5["rules"]["defaultPolicies"] == ["1s:1h", "2s:1h"]
+        assert v5["source"] == "config" and v5["rules"]["defaultPolicies"] == ["1s:2h", "2s:2h"]
         assert v5["activation_ms"] > v5["updated_ms"]
     finally:
         assert d.stop() == 0, d.logtext()

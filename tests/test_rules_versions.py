@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from m3shm.config import NamespaceConfig
 from m3shm.rules import versions
-from m3shm.rules.policy import RuleError
+from m3shm.rules.policy import RuleError, parse_policy
 from m3shm.rules.ruleset import RuleSet, parse_yaml
 
 MIN, HOUR = 60_000, 3_600_000
@@ -25,7 +26,20 @@ mappingRules:
   - {name: long, filter: "__name__:up", storagePolicies: [1h:5y, 10s:2d]}
 """)
 SEVEN = parse_yaml("defaultPolicies: [7s:7d, 1m:30d]")
-ALL_NS = ("default", "agg_1m_30d", "agg_10s_2d", "agg_1h_5y", "agg_7s_7d")
+DAY = 24 * HOUR
+
+
+def _ns(*policies: str) -> tuple[NamespaceConfig, ...]:
+    """The raw namespace and one aggregated namespace per policy (``1m:30d``)."""
+    out = [NamespaceConfig()]
+    for p in policies:
+        pol = parse_policy(p, "p")
+        out.append(NamespaceConfig(pol.namespace, pol.retention_ms, DAY,
+                                   resolution_ms=pol.resolution_ms))
+    return tuple(out)
+
+
+ALL_NS = _ns("1m:30d", "10s:2d", "1h:5y", "7s:7d")
 
 
 def test_activation_is_the_next_boundary_of_every_policy_after_the_margin() -> None:
@@ -91,14 +105,17 @@ def test_the_chain_round_trips_through_the_file_and_bad_files_are_named(tmp_path
 
 def test_missing_namespaces_are_named_like_config_errors() -> None:
     assert versions.missing_namespace(HOURLY, ALL_NS) is None
-    msg = versions.missing_namespace(HOURLY, ("default", "agg_1m_30d", "agg_10s_2d"))
+    msg = versions.missing_namespace(HOURLY, _ns("1m:30d", "10s:2d"))
     assert msg is not None and msg.startswith(
         "downsample.rules.mappingRules[0].storagePolicies[0]: storage policy 1h:5y writes to "
         "namespace 'agg_1h_5y', which the running daemon does not have; a new namespace needs "
         "a restart")
-    msg = versions.missing_namespace(RuleSet(), ("default",))
+    msg = versions.missing_namespace(RuleSet(), _ns())
     assert msg is not None and msg.startswith("downsample.rules.defaultPolicies[0]: storage "
                                               "policy 1m:30d")
+    # a namespace of that name with another resolution is not the policy's
+    other = (NamespaceConfig(), NamespaceConfig("agg_1m_30d", 30 * DAY, DAY, resolution_ms=5000))
+    assert versions.missing_namespace(RuleSet(), other) is not None
     w = versions.writers(HOURLY)
     assert [(x["policy"], x["namespace"], x["rules"]) for x in w] == [
         ("10s:2d", "agg_10s_2d", ["long"]), ("1m:30d", "agg_1m_30d", ["default"]),
@@ -138,7 +155,7 @@ def test_start_up_precedence(tmp_path) -> None:
 def test_start_up_drops_a_saved_version_whose_namespace_is_gone(tmp_path) -> None:
     c, _ = _start(tmp_path, ONE_MIN, T0, T0)
     versions.save(versions.append(c, HOURLY, "api", T0 + 2 * HOUR, 12 * MIN), tmp_path)
-    c, why = _start(tmp_path, ONE_MIN, T0, T0 + 3 * HOUR, ("default", "agg_1m_30d"))
+    c, why = _start(tmp_path, ONE_MIN, T0, T0 + 3 * HOUR, _ns("1m:30d"))
     assert c.newest.version == 3 and c.newest.rules.mapping == ()
     assert "rules.json version 2.mappingRules[0].storagePolicies[0]" in why
 

@@ -89,7 +89,7 @@ def parse_body(body: bytes, content_type: str) -> RuleSet:
 def _replace(w: Worker, new: RuleSet, if_match: int | None) -> tuple[int, str]:
     """Write the next version (pool thread: flock, fsync). (0, "") or (status, error)."""
     cfg = w.cfg
-    lacking = versions.missing_namespace(new, (ns.name for ns in cfg.namespaces))
+    lacking = versions.missing_namespace(new, cfg.namespaces)
     if lacking is not None:
         return 400, lacking
     raw = cfg.raw_namespace

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from m3shm.config import NamespaceConfig
 from m3shm.rules.policy import RuleError, StoragePolicy
 from m3shm.rules.ruleset import RuleSet, parse_rules
 
@@ -143,11 +144,15 @@ def first(rules: RuleSet, now_ms: int, config_digest: str) -> Chain:
 
 
 # -- namespaces ------------------------------------------------------------------------------
-def missing_namespace(rs: RuleSet, namespaces: Iterable[str],
+def missing_namespace(rs: RuleSet, namespaces: Iterable[NamespaceConfig],
                       key: str = "downsample.rules") -> str | None:
-    """A config-style error naming the first policy of ``rs`` whose aggregated namespace is
-    not among ``namespaces`` (a running daemon cannot add one), or None."""
-    have = set(namespaces)
+    """A config-style error naming the first policy of ``rs`` whose aggregated namespace
+    (same name, resolution and retention) is not among ``namespaces`` (a running daemon
+    cannot add one), or None."""
+    have = {(ns.name, ns.resolution_ms, ns.retention_ms) for ns in namespaces}
+
+    def lacks(p: StoragePolicy) -> bool:
+        return (p.namespace, p.resolution_ms, p.retention_ms) not in have
 
     def msg(where: str, p: StoragePolicy) -> str:
         return (f"{where}: storage policy {p} writes to namespace {p.namespace!r}, which the "
@@ -156,14 +161,14 @@ def missing_namespace(rs: RuleSet, namespaces: Iterable[str],
 
     for i, m in enumerate(rs.mapping):
         for j, p in enumerate(m.policies):
-            if p.namespace not in have:
+            if lacks(p):
                 return msg(f"{key}.mappingRules[{i}].storagePolicies[{j}]", p)
     for i, r in enumerate(rs.rollup):
         for j, p in enumerate(r.policies):
-            if p.namespace not in have:
+            if lacks(p):
                 return msg(f"{key}.rollupRules[{i}].storagePolicies[{j}]", p)
     for j, p in enumerate(rs.default_policies):
-        if p.namespace not in have:
+        if lacks(p):
             return msg(f"{key}.defaultPolicies[{j}]", p)
     return None
 
@@ -270,7 +275,7 @@ def locked(data_dir: str | os.PathLike[str]) -> Iterator[None]:
 
 # -- start-up --------------------------------------------------------------------------------
 def start_up(data_dir: str | os.PathLike[str], config_rules: RuleSet, config_mtime_ms: int,
-             namespaces: Iterable[str], now_ms: int, margin: int) -> tuple[Chain, str]:
+             namespaces: Iterable[NamespaceConfig], now_ms: int, margin: int) -> tuple[Chain, str]:
     """Decide the chain to start with and write it. The saved chain wins when the config's
     rules are unchanged since the daemon last read them, or when they changed but the file
     was written before the newest saved version (it came from the API later); otherwise the
