@@ -238,7 +238,33 @@ static const m3_rec *lane_peek(lane_hdr *l, uint64_t cap, uint64_t tail)
     return NULL;
 }
 
-int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
+/* Aggregation (store != NULL): the drain stopped before a record whose series has no plan.
+   Walk every published record of the shard (up to tails) and list the series without a plan,
+   each once per round, so Python resolves them all in one go (aggstore.c). Records are only
+   read here, never consumed. */
+static void scan_need(uint8_t *base, uint8_t *store, uint32_t shard, const uint64_t *tails,
+                      uint32_t *need, uint32_t *need_gen, size_t cap, size_t *n)
+{
+    const seg_hdr *h = cseg_of(base);
+    uint64_t lcap = h->p.lane_bytes;
+    uint32_t round = m3_aggst_next_round(store, shard);
+    for (uint32_t p = 0; p < h->p.num_producers && *n < cap; p++) {
+        lane_hdr *l = lane_at(base, shard, p);
+        for (uint64_t pos = l->head; pos < tails[p] && *n < cap;) {
+            const m3_rec *r = (const m3_rec *)(lane_data(l) + (pos & (lcap - 1)));
+            if (r->len < 8 || r->len % 8)
+                break; /* cannot happen for published bytes; never loop on it */
+            if (r->type == M3_REC_SAMPLES &&
+                m3_aggst_want(base, store, r, round, &need[*n], &need_gen[*n]))
+                (*n)++;
+            pos += r->len;
+        }
+    }
+}
+
+static int drain_impl(uint8_t *base, uint8_t *store, uint32_t shard, uint32_t max_records,
+                      int64_t now_ms, uint32_t *need, uint32_t *need_gen, size_t need_cap,
+                      size_t *nneed)
 {
     seg_hdr *h = seg_of(base);
     if (shard >= h->p.num_shards)
@@ -295,7 +321,14 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
             safe = br->seq;
         }
         M3_ASSERT(m3_rec_check(br, br->len, h->p.num_shards) == 0 && br->shard == shard);
-        m3_shard_apply_rec(base, br);
+        if (!store) {
+            m3_shard_apply_rec(base, br);
+        } else if (m3_aggst_apply_rec(base, store, br, br->seq, best->head, now_ms) ==
+                   M3_AGG_NEEDS_PLAN) {
+            /* not consumed: it is applied once Python has installed the plan */
+            scan_need(base, store, shard, tails, need, need_gen, need_cap, nneed);
+            break;
+        }
         /* Release: the record's bytes were fully read (and its samples applied and
            published in the series table) before the producer may reuse them; an owner
            killed before this store applies the record again, which is harmless. */
@@ -304,6 +337,22 @@ int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
     }
     m3_shard_unlock(base, shard);
     return applied;
+}
+
+int m3_lane_drain(uint8_t *base, uint32_t shard, uint32_t max_records)
+{
+    return drain_impl(base, NULL, shard, max_records, 0, NULL, NULL, 0, NULL);
+}
+
+int m3_lane_drain_agg(uint8_t *base, uint8_t *store, uint32_t shard, uint32_t max_records,
+                      int64_t now_ms, uint32_t *need, uint32_t *need_gen, size_t need_cap,
+                      size_t *nneed)
+{
+    if (!store || !need || !need_gen || !nneed || need_cap == 0)
+        return M3_EINVAL;
+    *nneed = 0;
+    return drain_impl(base, store, shard, max_records, now_ms, need, need_gen, need_cap,
+                      nneed);
 }
 
 int m3_lane_pop_spsc(uint8_t *base, uint32_t shard, uint32_t producer, uint8_t *out,

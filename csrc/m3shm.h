@@ -635,6 +635,107 @@ void m3_sketch_add(m3_sketch *s, double v);
 /* Relative error bound alpha of the sketch's estimates (for documentation and tests). */
 double m3_sketch_alpha(void);
 
+/* ---- aggstore.c: downsampling cells and plans in shared memory (docs/formats/aggstore.md) */
+
+#define M3_AGGST_VERSION 1
+#define M3_AGGST_SPILL 1024      /* evicted rows a shard holds until the next finalise */
+/* What a cell's finalised rows become (persisted: explicit values). */
+enum m3_agg_kind {
+    M3_AGGK_OUTPUT = 0,   /* points of an aggregated series (SAMPLES records of its namespace) */
+    M3_AGGK_ROLLUP = 1    /* rollup inputs forwarded to a group (M3_REC_ROLLUP_IN) */
+};
+/* Cell descriptor flags (persisted). */
+enum m3_aggc_flags {
+    M3_AGGC_AGG_LABEL = 1 /* the series' labels plus m3_aggregation="<agg>" */
+};
+/* m3_aggst_install flags. */
+enum m3_plan_flags {
+    M3_PLAN_DROP_RAW = 2  /* the raw samples are not stored (a drop rule) */
+};
+
+/* One finalised point: output stream (labels loffs[stream] .. loffs[stream + 1]), namespace
+   id, kind, aggregation, window end, value. */
+typedef struct m3_aggst_row {
+    uint32_t stream;
+    uint16_t ns;
+    uint8_t kind;
+    uint8_t agg;
+    int64_t ts;
+    double value;
+} m3_aggst_row;
+
+typedef struct m3_aggst_stats {
+    uint64_t plans;        /* plans with cells */
+    uint64_t cells;
+    uint64_t cell_bytes;   /* bytes of plan blocks (cells, descriptors, labels) */
+    uint64_t arena_used;
+    uint64_t arena_bytes;
+    uint64_t applied;      /* samples applied to cells (once per cell) */
+    uint64_t late;         /* samples for final windows: counted, not applied */
+    uint64_t evicted;      /* windows finalised early to make room */
+    uint64_t ooo;          /* samples an ordered transform skipped */
+    uint64_t points;       /* finalised rows committed */
+    uint64_t refused;      /* plans installed without cells (the arena was full) */
+    uint64_t spill_lost;   /* evicted rows that found the spill full */
+    uint64_t raw_dropped;  /* samples not stored raw (drop rules) */
+    uint64_t asked;        /* series reported for a plan */
+    uint64_t spill_n;
+    int64_t now_floor;
+    uint64_t rules_version;
+} m3_aggst_stats;
+
+/* Bytes of a store for this segment with arena_bytes of cells per shard (0 if invalid). */
+uint64_t m3_aggst_size(const uint8_t *seg, uint64_t arena_bytes);
+/* Lay out a fresh (zero-filled) store for seg; check an existing one against seg. */
+int m3_aggst_init(uint8_t *store, uint64_t size, const uint8_t *seg, uint64_t arena_bytes);
+int m3_aggst_check(const uint8_t *store, uint64_t size, const uint8_t *seg);
+/* Owner, at attach (after m3_shard_recover): check every plan's cells, drop plans it cannot
+   trust (they are asked for again). Returns the plans dropped. */
+int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard);
+/* Owner: the plan of series (shard, slot, gen): ncells cells with params[k]; meta[k] =
+   ns_id | kind << 16 | cell flags << 24; labels[loffs[k], loffs[k+1]) the fixed labels of cell
+   k (empty: the series' own). Replaces any older plan of the slot. M3_ENOENT: the series is
+   gone; M3_ENOSPC: the arena is full, the plan is installed without cells (raw only).
+   start_ms (INT64_MIN: none): windows ending at or before it are final in the new cells (a
+   plan replacing another at a rules activation: those windows stay with the old cells). */
+int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot, uint32_t gen,
+                     uint32_t flags, const m3_agg_params *params, const uint32_t *meta,
+                     const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,
+                     int64_t start_ms);
+/* Owner: the rule-set version the shard's plans are made with (kept across a worker kill). */
+void m3_aggst_set_rules_version(uint8_t *store, uint32_t shard, uint64_t version);
+/* The plan entry of a slot: generation, flags (1 resolved, 2 drop raw), cells. */
+int m3_aggst_plan(uint8_t *store, uint32_t shard, uint32_t slot, uint32_t *gen,
+                  uint32_t *flags, uint32_t *ncells);
+/* Owner: m3_lane_drain with aggregation at now_ms. Stops before the first record whose series
+   has no plan, listing (slot, gen) of up to need_cap planless series of the shard's published
+   records in need/need_gen (*nneed). Returns records applied. */
+int m3_lane_drain_agg(uint8_t *base, uint8_t *store, uint32_t shard, uint32_t max_records,
+                      int64_t now_ms, uint32_t *need, uint32_t *need_gen, size_t need_cap,
+                      size_t *nneed);
+/* Owner, replay: m3_shard_apply_batch with aggregation, from byte *off of the batch; stops
+   (returning records applied, *off at the record) at a series without a plan, listing the
+   planless series of the rest of the batch (*nneed > 0). */
+int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
+                             uint64_t seq, uint32_t lo, uint32_t hi, int64_t now_ms,
+                             size_t *off, uint32_t *need_shard, uint32_t *need,
+                             uint32_t *need_gen, size_t need_cap, size_t *nneed);
+/* Owner, finalise phase 1: rows of every window final at now_ms (and of the spill), computed
+   on copies (scratch: at least the largest cell), one stream per (cell, aggregation) with its
+   labels; slots from `first`; M3_ENOSPC: resume at *next (whole slots only). *spill_n: spill
+   rows included. Cells are not changed; the drain's now is raised to now_ms. */
+int m3_aggst_prepare(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
+                     uint32_t first, uint32_t *next, uint32_t *spill_n, uint8_t *scratch,
+                     size_t scratch_cap, uint8_t *labels, size_t labels_cap, uint64_t *loffs,
+                     size_t streams_cap, size_t *nstreams, m3_aggst_row *rows, size_t rows_cap,
+                     size_t *nrows);
+/* Owner, phase 2 (the rows are durable): finalise slots [first, last) at the same now_ms for
+   real and drop the first spill_n spill rows (if first == 0). */
+int m3_aggst_commit(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
+                    uint32_t first, uint32_t last, uint32_t spill_n);
+/* Any process: a shard's counters. */
+void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *out);
+
 /* ---- lttb.c: Largest-Triangle-Three-Buckets downsampling (query_range max_points) ----- */
 
 /* Indices (strictly increasing, first 0, last n - 1) of at most `threshold` points of the

@@ -241,6 +241,25 @@ int m3_shard_apply_rec(uint8_t *base, const m3_rec *rec);
 void m3_shard_lock(uint8_t *base, uint32_t shard);
 void m3_shard_unlock(uint8_t *base, uint32_t shard);
 
+/* series.c, for the aggregation store (aggstore.c), owner under the shard lock: the slot of
+   a record's series (looked up, else created; -1 when the shard is full), and appending a
+   record's samples to a slot's open blocks. */
+int64_t m3_series_resolve(const shard_view *v, const m3_rec *r);
+int m3_series_append(const shard_view *v, uint32_t slot, const m3_rec *r);
+/* aggstore.c: apply one drained record with aggregation (see aggstore.c); returns
+   M3_AGG_NEEDS_PLAN, without touching anything but the series table, when the record's
+   series has no plan yet. seq is the record's batch, pos orders records of one batch (their
+   lane position or batch offset). */
+#define M3_AGG_NEEDS_PLAN 1
+int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
+                       uint64_t pos, int64_t now_ms);
+/* aggstore.c: if the record's series (created if new) has no plan and was not asked for in
+   this round, mark it asked and return 1 with its slot and generation. */
+int m3_aggst_want(uint8_t *base, uint8_t *store, const m3_rec *r, uint32_t round,
+                  uint32_t *slot, uint32_t *gen);
+/* aggstore.c: the next ask round of a shard (a drain that stops for plans starts one). */
+uint32_t m3_aggst_next_round(uint8_t *store, uint32_t shard);
+
 /* series.c: remove slot's hash-table entry (owner, under the shard lock). */
 int m3_series_unlink_table(const shard_view *v, uint32_t slot);
 

@@ -427,16 +427,27 @@ static int apply_samples(const shard_view *v, series_slot *s, const int64_t *ts,
     return M3_OK;
 }
 
+int64_t m3_series_resolve(const shard_view *v, const m3_rec *r)
+{
+    const uint8_t *labels = (const uint8_t *)(r + 1);
+    int64_t slot = lookup(v, r->hash, labels, r->labels_len);
+    if (slot < 0)
+        slot = create_series(v, r, labels);
+    return slot;
+}
+
+int m3_series_append(const shard_view *v, uint32_t slot, const m3_rec *r)
+{
+    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    const double *vals = (const double *)(ts + r->nsamples);
+    return apply_samples(v, &v->slots[slot], ts, vals, r->nsamples);
+}
+
 int m3_shard_apply_rec(uint8_t *base, const m3_rec *r)
 {
     shard_view v = shard_view_of(base, r->shard);
-    const uint8_t *labels = (const uint8_t *)(r + 1);
-    const int64_t *ts = (const int64_t *)(labels + round8(r->labels_len));
-    const double *vals = (const double *)(ts + r->nsamples);
-    int64_t slot = lookup(&v, r->hash, labels, r->labels_len);
-    if (slot < 0)
-        slot = create_series(&v, r, labels);
-    int rc = slot < 0 ? M3_ENOSPC : apply_samples(&v, &v.slots[slot], ts, vals, r->nsamples);
+    int64_t slot = m3_series_resolve(&v, r);
+    int rc = slot < 0 ? M3_ENOSPC : m3_series_append(&v, (uint32_t)slot, r);
     if (rc)
         __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
     return rc;

@@ -73,6 +73,12 @@ class ShmConfig:
     # smaller (one point per resolution instead of one per scrape, in longer blocks).
     agg_series_per_shard: int = 20480
     agg_arena_bytes: int = 32 << 20
+    # per shard: downsampling cells (docs/formats/aggstore.md); 0 = 2 KiB per series slot
+    cell_arena_bytes: int = 0
+
+    def cell_arena(self) -> int:
+        """Bytes of downsampling cells per shard (a sparse file: touched as cells are made)."""
+        return self.cell_arena_bytes or max(1 << 20, 2048 * self.series_per_shard)
 
 
 @dataclass(frozen=True)
@@ -319,7 +325,7 @@ _DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync
                   "admission_ms": "admission", "forward_delay_ms": "forward_delay"}
 _MOVED = {"ingest.retention", "ingest.buffer_past", "ingest.buffer_future", "ingest.block_size"}
 _SIZE_KEYS = {"lane_bytes", "arena_bytes", "agg_arena_bytes", "max_body_bytes",
-              "max_decompressed_bytes", "max_segment_bytes", "max_bytes"}
+              "max_decompressed_bytes", "max_segment_bytes", "max_bytes", "cell_arena_bytes"}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -383,6 +389,8 @@ def validate(c: Config) -> Config:
     need(c.shm.agg_series_per_shard >= 1, "shm.agg_series_per_shard", "must be >= 1")
     need(c.shm.agg_arena_bytes >= 64 << 10 and c.shm.agg_arena_bytes % 512 == 0,
          "shm.agg_arena_bytes", "must be >= 64KiB and a multiple of 512")
+    need(c.shm.cell_arena_bytes == 0 or 4096 <= c.shm.cell_arena_bytes <= 1 << 40,
+         "shm.cell_arena_bytes", "must be 0 (auto) or 4 KiB .. 1 TiB")
     need(c.limits.max_body_bytes > 0, "limits.max_body_bytes", "must be > 0")
     need(c.limits.max_decompressed_bytes > 0, "limits.max_decompressed_bytes", "must be > 0")
     need(1 <= c.limits.max_labels <= 256, "limits.max_labels", "must be 1..256")

@@ -43,6 +43,7 @@ import threading
 import time
 
 from m3shm import stats as sf
+from m3shm.aggstore import AggStore
 from m3shm.config import Config, ConfigError, live_update, load
 from m3shm.rules import versions
 from m3shm.shm import Segment, SegParams, seq_base_now
@@ -192,9 +193,14 @@ class Supervisor:
                 "lower shm.arena_bytes / shm.series_per_shard / shm.lane_bytes or enlarge it")
         self.seg = Segment.create(path, params)
         try:
+            # downsampling cells of the segment's shards (m3shm/aggstore.py): here, so that
+            # they outlive a worker killed by SIGKILL
+            self.agg_store = AggStore.create(self.seg, c.shm.cell_arena())
             self.stats = sf.StatsFile.create(sf.stats_path(path), self.nworkers)
         except BaseException:
             self.seg.unlink()
+            with contextlib.suppress(AttributeError):
+                self.agg_store.unlink()
             raise
         versions.publish(self.stats, self.rules_chain, changed=False)
         log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s (%d MiB)",
@@ -214,6 +220,7 @@ class Supervisor:
             return self._loop()
         finally:
             self.seg.unlink()
+            self.agg_store.unlink()
             self.stats.unlink()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(applied_config_path(self.stats.path))

@@ -17,7 +17,7 @@ import contextlib
 import os
 import resource
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from m3shm import __version__
 from m3shm import stats as st
@@ -59,8 +59,10 @@ def _num(v: float) -> str:
     return repr(v)
 
 
-def render(stats: st.StatsFile, seg: Segment, workers_configured: int) -> bytes:
-    """The whole page (runs on a pool thread)."""
+def render(stats: st.StatsFile, seg: Segment, workers_configured: int,
+           aggregator: Any = None) -> bytes:
+    """The whole page (runs on a pool thread). ``aggregator``: the asking worker's
+    m3shm.workers.aggregate.Aggregator (its cell store holds every shard's counters)."""
     p = _Page()
     n = stats.nworkers
     ws = [stats.worker(i) for i in range(n)]
@@ -132,6 +134,8 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int) -> bytes:
     p.lines.append(f"m3shm_commitlog_fsync_seconds_count {stats.sum(st.W_FSYNC_COUNT)}")
 
     _shards(p, seg)
+    if aggregator is not None:
+        _downsample(p, aggregator.store.totals())
     _process(p, stats, ws)
     return p.text()
 
@@ -172,6 +176,33 @@ def _shards(p: _Page, seg: Segment) -> None:
              [(f'shard="{s}"', b / lane_cap) for s, b in enumerate(backlog)])
     p.one("m3shm_ingest_lane_capacity_bytes", "gauge",
           "Capacity of one shard's lanes together (lane_bytes x workers).", lane_cap)
+
+
+def _downsample(p: _Page, t: dict[str, int]) -> None:
+    """Counters of the downsampling cells of every shard (docs/rules.md)."""
+    p.one("m3shm_downsample_late_samples_total", "counter",
+          "Samples for windows already final (older than the admission window): counted, not "
+          "aggregated (once per cell).", t["late"])
+    p.one("m3shm_downsample_evicted_windows_total", "counter",
+          "Windows finalised before their admission window ended, to make room in a cell.",
+          t["evicted"])
+    p.one("m3shm_downsample_out_of_order_samples_total", "counter",
+          "Samples a transform that needs time order (Increase, PerSecond, Add) skipped.",
+          t["ooo"])
+    p.one("m3shm_downsample_points_total", "counter",
+          "Aggregated points written (finalised windows, one per aggregation).", t["points"])
+    p.one("m3shm_downsample_samples_total", "counter",
+          "Samples applied to aggregation windows (once per cell).", t["applied"])
+    p.one("m3shm_downsample_raw_dropped_samples_total", "counter",
+          "Samples not stored raw because a drop rule matched their series.",
+          t["raw_dropped"])
+    p.one("m3shm_downsample_cells", "gauge", "Aggregation cells (series x policy x rule).",
+          t["cells"])
+    p.one("m3shm_downsample_cell_bytes", "gauge", "Bytes of aggregation cells and plans.",
+          t["cell_bytes"])
+    p.one("m3shm_downsample_plans_refused_total", "counter",
+          "Series left without cells because the cell arena was full (shm.cell_arena_bytes).",
+          t["refused"])
 
 
 def _proc_stat(pid: int) -> list[str] | None:

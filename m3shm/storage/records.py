@@ -35,6 +35,16 @@ class LabelTable:
             np.cumsum([len(s) for s in sets], out=offs[1:])
         self.offs = offs
 
+    @classmethod
+    def from_blob(cls, blob: bytes, offs: Any) -> LabelTable:
+        """A table over label sets already back to back (``offs``: n + 1 uint64 offsets)."""
+        import numpy as np
+
+        t = cls(())
+        t.blob = blob
+        t.offs = np.ascontiguousarray(offs, dtype=np.uint64)
+        return t
+
     def __len__(self) -> int:
         return len(self.offs) - 1
 

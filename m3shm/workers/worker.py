@@ -89,6 +89,7 @@ class Worker:
         self.flushed_store = FlushedStore(os.path.join(data_dir, "filesets"))
         # rule-set versions (m3shm/workers/rulesync.py); the Aggregator attaches to it
         self.rules = RuleSync(data_dir, stats, self.stats, index)
+        self.aggregator = None  # m3shm/workers/aggregate.py, made once the shards are recovered
 
     def drain_stopped(self) -> bool:
         return self._drain_stop.is_set()
@@ -130,6 +131,10 @@ class Worker:
         seg.recover_producer(self.index)
         for s in range(self.lo, self.hi):
             seg.recover_shard(s)
+        self.aggregator = self._make_aggregator()
+        if self.aggregator is not None:
+            self.rules.attach(self.aggregator.install_rules)
+            self.aggregator.activate_now(self.lo, self.hi)
         self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="m3shm-c")
         cl = self.cfg.commitlog
         self.clog = commitlog.CommitLog(self.cl_dir, self.boot, self.index, self.incarnation,
@@ -179,11 +184,32 @@ class Worker:
         for sig in self._pending_signals:
             self._on_flush_signal(sig)
         self._spawn(self.flusher.timer)
+        if self.aggregator is not None:
+            self._spawn(self.aggregator.timer)
         await stop.wait()
         ws.set(st.W_STATE, st.ST_STOPPING)
         await self._shutdown(server)
         beat.cancel()
         return 0
+
+    def _make_aggregator(self):  # noqa: ANN202 - Aggregator | None (imports numpy)
+        """Downsampling over the raw segment's cell store (m3shm/workers/aggregate.py);
+        checks this worker's cells a killed predecessor may have left half-written."""
+        from m3shm.aggstore import AggStore, store_path
+        from m3shm.workers.aggregate import Aggregator
+
+        if not os.path.exists(store_path(self.seg.path)):
+            return None  # a segment made without one (tools, tests of the bare segment)
+        agg = Aggregator(self, self.seg, AggStore.open(self.seg))
+        for s in range(self.lo, self.hi):
+            dropped = agg.store.recover(s)
+            if dropped:
+                log.warning("worker %d: shard %d: %d plans with damaged cells dropped (planned "
+                            "again)", self.index, s, dropped)
+        return agg
+
+    def _drain_beat_now(self) -> None:
+        self._drain_beat = time.monotonic()
 
     def _max_body(self) -> int:
         return self.cfg.limits.max_body_bytes
@@ -286,8 +312,18 @@ class Worker:
 
         n = 0
         files = [p for p in commitlog.list_files(self.cl_dir, self.boot) if not skip(p)]
+        agg = self.aggregator
+        if agg is not None:
+            from m3shm.workers.aggregate import read_watermark
+
+            # windows final at the last complete finalise round were written before the
+            # crash: their raw samples count as late, every later window is re-aggregated
+            agg.replay_now_ms = read_watermark(self.data_dir)
         for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0, skip=skip):
-            n += self.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
+            if agg is not None:
+                n += agg.replay_batch(b.payload, b.seq, self.lo, self.hi)
+            else:
+                n += self.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
         if self.index == 0:
             # files of earlier boots left without an index (a crash): every worker of this
             # boot replays them before its first flush pass, so they are closed as of this
@@ -302,7 +338,10 @@ class Worker:
         idle = 0
         while not self._drain_stop.is_set():
             self._drain_beat = time.monotonic()
-            n = self.seg.drain_range(self.lo, self.hi, 1024)
+            if self.aggregator is not None:
+                n = self.aggregator.drain(self.lo, self.hi, 1024, self._drain_beat_now)
+            else:
+                n = self.seg.drain_range(self.lo, self.hi, 1024)
             if n:
                 idle = 0
                 continue

@@ -1,0 +1,984 @@
+/*
+ * aggstore.c -- the aggregation store: downsampling cells in shared memory, per shard, and the
+ * plans that tie a series to its cells (format: docs/formats/aggstore.md).
+ *
+ * One store per segment, a file next to it in /dev/shm, created with the segment by the
+ * supervisor and inherited by the workers, so a worker killed by SIGKILL finds its cells again
+ * (a full restart creates both afresh and rebuilds open windows from the commit log). The
+ * store has one region per shard of its segment; the shard's owner is its only writer, and
+ * every write (drain thread: apply, install; timer: prepare, commit) holds the segment's shard
+ * lock (m3_shard_lock), so the owner's threads never race. Other processes read only the
+ * shard counters (relaxed loads of relaxed stores: statistics, no ordering implied).
+ *
+ * Region: header | plan table (one entry per series slot of the segment's shard) | spill |
+ * arena. A plan entry names the series generation it was made for, flags (RESOLVED, DROP_RAW)
+ * and a plan block in the arena: a block header, one descriptor per cell (what the cell's rows
+ * become: namespace id, kind, labels), label sets for cells that emit under fixed labels (a
+ * rollup group), then the cells (csrc/aggwin.c layout), 8-byte aligned. A slot whose series
+ * is replaced (generation changes) or whose plan is replaced (new rules) moves its old block
+ * to the retiring list, which is finalised like the table and freed once its cells hold no
+ * open window; freed blocks are reused first fit.
+ *
+ * Drain (m3_aggst_apply_rec, from m3_lane_drain_agg / m3_shard_apply_batch_agg): the record's
+ * series is looked up (created if new). No plan for this generation: return
+ * M3_AGG_NEEDS_PLAN without touching the record, and the caller lists every planless series
+ * among the published records (m3_aggst_want), so Python matches rules once per series, in
+ * batches, and installs the plans (m3_aggst_install); the record is then drained normally.
+ * With a plan: the raw samples go to the open blocks unless the plan drops them, then to
+ * every cell (m3_agg_apply). A record may be applied again after its owner was killed: each
+ * cell remembers the last (batch seq, record position) it took (its last_seq and the
+ * descriptor's last_pos), so a record already applied to a cell is skipped there. Several
+ * records of one batch share a seq, hence the position (lane byte position when draining,
+ * batch offset in replay; both grow within a batch). Windows a sample forces out of a cell's
+ * ring early (eviction) are finalised at once: their rows go to the spill, a small ring in the
+ * region, and leave with the next finalise.
+ *
+ * Finalise in two phases, so a finalised point is durable before its window is forgotten:
+ * m3_aggst_prepare computes the rows of every window final at `now` on a scratch copy of each
+ * due cell (the cell itself is untouched, post-transform state included) and writes them with
+ * the label set of each output series; the caller makes them durable (the aggregated
+ * namespace's commit log); m3_aggst_commit then finalises the same cells at the same `now` for
+ * real. Between the two, no sample can enter a window that prepare finalised: prepare raises
+ * the shard's now_floor to `now` and the drain applies with max(its now, now_floor), so such a
+ * sample is late. A crash between the phases only repeats the rows (same timestamps, same
+ * values: the query merge keeps one).
+ *
+ * Crash safety: an install writes the block, then the plan entry (flags last); a killed
+ * installer leaves the entry unresolved and the block leaked (one per crash). m3_aggst_recover
+ * re-checks every plan's block and cells (m3_agg_cell_check) and drops plans it cannot trust
+ * (they are asked for again).
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "seg_int.h"
+
+#define AGGST_MAGIC 0x4741334du /* "M3AG" */
+#define PLAN_MAGIC 0x4e414c50u  /* "PLAN" */
+#define AGGST_HDR 4096
+#define SHARD_HDR_BYTES 256
+#define ARENA_FIRST 64          /* offset 0 means none: the first bytes are never used */
+#define TMP_ROWS 256
+
+enum { PE_RESOLVED = 1, PE_DROP_RAW = 2 };
+
+typedef struct aggst_hdr {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t size;
+    uint32_t num_shards;
+    uint32_t slots;          /* plan entries per shard = the segment's slot capacity */
+    uint64_t arena_bytes;    /* per shard */
+    uint64_t region_bytes;
+    uint64_t table_off;      /* offsets inside a region */
+    uint64_t spill_off;
+    uint64_t arena_off;
+    uint64_t seg_checksum;   /* the segment this store belongs to */
+} aggst_hdr;
+
+typedef struct aggst_shard {
+    uint64_t bump;           /* next never-used arena byte */
+    uint64_t free_head;      /* freed blocks, linked through next */
+    uint64_t retiring;       /* replaced blocks with open windows, linked through next */
+    int64_t now_floor;       /* the drain applies with now >= it (two-phase finalise) */
+    uint32_t spill_n;        /* rows in the spill */
+    uint32_t round;          /* ask round (m3_aggst_want) */
+    /* statistics (relaxed; any process reads) */
+    uint64_t plans;
+    uint64_t cells;
+    uint64_t cell_bytes;
+    uint64_t applied;
+    uint64_t late;
+    uint64_t evicted;
+    uint64_t ooo;
+    uint64_t points;
+    uint64_t refused;        /* plans installed without cells: the arena was full */
+    uint64_t spill_lost;     /* evicted rows that found the spill full */
+    uint64_t raw_dropped;    /* samples not stored raw (drop rules) */
+    uint64_t asked;          /* series reported for a plan */
+    uint64_t rules_version;  /* rule-set version the shard's plans were made with (Python's) */
+    uint64_t pad[14];
+} aggst_shard;
+
+typedef struct plan_entry {
+    uint32_t gen;            /* series generation the plan is for */
+    uint32_t flags;          /* PE_* */
+    uint64_t block;          /* arena offset of the plan block, 0 = no cells */
+    uint32_t round;          /* last ask round that listed it */
+    uint32_t pad;
+} plan_entry;
+
+typedef struct plan_blk {
+    uint32_t magic;
+    uint32_t ncells;
+    uint64_t bytes;
+    uint64_t next;           /* retiring / free list link */
+    uint32_t slot;
+    uint32_t gen;
+} plan_blk;
+
+typedef struct plan_cell {
+    uint32_t cell_off;       /* from the block start */
+    uint32_t cell_bytes;
+    uint32_t labels_off;     /* from the block start; 0 = the series' own labels */
+    uint32_t labels_len;
+    uint16_t ns_id;          /* namespace the rows go to */
+    uint8_t kind;            /* enum m3_agg_kind */
+    uint8_t flags;           /* M3_AGGC_* */
+    uint32_t pad;
+    uint64_t last_pos;       /* with the cell's last_seq: the last record applied */
+} plan_cell;
+
+typedef struct spill_row {
+    uint64_t block;
+    uint16_t cell;
+    uint16_t agg;
+    uint32_t pad;
+    int64_t ts;
+    double value;
+} spill_row;
+
+_Static_assert(sizeof(aggst_hdr) <= AGGST_HDR, "store header");
+_Static_assert(sizeof(aggst_shard) == SHARD_HDR_BYTES, "store shard header");
+_Static_assert(sizeof(plan_entry) == 24, "plan entry");
+_Static_assert(sizeof(plan_blk) == 32, "plan block header");
+_Static_assert(sizeof(plan_cell) == 32, "plan cell descriptor");
+_Static_assert(sizeof(spill_row) == 32, "spill row");
+_Static_assert(sizeof(m3_aggst_row) == 24, "output row");
+
+static const char *const AGG_LOWER[22] = {
+    "last", "min", "max", "mean", "median", "count", "sum", "sumsq", "stdev", "p10", "p20",
+    "p30", "p40", "p50", "p60", "p70", "p80", "p90", "p95", "p99", "p999", "p9999"};
+
+static inline aggst_hdr *hdr_of(uint8_t *store) { return (aggst_hdr *)store; }
+static inline uint8_t *region_of(uint8_t *store, uint32_t shard)
+{
+    return store + AGGST_HDR + (uint64_t)shard * hdr_of(store)->region_bytes;
+}
+static inline aggst_shard *sh_of(uint8_t *store, uint32_t shard)
+{
+    return (aggst_shard *)region_of(store, shard);
+}
+static inline plan_entry *table_of(uint8_t *store, uint32_t shard)
+{
+    return (plan_entry *)(region_of(store, shard) + hdr_of(store)->table_off);
+}
+static inline spill_row *spill_of(uint8_t *store, uint32_t shard)
+{
+    return (spill_row *)(region_of(store, shard) + hdr_of(store)->spill_off);
+}
+static inline uint8_t *arena_of(uint8_t *store, uint32_t shard)
+{
+    return region_of(store, shard) + hdr_of(store)->arena_off;
+}
+static inline plan_cell *cells_of(plan_blk *b) { return (plan_cell *)(b + 1); }
+static inline m3_aggcell *cell_of(plan_blk *b, const plan_cell *pc)
+{
+    return (m3_aggcell *)((uint8_t *)b + pc->cell_off);
+}
+static inline void add_stat(uint64_t *p, uint64_t d)
+{
+    if (d)
+        /* Relaxed: a statistic; readers in other processes need no ordering with it. */
+        __atomic_store_n(p, *p + d, __ATOMIC_RELAXED);
+}
+
+/* ---- layout ------------------------------------------------------------------------------ */
+
+static void layout(const seg_hdr *sh, uint64_t arena_bytes, aggst_hdr *out)
+{
+    memset(out, 0, sizeof *out);
+    out->num_shards = sh->p.num_shards;
+    out->slots = (uint32_t)sh->slot_cap;
+    out->arena_bytes = arena_bytes;
+    out->table_off = SHARD_HDR_BYTES;
+    out->spill_off = round8(out->table_off + (uint64_t)out->slots * sizeof(plan_entry));
+    out->arena_off = (out->spill_off + M3_AGGST_SPILL * sizeof(spill_row) + 63) & ~63ull;
+    out->region_bytes = (out->arena_off + arena_bytes + 4095) & ~4095ull;
+    out->size = AGGST_HDR + out->region_bytes * out->num_shards;
+    out->seg_checksum = sh->checksum;
+}
+
+uint64_t m3_aggst_size(const uint8_t *seg, uint64_t arena_bytes)
+{
+    if (!seg || arena_bytes < 4096 || arena_bytes > (UINT64_C(1) << 40))
+        return 0;
+    aggst_hdr h;
+    layout(cseg_of(seg), arena_bytes, &h);
+    return h.size;
+}
+
+int m3_aggst_init(uint8_t *store, uint64_t size, const uint8_t *seg, uint64_t arena_bytes)
+{
+    if (!store || !seg || m3_aggst_size(seg, arena_bytes) != size)
+        return M3_EINVAL;
+    aggst_hdr h;
+    layout(cseg_of(seg), arena_bytes, &h);
+    h.magic = AGGST_MAGIC;
+    h.version = M3_AGGST_VERSION;
+    memcpy(store, &h, sizeof h);
+    for (uint32_t s = 0; s < h.num_shards; s++)
+        sh_of(store, s)->bump = ARENA_FIRST;  /* the rest of the file is zero (ftruncate) */
+    return M3_OK;
+}
+
+int m3_aggst_check(const uint8_t *store, uint64_t size, const uint8_t *seg)
+{
+    if (!store || !seg || size < AGGST_HDR)
+        return M3_EINVAL;
+    const aggst_hdr *h = (const aggst_hdr *)store;
+    if (h->magic != AGGST_MAGIC)
+        return M3_ECORRUPT;
+    if (h->version != M3_AGGST_VERSION)
+        return M3_EVERSION;
+    aggst_hdr want;
+    layout(cseg_of(seg), h->arena_bytes, &want);
+    if (h->size != size || want.size != size || want.seg_checksum != h->seg_checksum ||
+        want.slots != h->slots || want.num_shards != h->num_shards)
+        return M3_ECORRUPT;
+    return M3_OK;
+}
+
+/* ---- allocation -------------------------------------------------------------------------- */
+
+static uint64_t blk_alloc(uint8_t *store, uint32_t shard, uint64_t bytes)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    uint8_t *arena = arena_of(store, shard);
+    uint64_t *link = &sh->free_head;
+    uint64_t cap = hdr_of(store)->arena_bytes;
+    for (int hops = 0; *link && hops < 64; hops++) {
+        if (*link % 8 || *link < ARENA_FIRST || *link + sizeof(plan_blk) > cap) {
+            *link = 0;  /* a link a killed owner left half-written: cut the list */
+            break;
+        }
+        plan_blk *b = (plan_blk *)(arena + *link);
+        if (b->bytes >= bytes && b->bytes <= bytes + bytes / 4) {
+            uint64_t off = *link;
+            *link = b->next;
+            return off;
+        }
+        link = &b->next;
+    }
+    if (sh->bump + bytes > cap)
+        return 0;
+    uint64_t off = sh->bump;
+    sh->bump += bytes;
+    return off;
+}
+
+static plan_blk *blk_at(uint8_t *store, uint32_t shard, uint64_t off)
+{
+    uint64_t cap = hdr_of(store)->arena_bytes;
+    if (off < ARENA_FIRST || off % 8 || off + sizeof(plan_blk) > cap)
+        return NULL;
+    plan_blk *b = (plan_blk *)(arena_of(store, shard) + off);
+    if (b->magic != PLAN_MAGIC || b->bytes > cap - off ||
+        sizeof(plan_blk) + (uint64_t)b->ncells * sizeof(plan_cell) > b->bytes)
+        return NULL;
+    return b;
+}
+
+static int blk_open(plan_blk *b)
+{
+    for (uint32_t k = 0; k < b->ncells; k++) {
+        const m3_aggcell *c = cell_of(b, &cells_of(b)[k]);
+        if (c->hi_widx != INT64_MIN && c->lo_widx <= c->hi_widx)
+            return 1;
+    }
+    return 0;
+}
+
+static void blk_free(uint8_t *store, uint32_t shard, uint64_t off)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    plan_blk *b = (plan_blk *)(arena_of(store, shard) + off);
+    add_stat(&sh->cells, (uint64_t)0 - b->ncells);
+    add_stat(&sh->cell_bytes, (uint64_t)0 - b->bytes);
+    add_stat(&sh->plans, (uint64_t)0 - 1);
+    b->magic = 0;
+    b->next = sh->free_head;
+    sh->free_head = off;
+}
+
+/* A block leaves its plan entry: freed now if no window is open and no spill row names it,
+   else kept on the retiring list until the finalise empties it. */
+static void blk_retire(uint8_t *store, uint32_t shard, uint64_t off)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    plan_blk *b = blk_at(store, shard, off);
+    if (!b)
+        return;
+    int named = 0;
+    for (uint32_t i = 0; i < sh->spill_n && !named; i++)
+        named = spill_of(store, shard)[i].block == off;
+    if (!named && !blk_open(b)) {
+        blk_free(store, shard, off);
+        return;
+    }
+    b->next = sh->retiring;
+    sh->retiring = off;
+}
+
+/* ---- plans ------------------------------------------------------------------------------- */
+
+static int slot_live(const shard_view *v, uint32_t slot, uint32_t gen)
+{
+    if (slot >= v->h->slot_cap || slot >= v->sh->nseries)
+        return 0;
+    const series_slot *s = &v->slots[slot];
+    return s->state == SLOT_LIVE && s->gen == gen;
+}
+
+int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot, uint32_t gen,
+                     uint32_t flags, const m3_agg_params *params, const uint32_t *meta,
+                     const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,
+                     int64_t start_ms)
+{
+    if (!seg || !store || shard >= hdr_of(store)->num_shards || slot >= hdr_of(store)->slots ||
+        (ncells && (!params || !meta || !loffs)) || ncells > 4096 ||
+        (flags & ~(uint32_t)M3_PLAN_DROP_RAW))
+        return M3_EINVAL;
+    uint64_t bytes = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
+    uint64_t lbytes = 0;
+    for (uint32_t k = 0; k < ncells; k++) {
+        uint64_t cb = m3_agg_cell_bytes(&params[k]);
+        if (!cb || loffs[k + 1] < loffs[k] || loffs[k + 1] - loffs[k] > 65535 ||
+            (loffs[k + 1] > loffs[k] && !labels) || ((meta[k] >> 16) & 0xff) > M3_AGGK_ROLLUP)
+            return M3_EINVAL;
+        lbytes += round8(loffs[k + 1] - loffs[k]);
+        bytes += cb;
+    }
+    bytes += lbytes;
+    if (bytes > UINT32_MAX)
+        return M3_EINVAL;
+    m3_shard_lock(seg, shard);
+    shard_view v = shard_view_of(seg, shard);
+    if (!slot_live(&v, slot, gen)) {
+        m3_shard_unlock(seg, shard);
+        return M3_ENOENT;
+    }
+    aggst_shard *sh = sh_of(store, shard);
+    plan_entry *pe = &table_of(store, shard)[slot];
+    uint32_t pflags = PE_RESOLVED | ((flags & M3_PLAN_DROP_RAW) ? PE_DROP_RAW : 0);
+    /* the entry stops naming its old block before anything else changes */
+    pe->flags = 0;
+    if (pe->block) {
+        uint64_t old = pe->block;
+        pe->block = 0;
+        blk_retire(store, shard, old);
+    }
+    uint64_t off = ncells ? blk_alloc(store, shard, bytes) : 0;
+    int rc = M3_OK;
+    if (ncells && !off) {
+        add_stat(&sh->refused, 1);
+        rc = M3_ENOSPC;  /* resolved without cells: raw only, not asked again */
+    } else if (ncells) {
+        plan_blk *b = (plan_blk *)(arena_of(store, shard) + off);
+        memset(b, 0, sizeof *b + (uint64_t)ncells * sizeof(plan_cell));
+        b->ncells = ncells;
+        b->bytes = bytes;
+        b->slot = slot;
+        b->gen = gen;
+        uint64_t at = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
+        for (uint32_t k = 0; k < ncells; k++) {
+            plan_cell *pc = &cells_of(b)[k];
+            uint32_t len = (uint32_t)(loffs[k + 1] - loffs[k]);
+            pc->ns_id = (uint16_t)(meta[k] & 0xffff);
+            pc->kind = (uint8_t)((meta[k] >> 16) & 0xff);
+            pc->flags = (uint8_t)(meta[k] >> 24);
+            if (len) {
+                pc->labels_off = (uint32_t)at;
+                pc->labels_len = len;
+                memcpy((uint8_t *)b + at, labels + loffs[k], len);
+                at += round8(len);
+            }
+        }
+        for (uint32_t k = 0; k < ncells; k++) {
+            plan_cell *pc = &cells_of(b)[k];
+            uint64_t cb = m3_agg_cell_bytes(&params[k]);
+            pc->cell_off = (uint32_t)at;
+            pc->cell_bytes = (uint32_t)cb;
+            m3_agg_cell_init((uint8_t *)b + at, cb, &params[k]);
+            if (start_ms != INT64_MIN) {
+                /* windows ending at or before start_ms belong to the plan this one replaces:
+                   final here from the start, so a sample for them is late, not counted twice */
+                m3_aggcell *c = (m3_aggcell *)((uint8_t *)b + at);
+                int64_t q = start_ms / params[k].res_ms;
+                if (start_ms % params[k].res_ms < 0)
+                    q--;
+                c->done_widx = q - 1;
+            }
+            at += cb;
+        }
+        b->magic = PLAN_MAGIC;
+        pe->block = off;
+        add_stat(&sh->plans, 1);
+        add_stat(&sh->cells, ncells);
+        add_stat(&sh->cell_bytes, bytes);
+    }
+    pe->gen = gen;
+    pe->flags = pflags;  /* last: an installer killed before it leaves the plan unresolved */
+    m3_shard_unlock(seg, shard);
+    return rc;
+}
+
+int m3_aggst_plan(uint8_t *store, uint32_t shard, uint32_t slot, uint32_t *gen,
+                  uint32_t *flags, uint32_t *ncells)
+{
+    if (!store || shard >= hdr_of(store)->num_shards || slot >= hdr_of(store)->slots)
+        return M3_EINVAL;
+    plan_entry *pe = &table_of(store, shard)[slot];
+    plan_blk *b = pe->block ? blk_at(store, shard, pe->block) : NULL;
+    *gen = pe->gen;
+    *flags = pe->flags & (PE_RESOLVED | PE_DROP_RAW);
+    *ncells = b ? b->ncells : 0;
+    return M3_OK;
+}
+
+uint32_t m3_aggst_next_round(uint8_t *store, uint32_t shard)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    sh->round = sh->round + 1 ? sh->round + 1 : 1;
+    return sh->round;
+}
+
+int m3_aggst_want(uint8_t *base, uint8_t *store, const m3_rec *r, uint32_t round,
+                  uint32_t *slot, uint32_t *gen)
+{
+    shard_view v = shard_view_of(base, r->shard);
+    int64_t s = m3_series_resolve(&v, r);
+    if (s < 0)
+        return 0;
+    plan_entry *pe = &table_of(store, r->shard)[s];
+    uint32_t g = v.slots[s].gen;
+    if ((pe->flags & PE_RESOLVED) && pe->gen == g)
+        return 0;
+    if (pe->round == round)
+        return 0;
+    pe->round = round;
+    *slot = (uint32_t)s;
+    *gen = g;
+    add_stat(&sh_of(store, r->shard)->asked, 1);
+    return 1;
+}
+
+/* ---- applying ---------------------------------------------------------------------------- */
+
+static void spill_rows(uint8_t *store, uint32_t shard, uint64_t block, uint32_t k,
+                       const m3_agg_out *rows, size_t n)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    spill_row *sp = spill_of(store, shard);
+    for (size_t i = 0; i < n; i++) {
+        if (sh->spill_n >= M3_AGGST_SPILL) {
+            add_stat(&sh->spill_lost, n - i);
+            return;
+        }
+        spill_row *o = &sp[sh->spill_n];
+        o->block = block;
+        o->cell = (uint16_t)k;
+        o->agg = (uint16_t)rows[i].agg;
+        o->pad = 0;
+        o->ts = rows[i].ts;
+        o->value = rows[i].value;
+        sh->spill_n++;
+    }
+}
+
+static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
+                       const m3_rec *r, uint64_t seq, uint64_t pos, int64_t now)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    const double *vals = (const double *)(ts + r->nsamples);
+    m3_agg_out tmp[TMP_ROWS];
+    uint64_t applied = 0, late = 0, evicted = 0, ooo = 0;
+    for (uint32_t k = 0; k < b->ncells; k++) {
+        plan_cell *pc = &cells_of(b)[k];
+        m3_aggcell *c = cell_of(b, pc);
+        if (seq && (seq < c->last_seq || (seq == c->last_seq && pos <= pc->last_pos))) {
+            c->dup += r->nsamples;
+            continue;
+        }
+        uint64_t a0 = c->applied, l0 = c->late, e0 = c->evicted, o0 = c->ooo;
+        size_t start = 0;
+        for (;;) {
+            size_t nout = 0, done = 0;
+            int rc = m3_agg_apply((uint8_t *)c, pc->cell_bytes, 1, 0, 0, ts + start,
+                                  vals + start, r->nsamples - start, now, tmp, TMP_ROWS, &nout,
+                                  &done);
+            spill_rows(store, shard, off, k, tmp, nout);
+            start += done;
+            if (rc != M3_ENOSPC || (nout == 0 && done == 0))
+                break;
+        }
+        c->last_seq = seq;
+        pc->last_pos = pos;
+        applied += c->applied - a0;
+        late += c->late - l0;
+        evicted += c->evicted - e0;
+        ooo += c->ooo - o0;
+    }
+    add_stat(&sh->applied, applied);
+    add_stat(&sh->late, late);
+    add_stat(&sh->evicted, evicted);
+    add_stat(&sh->ooo, ooo);
+}
+
+int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
+                       uint64_t pos, int64_t now_ms)
+{
+    shard_view v = shard_view_of(base, r->shard);
+    aggst_shard *sh = sh_of(store, r->shard);
+    int64_t slot = m3_series_resolve(&v, r);
+    if (slot < 0) {
+        __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
+        return M3_ENOSPC;
+    }
+    plan_entry *pe = &table_of(store, r->shard)[slot];
+    if (!(pe->flags & PE_RESOLVED) || pe->gen != v.slots[slot].gen)
+        return M3_AGG_NEEDS_PLAN;
+    int rc = M3_OK;
+    if (pe->flags & PE_DROP_RAW)
+        add_stat(&sh->raw_dropped, r->nsamples);
+    else if ((rc = m3_series_append(&v, (uint32_t)slot, r)) != M3_OK)
+        __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
+    if (pe->block) {
+        plan_blk *b = blk_at(store, r->shard, pe->block);
+        if (b)
+            apply_plan(store, r->shard, pe->block, b, r, seq, pos,
+                       now_ms > sh->now_floor ? now_ms : sh->now_floor);
+    }
+    return rc;
+}
+
+int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
+                             uint64_t seq, uint32_t lo, uint32_t hi, int64_t now_ms,
+                             size_t *off, uint32_t *need_shard, uint32_t *need,
+                             uint32_t *need_gen, size_t need_cap, size_t *nneed)
+{
+    if (!base || !store || !off || !need_shard || !need || !need_gen || !nneed || !need_cap)
+        return M3_EINVAL;
+    const seg_hdr *h = cseg_of(base);
+    *nneed = 0;
+    int n = 0;
+    while (*off < len) {
+        if (*off % 8)
+            return M3_ECORRUPT;
+        const m3_rec *r = (const m3_rec *)(batch + *off);
+        int rc = m3_rec_check(r, len - *off, h->p.num_shards);
+        if (rc)
+            return rc;
+        if (r->shard >= lo && r->shard < hi) {
+            m3_shard_lock(base, r->shard);
+            rc = m3_aggst_apply_rec(base, store, r, seq, *off, now_ms);
+            if (rc == M3_AGG_NEEDS_PLAN) {
+                /* list every planless series of the rest of the batch, then stop here */
+                uint32_t round = m3_aggst_next_round(store, r->shard);
+                for (size_t o = *off; o < len && *nneed < need_cap;) {
+                    const m3_rec *q = (const m3_rec *)(batch + o);
+                    if (m3_rec_check(q, len - o, h->p.num_shards))
+                        break;
+                    if (q->shard == r->shard &&
+                        m3_aggst_want(base, store, q, round, &need[*nneed], &need_gen[*nneed]))
+                        need_shard[(*nneed)++] = q->shard;
+                    o += q->len;
+                }
+                m3_shard_unlock(base, r->shard);
+                return n;
+            }
+            m3_shard_unlock(base, r->shard);
+            n++;
+        }
+        *off += r->len;
+    }
+    return n;
+}
+
+/* ---- finalising -------------------------------------------------------------------------- */
+
+/* Canonical labels of one output stream into out: the cell's fixed labels, or the series' own
+   with m3_aggregation="<agg>" put in name order (replacing one the series has) when the cell
+   keeps several aggregations. Returns the length, or -1 if it does not fit. */
+static int64_t stream_labels(const shard_view *v, const plan_blk *b, const plan_cell *pc,
+                             uint32_t agg, uint8_t *out, size_t cap)
+{
+    const uint8_t *src;
+    uint32_t len;
+    if (pc->labels_off) {
+        src = (const uint8_t *)b + pc->labels_off;
+        len = pc->labels_len;
+    } else {
+        if (!slot_live(v, b->slot, b->gen))
+            return -2;  /* the series is gone: its rows have no name */
+        const series_slot *s = &v->slots[b->slot];
+        src = v->arena + s->labels_off;
+        len = s->labels_len;
+    }
+    if (!(pc->flags & M3_AGGC_AGG_LABEL) || pc->labels_off) {
+        if (len > cap)
+            return -1;
+        memcpy(out, src, len);
+        return len;
+    }
+    static const char name[] = "m3_aggregation";
+    const size_t nl = sizeof name - 1;
+    const char *val = AGG_LOWER[agg < 22 ? agg : 0];
+    size_t vl = strlen(val);
+    size_t o = 0, i = 0;
+    int placed = 0;
+    while (i + 2 <= len) {
+        size_t kl = (size_t)src[i] | (size_t)src[i + 1] << 8;
+        if (i + 4 + kl > len)
+            break;
+        size_t xl = (size_t)src[i + 2 + kl] | (size_t)src[i + 3 + kl] << 8;
+        size_t whole = 4 + kl + xl;
+        if (i + whole > len)
+            break;
+        int cmp = memcmp(src + i + 2, name, kl < nl ? kl : nl);
+        if (cmp == 0)
+            cmp = kl < nl ? -1 : kl > nl ? 1 : 0;
+        if (!placed && cmp >= 0) {
+            if (o + 4 + nl + vl > cap)
+                return -1;
+            out[o++] = (uint8_t)nl;
+            out[o++] = 0;
+            memcpy(out + o, name, nl);
+            o += nl;
+            out[o++] = (uint8_t)vl;
+            out[o++] = 0;
+            memcpy(out + o, val, vl);
+            o += vl;
+            placed = 1;
+            if (cmp == 0) {  /* the series' own m3_aggregation label is replaced */
+                i += whole;
+                continue;
+            }
+        }
+        if (o + whole > cap)
+            return -1;
+        memcpy(out + o, src + i, whole);
+        o += whole;
+        i += whole;
+    }
+    if (!placed) {
+        if (o + 4 + nl + vl > cap)
+            return -1;
+        out[o++] = (uint8_t)nl;
+        out[o++] = 0;
+        memcpy(out + o, name, nl);
+        o += nl;
+        out[o++] = (uint8_t)vl;
+        out[o++] = 0;
+        memcpy(out + o, val, vl);
+        o += vl;
+    }
+    return (int64_t)o;
+}
+
+typedef struct outbuf {
+    uint8_t *labels;
+    size_t labels_cap;
+    uint64_t *loffs;        /* streams_cap + 1 entries; loffs[0] = 0 */
+    size_t streams_cap;
+    size_t nstreams;
+    m3_aggst_row *rows;
+    size_t rows_cap;
+    size_t nrows;
+} outbuf;
+
+/* Rows of one cell (tmp[0..n), oldest window first) as one stream per aggregation. Returns
+   0, -1 when the output is full, -2 when the series is gone (rows dropped). */
+static int put_rows(outbuf *o, const shard_view *v, const plan_blk *b, const plan_cell *pc,
+                    const m3_agg_out *tmp, size_t n)
+{
+    uint32_t aggs = 0;
+    for (size_t i = 0; i < n; i++)
+        aggs |= 1u << tmp[i].agg;
+    for (uint32_t m = aggs; m; m &= m - 1) {
+        uint32_t agg = (uint32_t)__builtin_ctz(m);
+        if (o->nstreams >= o->streams_cap)
+            return -1;
+        uint64_t at = o->loffs[o->nstreams];
+        int64_t len = stream_labels(v, b, pc, agg, o->labels + at, o->labels_cap - at);
+        if (len < 0)
+            return (int)len;
+        size_t cnt = 0;
+        for (size_t i = 0; i < n; i++)
+            cnt += tmp[i].agg == agg;
+        if (o->rows_cap - o->nrows < cnt)
+            return -1;
+        for (size_t i = 0; i < n; i++) {
+            if (tmp[i].agg != agg)
+                continue;
+            m3_aggst_row *r = &o->rows[o->nrows++];
+            r->stream = (uint32_t)o->nstreams;
+            r->ns = pc->ns_id;
+            r->kind = pc->kind;
+            r->agg = (uint8_t)agg;
+            r->ts = tmp[i].ts;
+            r->value = tmp[i].value;
+        }
+        o->loffs[o->nstreams + 1] = at + (uint64_t)len;
+        o->nstreams++;
+    }
+    return 0;
+}
+
+/* Finalise one block's due cells at now: into out (prepare: on scratch copies) or for real
+   (commit: rows counted, not written). Returns 0, or -1 when out is full (prepare). */
+static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, plan_blk *b,
+                        int64_t now, int commit, uint8_t *scratch, size_t scratch_cap,
+                        outbuf *o, uint64_t *points)
+{
+    m3_agg_out tmp[TMP_ROWS];
+    (void)store;
+    (void)shard;
+    for (uint32_t k = 0; k < b->ncells; k++) {
+        plan_cell *pc = &cells_of(b)[k];
+        m3_aggcell *c = cell_of(b, pc);
+        if (c->due_ms > now)
+            continue;
+        uint8_t *cell = (uint8_t *)c;
+        if (!commit) {
+            if (pc->cell_bytes > scratch_cap)
+                return -1;
+            memcpy(scratch, c, pc->cell_bytes);
+            cell = scratch;
+        }
+        uint32_t next = 0;
+        int rc;
+        do {
+            size_t nout = 0;
+            rc = m3_agg_finalise(cell, pc->cell_bytes, 1, 0, now, tmp, TMP_ROWS, &nout, &next);
+            if (commit) {
+                *points += nout;
+            } else if (nout) {
+                int pr = put_rows(o, v, b, pc, tmp, nout);
+                if (pr == -1)
+                    return -1;
+            }
+        } while (rc == M3_ENOSPC);
+    }
+    return 0;
+}
+
+static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
+                         int commit, uint32_t first, uint32_t last, uint32_t *next,
+                         uint32_t *spill_upto, uint8_t *scratch, size_t scratch_cap, outbuf *o)
+{
+    aggst_hdr *h = hdr_of(store);
+    aggst_shard *sh = sh_of(store, shard);
+    plan_entry *tab = table_of(store, shard);
+    shard_view v = shard_view_of(seg, shard);
+    uint64_t points = 0;
+    int rc = M3_OK;
+    if (!commit && now_ms > sh->now_floor)
+        sh->now_floor = now_ms;
+    if (first == 0) {
+        /* the spill: rows of windows evicted by the drain, all of them or none */
+        spill_row *sp = spill_of(store, shard);
+        uint32_t n = *spill_upto < sh->spill_n ? *spill_upto : sh->spill_n;
+        if (!commit) {
+            size_t ns0 = o->nstreams, nr0 = o->nrows;
+            for (uint32_t i = 0; i < n; i++) {
+                plan_blk *b = blk_at(store, shard, sp[i].block);
+                if (!b || sp[i].cell >= b->ncells)
+                    continue;
+                m3_agg_out row = {sp[i].cell, sp[i].agg, sp[i].ts, sp[i].value};
+                if (put_rows(o, &v, b, &cells_of(b)[sp[i].cell], &row, 1) == -1) {
+                    o->nstreams = ns0;  /* they leave with a later round */
+                    o->nrows = nr0;
+                    n = 0;
+                    break;
+                }
+            }
+            *spill_upto = n;
+        } else {
+            memmove(sp, sp + n, (sh->spill_n - n) * sizeof(spill_row));
+            sh->spill_n -= n;
+            points += n;
+        }
+    }
+    uint32_t i = first;
+    for (; i < last && i <= h->slots; i++) {
+        if (i == h->slots) {
+            /* the retiring list, as one unit after the table */
+            uint64_t *link = &sh->retiring;
+            while (*link) {
+                plan_blk *b = blk_at(store, shard, *link);
+                if (!b) {
+                    *link = 0;  /* a damaged link: cut the list (the rest leaks) */
+                    break;
+                }
+                size_t ns0 = o ? o->nstreams : 0, nr0 = o ? o->nrows : 0;
+                if (blk_finalise(store, shard, &v, b, now_ms, commit, scratch, scratch_cap, o,
+                                 &points)) {
+                    o->nstreams = ns0;
+                    o->nrows = nr0;
+                    rc = M3_ENOSPC;
+                    break;
+                }
+                if (commit && !blk_open(b)) {
+                    int named = 0;
+                    for (uint32_t j = 0; j < sh->spill_n && !named; j++)
+                        named = spill_of(store, shard)[j].block == *link;
+                    if (!named) {
+                        uint64_t off = *link;
+                        *link = b->next;
+                        blk_free(store, shard, off);
+                        continue;
+                    }
+                }
+                link = &b->next;
+            }
+            if (rc)
+                break;
+            continue;
+        }
+        plan_entry *pe = &tab[i];
+        if (!(pe->flags & PE_RESOLVED) || !pe->block)
+            continue;
+        plan_blk *b = blk_at(store, shard, pe->block);
+        if (!b)
+            continue;
+        size_t ns0 = o ? o->nstreams : 0, nr0 = o ? o->nrows : 0;
+        if (blk_finalise(store, shard, &v, b, now_ms, commit, scratch, scratch_cap, o,
+                         &points)) {
+            o->nstreams = ns0;  /* all of a slot or nothing: commit takes whole slots */
+            o->nrows = nr0;
+            rc = M3_ENOSPC;
+            break;
+        }
+    }
+    if (next)
+        *next = i;
+    add_stat(&sh->points, points);
+    return rc;
+}
+
+int m3_aggst_prepare(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
+                     uint32_t first, uint32_t *next, uint32_t *spill_n, uint8_t *scratch,
+                     size_t scratch_cap, uint8_t *labels, size_t labels_cap, uint64_t *loffs,
+                     size_t streams_cap, size_t *nstreams, m3_aggst_row *rows, size_t rows_cap,
+                     size_t *nrows)
+{
+    if (!seg || !store || shard >= hdr_of(store)->num_shards || !next || !spill_n ||
+        !scratch || !labels || !loffs || !streams_cap || !nstreams || !rows || !nrows)
+        return M3_EINVAL;
+    outbuf o = {labels, labels_cap, loffs, streams_cap, 0, rows, rows_cap, 0};
+    loffs[0] = 0;
+    m3_shard_lock(seg, shard);
+    *spill_n = sh_of(store, shard)->spill_n;
+    if (first != 0)
+        *spill_n = 0;
+    int rc = finalise_pass(seg, store, shard, now_ms, 0, first, UINT32_MAX, next, spill_n,
+                           scratch, scratch_cap, &o);
+    m3_shard_unlock(seg, shard);
+    *nstreams = o.nstreams;
+    *nrows = o.nrows;
+    if (rc == M3_ENOSPC && *next == first && o.nrows == 0)
+        return M3_EINVAL;  /* not even one slot fits: the caller's buffers are too small */
+    return rc;
+}
+
+int m3_aggst_commit(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
+                    uint32_t first, uint32_t last, uint32_t spill_n)
+{
+    if (!seg || !store || shard >= hdr_of(store)->num_shards)
+        return M3_EINVAL;
+    m3_shard_lock(seg, shard);
+    int rc = finalise_pass(seg, store, shard, now_ms, 1, first, last, NULL, &spill_n, NULL, 0,
+                           NULL);
+    m3_shard_unlock(seg, shard);
+    return rc;
+}
+
+void m3_aggst_set_rules_version(uint8_t *store, uint32_t shard, uint64_t version)
+{
+    if (store && shard < hdr_of(store)->num_shards)
+        /* Relaxed: read back by the owner's next incarnation and as a statistic. */
+        __atomic_store_n(&sh_of(store, shard)->rules_version, version, __ATOMIC_RELAXED);
+}
+
+/* ---- recovery and statistics ------------------------------------------------------------- */
+
+int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard)
+{
+    if (!seg || !store || shard >= hdr_of(store)->num_shards)
+        return M3_EINVAL;
+    aggst_hdr *h = hdr_of(store);
+    aggst_shard *sh = sh_of(store, shard);
+    if (sh->bump < ARENA_FIRST || sh->bump > h->arena_bytes)
+        sh->bump = h->arena_bytes;  /* nothing more is allocated from a damaged pointer */
+    if (sh->spill_n > M3_AGGST_SPILL)
+        sh->spill_n = 0;
+    if ((sh->free_head % 8) || sh->free_head >= h->arena_bytes)
+        sh->free_head = 0;  /* free blocks are only reused through valid links */
+    plan_entry *tab = table_of(store, shard);
+    int dropped = 0;
+    for (uint32_t i = 0; i < h->slots; i++) {
+        plan_entry *pe = &tab[i];
+        if (!pe->block)
+            continue;
+        plan_blk *b = blk_at(store, shard, pe->block);
+        int ok = b != NULL;
+        for (uint32_t k = 0; ok && k < b->ncells; k++) {
+            plan_cell *pc = &cells_of(b)[k];
+            ok = (uint64_t)pc->cell_off + pc->cell_bytes <= b->bytes && pc->cell_off % 8 == 0 &&
+                 m3_agg_cell_check((uint8_t *)b + pc->cell_off, pc->cell_bytes) == M3_OK;
+        }
+        if (!ok) {
+            pe->flags = 0;
+            pe->block = 0;  /* asked for again; the block leaks */
+            dropped++;
+        }
+    }
+    uint64_t *link = &sh->retiring;
+    while (*link) {
+        plan_blk *b = blk_at(store, shard, *link);
+        if (!b) {
+            *link = 0;
+            break;
+        }
+        for (uint32_t k = 0; k < b->ncells; k++) {
+            plan_cell *pc = &cells_of(b)[k];
+            if ((uint64_t)pc->cell_off + pc->cell_bytes > b->bytes ||
+                m3_agg_cell_check((uint8_t *)b + pc->cell_off, pc->cell_bytes) != M3_OK) {
+                *link = 0;
+                break;
+            }
+        }
+        if (*link)
+            link = &b->next;
+    }
+    return dropped;
+}
+
+void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!store || shard >= ((const aggst_hdr *)store)->num_shards)
+        return;
+    aggst_shard *sh = sh_of((uint8_t *)store, shard);
+    /* Relaxed: statistics written by the owner with relaxed stores. */
+    out->plans = __atomic_load_n(&sh->plans, __ATOMIC_RELAXED);
+    out->cells = __atomic_load_n(&sh->cells, __ATOMIC_RELAXED);
+    out->cell_bytes = __atomic_load_n(&sh->cell_bytes, __ATOMIC_RELAXED);
+    out->arena_used = __atomic_load_n(&sh->bump, __ATOMIC_RELAXED);
+    out->arena_bytes = ((const aggst_hdr *)store)->arena_bytes;
+    out->applied = __atomic_load_n(&sh->applied, __ATOMIC_RELAXED);
+    out->late = __atomic_load_n(&sh->late, __ATOMIC_RELAXED);
+    out->evicted = __atomic_load_n(&sh->evicted, __ATOMIC_RELAXED);
+    out->ooo = __atomic_load_n(&sh->ooo, __ATOMIC_RELAXED);
+    out->points = __atomic_load_n(&sh->points, __ATOMIC_RELAXED);
+    out->refused = __atomic_load_n(&sh->refused, __ATOMIC_RELAXED);
+    out->spill_lost = __atomic_load_n(&sh->spill_lost, __ATOMIC_RELAXED);
+    out->raw_dropped = __atomic_load_n(&sh->raw_dropped, __ATOMIC_RELAXED);
+    out->asked = __atomic_load_n(&sh->asked, __ATOMIC_RELAXED);
+    out->spill_n = __atomic_load_n(&sh->spill_n, __ATOMIC_RELAXED);
+    out->rules_version = __atomic_load_n(&sh->rules_version, __ATOMIC_RELAXED);
+    out->now_floor = __atomic_load_n(&sh->now_floor, __ATOMIC_RELAXED);
+}

@@ -1,0 +1,221 @@
+"""The Python face of csrc/aggstore.c: downsampling cells and plans in shared memory.
+
+An :class:`AggStore` belongs to one :class:`m3shm.shm.Segment`: a file next to it in
+``/dev/shm`` (``<segment>.agg``), created by the supervisor with the segment and inherited by
+the workers, so a worker killed by SIGKILL finds its cells again. Layout:
+docs/formats/aggstore.md. Every call is one C call over a whole shard, batch or plan; nothing
+here touches a sample. numpy is imported lazily: the supervisor creates stores before it forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from m3shm._native import ffi, lib
+from m3shm.errors import check
+from m3shm.shm import Segment
+
+# m3_aggst_row as a numpy dtype (built lazily)
+ROW_FIELDS = [("stream", "<u4"), ("ns", "<u2"), ("kind", "u1"), ("agg", "u1"), ("ts", "<i8"),
+              ("value", "<f8")]
+STATS_FIELDS = ("plans", "cells", "cell_bytes", "arena_used", "arena_bytes", "applied", "late",
+                "evicted", "ooo", "points", "refused", "spill_lost", "raw_dropped", "asked",
+                "spill_n", "now_floor", "rules_version")
+KIND_OUTPUT: int = lib.M3_AGGK_OUTPUT
+KIND_ROLLUP: int = lib.M3_AGGK_ROLLUP
+CELL_AGG_LABEL: int = lib.M3_AGGC_AGG_LABEL
+PLAN_DROP_RAW: int = lib.M3_PLAN_DROP_RAW
+NEED_CAP = 4096
+
+
+def store_path(seg_path: str) -> str:
+    return seg_path + ".agg"
+
+
+@dataclass
+class Prepared:
+    """Phase 1 of a shard's finalise: rows (ROW_DTYPE) and the labels of their streams
+    (``labels[loffs[i]:loffs[i+1]]``), to be made durable before :meth:`AggStore.commit`."""
+
+    shard: int
+    now_ms: int
+    first: int
+    last: int
+    spill_n: int
+    labels: bytes
+    loffs: Any       # numpy uint64, nstreams + 1
+    rows: Any        # numpy ROW_FIELDS
+
+
+class AggStore:
+    def __init__(self, seg: Segment, path: str, mm: mmap.mmap) -> None:
+        self.seg = seg
+        self.path = path
+        self._mm = mm
+        self._buf = ffi.from_buffer("uint8_t[]", mm, require_writable=True)
+        self.base = ffi.cast("uint8_t *", self._buf)
+        self.num_shards = seg.params.num_shards
+        self._need = ffi.new("uint32_t[]", NEED_CAP)
+        self._need_gen = ffi.new("uint32_t[]", NEED_CAP)
+        self._need_shard = ffi.new("uint32_t[]", NEED_CAP)
+        self._nneed = ffi.new("size_t *")
+        self._scratch_cap = 1 << 17
+        self._scratch = ffi.new("uint8_t[]", self._scratch_cap)
+        self._out: tuple[Any, Any, bytearray] | None = None
+
+    @classmethod
+    def create(cls, seg: Segment, arena_bytes: int) -> AggStore:
+        """Create (replacing any old one) the store of ``seg`` with ``arena_bytes`` of cells
+        per shard (a sparse file: pages are touched as cells are made)."""
+        path = store_path(seg.path)
+        size = int(lib.m3_aggst_size(seg.base, arena_bytes))
+        if not size:
+            raise ValueError(f"aggregation store: invalid cell arena size {arena_bytes}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        st = cls(seg, path, mm)
+        check(lib.m3_aggst_init(st.base, size, seg.base, arena_bytes),
+              f"initialising aggregation store {path}")
+        return st
+
+    @classmethod
+    def open(cls, seg: Segment) -> AggStore:
+        path = store_path(seg.path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        st = cls(seg, path, mm)
+        check(lib.m3_aggst_check(st.base, size, seg.base),
+              f"opening aggregation store {path}")
+        return st
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- owner ------------------------------------------------------------------------------
+
+    def recover(self, shard: int) -> int:
+        """After m3_shard_recover: check the shard's cells; returns plans dropped."""
+        return check(lib.m3_aggst_recover(self.seg.base, self.base, shard),
+                     f"recovering the aggregation cells of shard {shard}")
+
+    def drain(self, shard: int, max_records: int, now_ms: int) -> tuple[int, list[tuple[int,
+                                                                                       int]]]:
+        """Drain one shard with aggregation: (records applied, [(slot, gen)] of series that
+        need a plan before the drain can go on)."""
+        n = check(lib.m3_lane_drain_agg(self.seg.base, self.base, shard, max_records, now_ms,
+                                        self._need, self._need_gen, NEED_CAP, self._nneed),
+                  f"draining shard {shard}")
+        k = self._nneed[0]
+        if not k:
+            return n, []
+        return n, [(self._need[i], self._need_gen[i]) for i in range(k)]
+
+    def apply_batch(self, batch: Any, seq: int, lo: int, hi: int, now_ms: int, off: int
+                    ) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """Replay: apply a commit-log batch from byte ``off``: (records applied, offset
+        reached, [(shard, slot, gen)] needing a plan; empty when the batch is done)."""
+        buf = ffi.from_buffer(batch)
+        poff = ffi.new("size_t *", off)
+        n = check(lib.m3_shard_apply_batch_agg(self.seg.base, self.base, buf, len(buf), seq,
+                                               lo, hi, now_ms, poff, self._need_shard,
+                                               self._need, self._need_gen, NEED_CAP,
+                                               self._nneed), f"replaying batch {seq}")
+        k = self._nneed[0]
+        return n, int(poff[0]), [(self._need_shard[i], self._need[i], self._need_gen[i])
+                                 for i in range(k)]
+
+    def install(self, shard: int, slot: int, gen: int, drop_raw: bool, params: list[Any],
+                meta: list[int], labels: list[bytes], start_ms: int | None = None) -> int:
+        """Install a plan (cells ``params``, m3_agg_params; ``meta`` ns | kind << 16 | flags
+        << 24; ``labels`` fixed output labels per cell, b"" = the series' own; windows ending
+        at or before ``start_ms`` are final in the new cells). Returns
+        M3_OK, M3_ENOENT (series gone) or M3_ENOSPC (arena full: raw only)."""
+        n = len(params)
+        cp = ffi.new("m3_agg_params[]", max(n, 1))
+        for i, p in enumerate(params):
+            cp[i] = p[0]
+        cm = ffi.new("uint32_t[]", meta or [0])
+        blob = b"".join(labels)
+        offs = [0]
+        for lab in labels:
+            offs.append(offs[-1] + len(lab))
+        co = ffi.new("uint64_t[]", offs)
+        rc = lib.m3_aggst_install(self.seg.base, self.base, shard, slot, gen,
+                                  PLAN_DROP_RAW if drop_raw else 0, cp, cm, blob or ffi.NULL,
+                                  co, n, -(2**63) if start_ms is None else start_ms)
+        if rc not in (lib.M3_OK, lib.M3_ENOENT, lib.M3_ENOSPC):
+            check(rc, f"installing the plan of series {shard}/{slot}")
+        return int(rc)
+
+    def set_rules_version(self, shard: int, version: int) -> None:
+        lib.m3_aggst_set_rules_version(self.base, shard, version)
+
+    def plan(self, shard: int, slot: int) -> tuple[int, int, int]:
+        """(generation, flags, cells) of a slot's plan entry."""
+        g, f, n = ffi.new("uint32_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        check(lib.m3_aggst_plan(self.base, shard, slot, g, f, n), "reading a plan")
+        return int(g[0]), int(f[0]), int(n[0])
+
+    def prepare(self, shard: int, now_ms: int, first: int = 0, rows_cap: int = 1 << 15,
+                labels_cap: int = 4 << 20) -> tuple[Prepared, bool]:
+        """Phase 1 for slots from ``first``: (the rows, True if the shard is done)."""
+        import numpy as np
+
+        bufs = self._out
+        if bufs is None or len(bufs[0]) < rows_cap or len(bufs[2]) < labels_cap:
+            dtype = np.dtype(ROW_FIELDS)
+            assert dtype.itemsize == ffi.sizeof("m3_aggst_row")
+            bufs = self._out = (np.empty(rows_cap, dtype=dtype),
+                                np.empty(rows_cap + 1, dtype=np.uint64), bytearray(labels_cap))
+        rows, loffs, labels = bufs
+        rows_cap, labels_cap = len(rows), len(labels)
+        streams_cap = rows_cap
+        nxt, spill = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        nstreams, nrows = ffi.new("size_t *"), ffi.new("size_t *")
+        rc = lib.m3_aggst_prepare(self.seg.base, self.base, shard, now_ms, first, nxt, spill,
+                                  self._scratch, self._scratch_cap, ffi.from_buffer(labels),
+                                  labels_cap, ffi.cast("uint64_t *", ffi.from_buffer(loffs)),
+                                  streams_cap, nstreams,
+                                  ffi.cast("m3_aggst_row *", ffi.from_buffer(rows)), rows_cap,
+                                  nrows)
+        if rc != lib.M3_ENOSPC:
+            check(rc, f"finalising the windows of shard {shard}")
+        ns, nr = int(nstreams[0]), int(nrows[0])
+        end = int(loffs[ns]) if ns else 0
+        p = Prepared(shard, now_ms, first, int(nxt[0]), int(spill[0]), bytes(labels[:end]),
+                     loffs[: ns + 1].copy(), rows[:nr].copy())
+        return p, rc == lib.M3_OK
+
+    def commit(self, p: Prepared) -> None:
+        """Phase 2: the rows of ``p`` are durable; finalise its windows for real."""
+        check(lib.m3_aggst_commit(self.seg.base, self.base, p.shard, p.now_ms, p.first,
+                                  p.last, p.spill_n), f"committing shard {p.shard}")
+
+    # -- any process ------------------------------------------------------------------------
+
+    def stats(self, shard: int) -> dict[str, int]:
+        st = ffi.new("m3_aggst_stats *")
+        lib.m3_aggst_stats_get(self.base, shard, st)
+        return {k: int(getattr(st, k)) for k in STATS_FIELDS}
+
+    def totals(self) -> dict[str, int]:
+        out = dict.fromkeys(STATS_FIELDS, 0)
+        for s in range(self.num_shards):
+            for k, v in self.stats(s).items():
+                out[k] += v
+        return out

@@ -1,0 +1,351 @@
+"""Downsampling in the shard owner: plans per series, cells in shared memory, finalised points
+written through the aggregated namespaces' pipelines (docs/rules.md "How it is wired").
+
+The worker creates one :class:`Aggregator` over its raw segment's aggregation store
+(m3shm/aggstore.py, csrc/aggstore.c). Three paths run through it:
+
+- **drain** (the worker's drain thread): :meth:`Aggregator.drain` drains the worker's shards in
+  C, applying every record's samples to the open blocks and to its series' cells. A record
+  whose series has no plan stops the shard's drain; C lists every planless series among the
+  published records, Python matches the rules once per series (m3shm.rules.matcher), lays out
+  its cells (m3shm.rules.cells) and installs the plan (one C call per series); the drain then
+  goes on. Replay after a full restart goes the same way (:meth:`Aggregator.replay_batch`).
+- **finalise** (a task on the event loop, every FINALISE_S): per shard, phase 1 in C computes
+  the rows of every window final now, with the labels of their output series; they become
+  lane records (m3shm.storage.records, C) submitted to each aggregated namespace's pipeline;
+  once that submit has returned (the points are in that namespace's commit log), phase 2
+  finalises the same windows for real. A crash in between repeats the points, never loses
+  them. Then the worker records the time of its last complete round (the replay watermark).
+- **rules** (:meth:`Aggregator.install_rules`, called by the rule reloader): a new compiled
+  rule set applies to series planned from then on; at its activation time every series of
+  the worker is planned again (old cells are finalised at their normal time, then freed).
+
+Hooks for the rollup forwarding: :attr:`Aggregator.rollup_cells` adds cells to a series'
+plan (default: none) and :attr:`Aggregator.on_rollup_rows` receives the finalised rows of
+cells of kind M3_AGGK_ROLLUP (default: counted and dropped, with a warning).
+
+After a full restart, replay applies raw samples with ``now`` = the oldest worker watermark:
+windows already final then were written before the crash (their points come back from the
+aggregated namespace's commit log) and count as late; every other window is re-aggregated
+from the replayed raw samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from m3shm.aggstore import CELL_AGG_LABEL, KIND_OUTPUT, KIND_ROLLUP, AggStore, Prepared
+from m3shm.errors import NoSuchSeriesError
+from m3shm.rules.cells import output_cell
+from m3shm.rules.matcher import CompiledRules, SeriesPlan
+from m3shm.shm import Segment, parse_labels
+from m3shm.storage.records import LabelTable, build_records
+
+log = logging.getLogger("m3shm.aggregate")
+
+FINALISE_S = 1.0
+WATERMARK_DIR = "downsample"
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell of a plan: its C parameters (``m3_agg_params *``), where its rows go and under
+    which labels (b"" = the series' own)."""
+
+    params: Any
+    ns_id: int
+    kind: int = KIND_OUTPUT
+    flags: int = 0
+    labels: bytes = b""
+
+    @property
+    def meta(self) -> int:
+        return self.ns_id | self.kind << 16 | self.flags << 24
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def watermark_path(data_dir: str, index: int) -> str:
+    return os.path.join(data_dir, WATERMARK_DIR, f"finalised-w{index}.json")
+
+
+def read_watermark(data_dir: str) -> int:
+    """The oldest finalise watermark of any worker (0 if none was written)."""
+    d = os.path.join(data_dir, WATERMARK_DIR)
+    marks = []
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith("finalised-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    marks.append(int(json.load(f)["now_ms"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0  # unreadable: re-aggregate everything replayed (repeats, loses none)
+    return min(marks) if marks else 0
+
+
+class Aggregator:
+    def __init__(self, worker: Any, seg: Segment, store: AggStore) -> None:
+        self.w = worker
+        self.seg = seg
+        self.store = store
+        cfg = worker.cfg
+        raw = cfg.raw_namespace
+        self.admission_ms = cfg.downsample.admission_ms or raw.buffer_past_ms
+        self.future_ms = raw.buffer_future_ms
+        self.ns_ids = {ns.name: i for i, ns in enumerate(cfg.namespaces)}
+        self.ns_names = {i: name for name, i in self.ns_ids.items()}
+        rs = cfg.downsample.rule_set()
+        self.compiled = CompiledRules(rs)
+        self.version = 0  # the config's rules until the worker's RuleSync installs versions
+        self._pending: list[tuple[int, int, CompiledRules]] = []  # (activation, version, ...)
+        self._lock = threading.Lock()
+        self._cache: dict[Any, tuple[bool, tuple[CellSpec, ...]]] = {}
+        self._missing: set[str] = set()
+        self.rollup_cells: Callable[[SeriesPlan, dict[str, str]], Iterable[CellSpec]] = (
+            lambda plan, labels: ())
+        self.on_rollup_rows: Callable[[Prepared, np.ndarray], Any] | None = None
+        self.stats = {"rounds": 0, "rows_submitted": 0, "submit_failures": 0,
+                      "rows_rejected": 0, "rollup_rows_dropped": 0, "planned": 0}
+        self.replay_now_ms = 0
+
+    # -- rules and plans --------------------------------------------------------------------
+
+    def install_rules(self, compiled: CompiledRules, version: int, activation_ms: int) -> None:
+        """Rule-set ``version`` applies from ``activation_ms`` (wall clock, a window boundary
+        every worker shares). At that time the drain thread plans every series of this
+        worker again: the new cells take windows ending after the activation, the old cells
+        keep the earlier ones and are finalised and freed as usual. A version already active
+        (its activation passed) replaces the current rules at once. Any thread may call it
+        (m3shm/workers/rulesync.py calls it from the event loop)."""
+        with self._lock:
+            if version > max([self.version] + [v for _, v, _ in self._pending]):
+                self._pending.append((activation_ms, version, compiled))
+
+    def activate_now(self, lo: int, hi: int) -> None:
+        """Switch to the newest installed version whose activation has passed (at worker
+        start, before replay and drain)."""
+        self._maybe_activate(lo, hi)
+
+    def _maybe_activate(self, lo: int, hi: int) -> None:
+        if not self._pending:
+            return
+        now = now_ms()
+        with self._lock:
+            due = [p for p in self._pending if p[0] <= now]
+            if not due:
+                return
+            self._pending = [p for p in self._pending if p[0] > now]
+        act, version, compiled = max(due, key=lambda p: p[1])
+        self.compiled, self.version = compiled, version
+        self._cache.clear()
+        n = 0
+        for shard in range(lo, hi):
+            if self.store.stats(shard)["rules_version"] == version:
+                continue  # planned with it already (before this worker was restarted)
+            needs = [(info.slot, info.gen) for info in self.seg.live_series(shard)]
+            n += self.resolve(shard, needs, start_ms=act)
+            self.store.set_rules_version(shard, version)
+        log.info("worker %d: rules version %d active; %d series planned again",
+                 self.w.index, version, n)
+
+    def cells_for(self, plan: SeriesPlan) -> tuple[bool, tuple[CellSpec, ...]]:
+        """(drop raw, cells) for a plan's mapping outputs (memoised by outputs)."""
+        key = (plan.store_raw, plan.outputs)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        cells = []
+        for out in plan.outputs:
+            ns = out.policy.namespace
+            ns_id = self.ns_ids.get(ns)
+            if ns_id is None:
+                if ns not in self._missing:
+                    self._missing.add(ns)
+                    log.error("worker %d: storage policy %s has no namespace %r: its points "
+                              "are not kept", self.w.index, out.policy, ns)
+                continue
+            params = output_cell(out, self.admission_ms, self.future_ms).to_c()
+            flags = CELL_AGG_LABEL if len(out.aggregations) > 1 else 0
+            cells.append(CellSpec(params, ns_id, KIND_OUTPUT, flags))
+        hit = (not plan.store_raw, tuple(cells))
+        self._cache[key] = hit
+        return hit
+
+    def resolve(self, shard: int, needs: list[tuple[int, int]],
+                start_ms: int | None = None) -> int:
+        """Match rules for series (slot, gen) of a shard and install their plans (replacing
+        older ones from ``start_ms``)."""
+        n = 0
+        for slot, gen in needs:
+            try:
+                labels = parse_labels(self.seg.series_labels(shard, slot))
+            except NoSuchSeriesError:
+                continue
+            plan = self.compiled.match(labels)
+            drop, cells = self.cells_for(plan)
+            extra = tuple(self.rollup_cells(plan, labels))
+            if extra:
+                cells = cells + extra
+            self.store.install(shard, slot, gen, drop, [c.params for c in cells],
+                               [c.meta for c in cells], [c.labels for c in cells], start_ms)
+            n += 1
+        self.stats["planned"] += n
+        return n
+
+    # -- drain thread -----------------------------------------------------------------------
+
+    def drain(self, lo: int, hi: int, max_records: int = 1024,
+              beat: Callable[[], None] | None = None) -> int:
+        """One pass over shards [lo, hi): records applied. ``beat`` is called after each
+        batch of plans (matching many new series takes a while; the drain is not stuck)."""
+        self._maybe_activate(lo, hi)
+        total = 0
+        now = now_ms()
+        for shard in range(lo, hi):
+            while True:
+                n, needs = self.store.drain(shard, max_records, now)
+                total += n
+                if not needs:
+                    break
+                self.resolve(shard, needs)
+                total += 1  # progress: the caller loops again at once
+                if beat is not None:
+                    beat()
+        return total
+
+    def replay_batch(self, payload: Any, seq: int, lo: int, hi: int) -> int:
+        """Replay one commit-log batch into shards [lo, hi) with aggregation."""
+        off, total = 0, 0
+        while True:
+            n, off, needs = self.store.apply_batch(payload, seq, lo, hi, self.replay_now_ms,
+                                                   off)
+            total += n
+            if not needs:
+                return total
+            by_shard: dict[int, list[tuple[int, int]]] = {}
+            for shard, slot, gen in needs:
+                by_shard.setdefault(shard, []).append((slot, gen))
+            for shard, lst in by_shard.items():
+                self.resolve(shard, lst)
+
+    # -- finalise (event loop) --------------------------------------------------------------
+
+    def _runtime(self, ns_id: int) -> Any:
+        """The worker's runtime of namespace ``ns_id`` (m3shm/workers/nsruntime.py), if any."""
+        rts = getattr(self.w, "ns_by_id", None)
+        if rts is None:
+            return None
+        try:
+            return rts[ns_id]
+        except (KeyError, IndexError):
+            return None
+
+    def _pipeline(self, ns_id: int) -> Any:
+        return getattr(self._runtime(ns_id), "pipeline", None)
+
+    def _num_shards(self, ns_id: int) -> int:
+        rt = self._runtime(ns_id)
+        return rt.seg.params.num_shards if rt is not None else self.seg.params.num_shards
+
+    async def _submit(self, p: Prepared) -> bool:
+        """Write a shard's finalised rows to their namespaces; True once all are durable."""
+        rows = p.rows
+        if not len(rows):
+            return True
+        table = LabelTable.from_blob(p.labels, p.loffs)
+        out = rows[rows["kind"] == KIND_OUTPUT]
+        ok = True
+        for ns_id in np.unique(out["ns"]):
+            sel = out[out["ns"] == ns_id]
+            pipe = self._pipeline(int(ns_id))
+            if pipe is None:
+                name = self.ns_names.get(int(ns_id), str(ns_id))
+                if name not in self._missing:
+                    self._missing.add(name)
+                    log.error("worker %d: namespace %s has no pipeline: its points wait",
+                              self.w.index, name)
+                ok = False
+                continue
+            batch, length, nrec = build_records(table, sel["stream"], sel["ts"],
+                                                sel["value"], self._num_shards(int(ns_id)))
+            try:
+                adm = await pipe.submit(batch, length, nrec)
+            except Exception as e:  # noqa: BLE001 - overload, disk full: retried next round
+                self.stats["submit_failures"] += 1
+                log.warning("worker %d: finalised points for %s not written yet: %s",
+                            self.w.index, self.ns_names.get(int(ns_id)), e)
+                ok = False
+                continue
+            self.stats["rows_submitted"] += len(sel)
+            if adm.rejected_samples:
+                self.stats["rows_rejected"] += adm.rejected_samples
+                log.error("worker %d: %d finalised points refused by %s: %s", self.w.index,
+                          adm.rejected_samples, self.ns_names.get(int(ns_id)), adm.message)
+        roll = rows[rows["kind"] == KIND_ROLLUP]
+        if len(roll):
+            if self.on_rollup_rows is None:
+                self.stats["rollup_rows_dropped"] += len(roll)
+            else:
+                r = self.on_rollup_rows(p, roll)
+                if asyncio.iscoroutine(r):
+                    ok = bool(await r) and ok
+        return ok
+
+    async def finalise_once(self, now: int | None = None) -> int:
+        """One finalise round over this worker's shards; returns rows made durable."""
+        loop = asyncio.get_running_loop()
+        pool = self.w.pool
+        now = now_ms() if now is None else now
+        done_all = True
+        rows = 0
+        for shard in range(self.w.lo, self.w.hi):
+            first = 0
+            while True:
+                p, done = await loop.run_in_executor(pool, self.store.prepare, shard, now, first)
+                if not await self._submit(p):
+                    done_all = False
+                    break
+                await loop.run_in_executor(pool, self.store.commit, p)
+                rows += len(p.rows)
+                if done:
+                    break
+                first = p.last
+        self.stats["rounds"] += 1
+        if done_all:
+            await loop.run_in_executor(pool, self._write_watermark, now)
+        return rows
+
+    def _write_watermark(self, now: int) -> None:
+        path = watermark_path(self.w.data_dir, self.w.index)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"now_ms": now}, f)
+        os.replace(tmp, path)  # no fsync: an older mark only repeats points on replay
+
+    async def timer(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self.finalise_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next round retries
+                log.exception("worker %d: finalise round failed", self.w.index)
+            await asyncio.sleep(max(0.05, FINALISE_S - (time.monotonic() - t0)))

@@ -1,0 +1,202 @@
+"""The aggregation store alone (csrc/aggstore.c through m3shm/aggstore.py): plans asked for in
+batches, records applied to cells in the drain, drop rules, two-phase finalise, eviction spill,
+replay, and a SIGKILLed owner that leaves its cells behind."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from m3shm.aggstore import CELL_AGG_LABEL, AggStore
+from m3shm.rules.aggwin import CellParams
+from m3shm.shm import Segment, SegParams, canonical_labels, make_record, parse_labels
+from m3shm.storage.records import LabelTable, build_records
+
+MIN = 60_000
+
+
+@pytest.fixture
+def seg():
+    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
+    s = Segment.create(path, SegParams(num_shards=1, num_producers=1, lane_bytes=1 << 16,
+                                       series_per_shard=256, arena_bytes=1 << 20,
+                                       block_ms=7_200_000, seq_base=1000))
+    st = AggStore.create(s, 1 << 20)
+    yield s, st
+    st.unlink()
+    s.unlink()
+
+
+def publish(seg: Segment, *recs: bytes) -> int:
+    seq = seg.reserve_next(0, b"".join(recs))
+    assert seq is not None
+    seg.publish(0)
+    return seq
+
+
+def last_cell(res_ms: int = MIN, adm: int = MIN, aggs: tuple[str, ...] = ("Last",)):
+    return CellParams(res_ms, adm, aggs, nwin=4).to_c()
+
+
+def drain_all(st: AggStore, plan, now: int) -> tuple[int, int]:
+    """Drain shard 0, installing plan(labels) -> (drop, params, meta) for every series asked."""
+    applied = asked = 0
+    while True:
+        n, need = st.drain(0, 1024, now)
+        applied += n
+        if not need:
+            return applied, asked
+        asked += len(need)
+        for slot, gen in need:
+            labels = parse_labels(st.seg.series_labels(0, slot))
+            drop, params, meta = plan(labels)
+            st.install(0, slot, gen, drop, params, meta, [b""] * len(params))
+
+
+def finalise(st: AggStore, now: int) -> tuple[list[tuple[dict, int, float]], object]:
+    p, done = st.prepare(0, now)
+    assert done
+    table = LabelTable.from_blob(p.labels, p.loffs)
+    out = [(parse_labels(table.labels(int(r["stream"]))), int(r["ts"]), float(r["value"]))
+           for r in p.rows]
+    return out, p
+
+
+def test_plans_are_asked_once_per_series_and_points_finalise(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    recs = [make_record({"__name__": f"m{i}"}, [t0 + 10_000, t0 + 50_000], [i, i + 0.5], 1)
+            for i in range(5)]
+    publish(s, *recs)
+    publish(s, make_record({"__name__": "m0"}, [t0 + 70_000], [9.0], 1))
+    applied, asked = drain_all(st, lambda labels: (False, [last_cell()], [0]), t0)
+    assert (applied, asked) == (6, 5)
+    assert st.stats(0)["cells"] == 5
+    # raw samples stored as before
+    ts, vs = s.read_series(0, 0, 0, 2**62)
+    assert list(vs) == [0.0, 0.5, 9.0]
+    # nothing final yet at t0 + 1m (window end t0 + 1m, admission 1m)
+    rows, p = finalise(st, t0 + MIN + 59_999)
+    assert rows == []
+    rows, p = finalise(st, t0 + 2 * MIN)
+    assert sorted((r[0]["__name__"], r[1], r[2]) for r in rows) == sorted(
+        [(f"m{i}", t0 + MIN, i + 0.5) for i in range(5)])
+    # phase 1 changed nothing: the same rows again until committed
+    rows2, p2 = finalise(st, t0 + 2 * MIN)
+    assert sorted(map(repr, rows2)) == sorted(map(repr, rows))
+    st.commit(p2)
+    rows3, _ = finalise(st, t0 + 2 * MIN)
+    assert rows3 == []
+    assert st.stats(0)["points"] == 5
+    # a sample for the committed window is late; the next window still gets m0's 9.0
+    publish(s, make_record({"__name__": "m0"}, [t0 + 30_000], [7.0], 1))
+    drain_all(st, lambda labels: (False, [last_cell()], [0]), t0 + 2 * MIN)
+    assert st.stats(0)["late"] == 1
+    rows, p = finalise(st, t0 + 3 * MIN)
+    assert [(r[0]["__name__"], r[1], r[2]) for r in rows] == [("m0", t0 + 2 * MIN, 9.0)]
+
+
+def test_drop_rule_keeps_cells_not_raw_and_agg_label(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    publish(s, make_record({"__name__": "dbg", "a": "1"}, [t0 + 1, t0 + 2], [1.0, 3.0], 1))
+    params = [CellParams(MIN, 0, ("Max", "Min"), nwin=2).to_c()]
+    drain_all(st, lambda labels: (True, params, [3 | CELL_AGG_LABEL << 24]), t0)
+    assert s.read_series(0, 0, 0, 2**62)[0].size == 0
+    assert st.stats(0)["raw_dropped"] == 2
+    rows, p = finalise(st, t0 + MIN)
+    got = sorted((tuple(sorted(r[0].items())), r[2]) for r in rows)
+    assert got == [((("__name__", "dbg"), ("a", "1"), ("m3_aggregation", "max")), 3.0),
+                   ((("__name__", "dbg"), ("a", "1"), ("m3_aggregation", "min")), 1.0)]
+    assert {int(r["ns"]) for r in p.rows} == {3}
+    # the rows build into records of the target namespace (label sets are canonical)
+    batch, length, nrec = build_records(LabelTable.from_blob(p.labels, p.loffs),
+                                        p.rows["stream"], p.rows["ts"], p.rows["value"], 4)
+    assert nrec == 2 and length == len(batch)
+
+
+def test_evicted_windows_go_through_the_spill(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    params = [CellParams(1000, 3_600_000, ("Count",), nwin=2).to_c()]
+    # samples 1 s apart: each new window evicts the one two seconds back
+    publish(s, make_record({"__name__": "x"}, [t0 + 1000 * i for i in range(1, 11)],
+                           [1.0] * 10, 1))
+    drain_all(st, lambda labels: (False, params, [0]), t0)
+    assert st.stats(0)["spill_n"] == 8 and st.stats(0)["evicted"] == 8
+    rows, p = finalise(st, t0)
+    assert [r[1] for r in rows] == [t0 + 1000 * i for i in range(1, 9)]
+    st.commit(p)
+    assert st.stats(0)["spill_n"] == 0
+
+
+def test_redrained_record_is_not_applied_twice_and_replay_aggregates(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    rec = make_record({"__name__": "c"}, [t0 + 5, t0 + 6], [1.0, 2.0], 1)
+    seq = publish(s, rec, make_record({"__name__": "c"}, [t0 + 7], [4.0], 1))
+    params = [CellParams(MIN, MIN, ("Sum",), nwin=2).to_c()]
+    drain_all(st, lambda labels: (False, params, [0]), t0)
+    # the same batch replayed on top (as after a crash mid-drain): skipped per cell
+    n, off, need = st.apply_batch(rec, seq, 0, 1, t0, 0)
+    assert (n, need) == (1, [])
+    rows, _ = finalise(st, t0 + 2 * MIN)
+    assert [r[2] for r in rows] == [7.0]
+
+
+def test_replay_asks_for_plans_and_treats_watermark_windows_as_late(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    batch = make_record({"__name__": "r"}, [t0 + 1, t0 + MIN + 1], [1.0, 2.0], 1) + \
+        make_record({"__name__": "q"}, [t0 + MIN + 2], [5.0], 1)
+    params = [CellParams(MIN, MIN, ("Last",), nwin=4).to_c()]
+    off, asked = 0, 0
+    while True:
+        n, off, need = st.apply_batch(batch, 42, 0, 1, t0 + 2 * MIN, off)
+        if not need:
+            break
+        asked += len(need)
+        for shard, slot, gen in need:
+            st.install(shard, slot, gen, False, params, [0], [b""])
+    assert asked == 2
+    # replay watermark t0 + 2m: the window ending t0 + 1m was final then (late)
+    assert st.stats(0)["late"] == 1
+    rows, _ = finalise(st, t0 + 3 * MIN)
+    assert sorted((r[0]["__name__"], r[1], r[2]) for r in rows) == [
+        ("q", t0 + 2 * MIN, 5.0), ("r", t0 + 2 * MIN, 2.0)]
+
+
+def test_owner_killed_keeps_cells(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    pid = os.fork()
+    if pid == 0:  # the owner: drains, then dies without any cleanup
+        try:
+            publish(s, make_record({"__name__": "k"}, [t0 + 1, t0 + 2], [1.0, 2.0], 1))
+            drain_all(st, lambda labels: (False, [last_cell()], [0]), t0)
+        finally:
+            os.kill(os.getpid(), 9)
+    os.waitpid(pid, 0)
+    s.recover_shard(0)
+    assert st.recover(0) == 0
+    assert st.plan(0, 0)[1:] == (1, 1)
+    rows, _ = finalise(st, t0 + 2 * MIN)
+    assert [(r[1], r[2]) for r in rows] == [(t0 + MIN, 2.0)]
+
+
+def test_labels_canonical_with_agg_label_in_order(seg):
+    s, st = seg
+    t0 = 1_000 * MIN
+    labels = {"__name__": "n", "a": "1", "m3_aggregation": "old", "z": "2"}
+    publish(s, make_record(labels, [t0 + 1], [1.0], 1))
+    params = [CellParams(MIN, 0, ("Last", "Count"), nwin=2).to_c()]
+    drain_all(st, lambda labels: (False, params, [CELL_AGG_LABEL << 24]), t0)
+    p, _ = st.prepare(0, t0 + MIN)
+    table = LabelTable.from_blob(p.labels, p.loffs)
+    got = sorted(table.labels(i) for i in range(len(table)))
+    want = sorted(canonical_labels({**labels, "m3_aggregation": a}) for a in ("last", "count"))
+    assert got == want
+    assert np.all(np.diff(p.rows["stream"].astype(np.int64)) >= 0)
