@@ -174,11 +174,12 @@ class Aggregator:
         for out in plan.outputs:
             ns = out.policy.namespace
             ns_id = self.ns_ids.get(ns)
-            if ns_id is None:
+            if ns_id is None or self._pipeline(ns_id) is None:
                 if ns not in self._missing:
                     self._missing.add(ns)
-                    log.error("worker %d: storage policy %s has no namespace %r: its points "
-                              "are not kept", self.w.index, out.policy, ns)
+                    log.error("worker %d: storage policy %s: this worker has no namespace %r "
+                              "to write to; its points are not kept", self.w.index, out.policy,
+                              ns)
                 continue
             params = output_cell(out, self.admission_ms, self.future_ms).to_c()
             flags = CELL_AGG_LABEL if len(out.aggregations) > 1 else 0
