@@ -1,11 +1,12 @@
 """Queries across resolutions through the daemon's HTTP API.
 
-The daemon runs with a raw namespace (1h retention) and an aggregated one (1m:30d, the default policy's). Raw samples
-arrive by remote write; the aggregated namespace's data are flushed filesets written beside
-the daemon's own (what its flush writes for that namespace), with the Last points of the same
-counter computed by the aggregation cells (csrc/aggwin.c), and a series that exists only there
-(a rollup). Answers must stitch the two at the raw retention boundary, find the rollup, and
-name what they read in the X-M3shm-Namespaces header and the warnings.
+The daemon runs with a raw namespace (1h retention) and an aggregated one (1m:30d, the
+default policy's). Raw samples arrive by remote write; the aggregated namespace's data are
+flushed filesets written beside the daemon's own (what its flush writes for that namespace),
+with the Last points of the same counter computed by the aggregation cells (csrc/aggwin.c),
+and a series that exists only there (a rollup). Answers must stitch the two at the raw
+retention boundary, find the rollup, and name what they read in the X-M3shm-Namespaces header
+and the warnings.
 """
 
 from __future__ import annotations

@@ -84,8 +84,12 @@ class ShmSource:
         idx = self.index
         idx.refresh()
         sel = _select(idx, matchers)
+        known: list[Labels] | None = None  # labels of sel's entries, if already read
         if want is not None and len(sel):
-            sel = sel.take(np.flatnonzero(want(sel.labels())))
+            every = sel.labels()
+            keep = np.flatnonzero(want(every))
+            sel = sel.take(keep)
+            known = [every[i] for i in keep.tolist()]
         groups = []
         nseries = nsamples = nchunks = 0
         for shard, pos, slots, gens in sel.by_shard():
@@ -111,7 +115,7 @@ class ShmSource:
             sers.append(refs["series"].astype(np.int64) + len(labels))
             counts.append(refs["count"].astype(np.int64))
             starts.append(refs["block_start"])
-            labels.extend(sel.labels(pos))
+            labels.extend(sel.labels(pos) if known is None else [known[i] for i in pos.tolist()])
             base += len(ch.data)
         if not datas:
             return SelectResult([])
@@ -182,6 +186,14 @@ def merge(results: list[SelectResult]) -> SelectResult:
                 labels.append(lbl)
             m[i] = j
         remapped.append(m[b.series])
+    out.batches = [combine(labels, batches, remapped)]
+    return out
+
+
+def combine(labels: list[Labels], batches: list[BlockBatch], remapped: list[np.ndarray]
+            ) -> BlockBatch:
+    """Batches as one over ``labels``: block i of batch j belongs to series
+    ``remapped[j][i]``. Each series' blocks end up adjacent, in batch order."""
     base, offs, datas = 0, [], []
     for b in batches:
         offs.append(b.offsets[:-1] + np.uint64(base))
@@ -204,12 +216,10 @@ def merge(results: list[SelectResult]) -> SelectResult:
                                   b.clip_lo for k, b in zip(n, batches, strict=True)])[order]
         clip_hi = np.concatenate([np.full(k, FAR, np.int64) if b.clip_hi is None else
                                   b.clip_hi for k, b in zip(n, batches, strict=True)])[order]
-    out.batches = [BlockBatch(labels, data[pos], new_offs, sers[order],
-                              np.concatenate([b.counts for b in batches])[order],
-                              np.concatenate([b.start_ms for b in batches])[order],
-                              np.concatenate([b.end_ms for b in batches])[order],
-                              clip_lo, clip_hi)]
-    return out
+    return BlockBatch(labels, data[pos], new_offs, sers[order],
+                      np.concatenate([b.counts for b in batches])[order],
+                      np.concatenate([b.start_ms for b in batches])[order],
+                      np.concatenate([b.end_ms for b in batches])[order], clip_lo, clip_hi)
 
 
 class LocalStorage:

@@ -51,7 +51,7 @@ import numpy as np
 
 from m3shm.query.context import QueryContext
 from m3shm.query.labels import Labels
-from m3shm.query.local import LocalStorage, Source, merge
+from m3shm.query.local import LocalStorage, Source, combine, merge
 from m3shm.query.matchers import Matcher
 from m3shm.query.storage import BlockBatch, SelectResult
 
@@ -146,67 +146,83 @@ class ResolutionStorage:
     # -- select ----------------------------------------------------------------------------
     def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
         nss = self._live(mint, maxt)
-        starts = [ns.span_start(self.now_ms, mint) for ns in nss]
-        cover: dict[Labels, int] = {}  # series -> earliest nominal start of its holders so far
-        parts: list[tuple[int, SelectResult]] = []
+        starts = np.array([ns.span_start(self.now_ms, mint) for ns in nss], dtype=np.int64)
+        gid: dict[Labels, int] = {}  # every series seen, numbered
+        cover = np.zeros(0, dtype=np.int64)  # per series: earliest nominal start of a holder
+        parts: list[tuple[int, SelectResult, np.ndarray]] = []  # (k, answer, its series ids)
         for k, ns in enumerate(nss):
-            lo_k = starts[k]
+            lo_k = int(starts[k])
             want = None
-            if cover:
-                def want(labels: list[Labels], lo_k: int = lo_k) -> np.ndarray:
-                    return np.fromiter((cover.get(lb, FAR) > lo_k for lb in labels),
-                                       dtype=bool, count=len(labels))
+            if gid:
+                def want(labels: list[Labels], lo_k: int = lo_k,
+                         cover: np.ndarray = cover) -> np.ndarray:
+                    ids = np.fromiter((gid.get(lb, -1) for lb in labels), dtype=np.int64,
+                                      count=len(labels))
+                    return (ids < 0) | (cover[ids] > lo_k)
             res = merge([s.select(matchers, mint, maxt, self.ctx, want)
                          for s in ns.sources[::-1]][::-1])
             if not res.nseries:
                 continue
-            for lb in _labels(res):
-                cover[lb] = min(cover.get(lb, FAR), lo_k)
-            parts.append((k, res))
-        out = self._stitch(nss, starts, parts, mint, maxt)
+            labels = _labels(res)
+            ids = np.fromiter((gid.setdefault(lb, len(gid)) for lb in labels), dtype=np.int64,
+                              count=len(labels))
+            cover = np.concatenate([cover, np.full(len(gid) - len(cover), FAR, np.int64)])
+            cover[ids] = np.minimum(cover[ids], lo_k)
+            parts.append((k, res, ids))
+        out = self._stitch(nss, starts, parts, list(gid), mint, maxt)
         if self.ctx.warnings:
             out.partial = True
             out.warnings.extend(w for w in self.ctx.warnings if w not in out.warnings)
         return out
 
-    def _stitch(self, nss: list[NamespaceView], starts: list[int],
-                parts: list[tuple[int, SelectResult]], mint: int, maxt: int) -> SelectResult:
+    def _stitch(self, nss: list[NamespaceView], starts: np.ndarray,
+                parts: list[tuple[int, SelectResult, np.ndarray]], labels: list[Labels],
+                mint: int, maxt: int) -> SelectResult:
         """Clip every part's blocks to its namespace's span of each series; merge them."""
-        holders: dict[Labels, list[int]] = {}
-        for k, res in parts:
-            for lb in _labels(res):
-                holders.setdefault(lb, []).append(k)
-        span: dict[tuple[Labels, int], tuple[int, int]] = {}
-        for lb, ks in holders.items():
-            hi = maxt
-            for j, k in enumerate(ks):  # finest first
-                lo = mint if j == len(ks) - 1 else starts[k]
-                span[lb, k] = (lo, hi)
-                hi = lo - 1
-        for k, res in parts:
+        n, nk = len(labels), len(nss)
+        held = np.zeros((n, nk), dtype=bool)
+        for k, _res, ids in parts:
+            held[ids, k] = True
+        # per series its holders split [mint, maxt]: finest newest; the coarsest reaches mint
+        last = nk - 1 - np.argmax(held[:, ::-1], axis=1)
+        span_lo = np.full((n, nk), FAR, dtype=np.int64)
+        span_hi = np.full((n, nk), FAR, dtype=np.int64)
+        upper = np.full(n, maxt, dtype=np.int64)
+        for k in range(nk):
+            h = held[:, k]
+            lo = np.where(last == k, mint, starts[k])
+            span_lo[h, k] = lo[h]
+            span_hi[h, k] = upper[h]
+            upper[h] = lo[h] - 1
+        remaps: list[list[np.ndarray]] = []  # per part, per batch: its blocks' series ids
+        for k, res, ids in parts:
             ns = nss[k]
             u = self.used.setdefault(ns.name, Used(ns.resolution_ms))
-            clipped = []
+            u.series += len(ids)
+            u.first_ms = min(u.first_ms, int(span_lo[ids, k].min()))
+            clipped, base = [], len(res.series)
             for b in res.batches:
-                lo = np.array([span[lb, k][0] for lb in b.labels], dtype=np.int64)
-                hi = np.array([span[lb, k][1] for lb in b.labels], dtype=np.int64)
-                u.series += len(b.labels)
-                if len(lo):
-                    u.first_ms = min(u.first_ms, int(lo.min()))
-                if (lo <= mint).all() and (hi >= maxt).all():
-                    clipped.append(b)  # the whole range: nothing to clip
-                    continue
-                clipped.append(BlockBatch(b.labels, b.data, b.offsets, b.series, b.counts,
-                                          b.start_ms, b.end_ms, lo[b.series], hi[b.series]))
-            res.batches = clipped
-        out = merge([r for _, r in parts])
+                bid = ids[base:base + len(b.labels)]
+                base += len(b.labels)
+                lo, hi = span_lo[bid, k], span_hi[bid, k]
+                if not ((lo <= mint).all() and (hi >= maxt).all()):  # else nothing to clip
+                    b = BlockBatch(b.labels, b.data, b.offsets, b.series, b.counts,
+                                   b.start_ms, b.end_ms, lo[b.series], hi[b.series])
+                clipped.append((b, bid[b.series]))
+            res.batches = [b for b, _ in clipped]
+            remaps.append([m for _, m in clipped])
+        # coarsest (oldest data) first: each series' samples then arrive in time order and
+        # the decoder never has to sort them
+        results = [res for _, res, _ in parts][::-1]
+        if len(parts) <= 1 or any(r.series for r in results):
+            out = merge(results)
+        else:  # series already numbered (ids): no second pass over the labels
+            out = SelectResult([], any(r.partial for r in results),
+                               [w for r in results for w in r.warnings])
+            out.batches = [combine(labels, [b for r in results for b in r.batches],
+                                   [m for ms in remaps[::-1] for m in ms])]
         if len(parts) > 1 or any(ns.resolution_ms for ns in nss):
-            lab = list(holders)
-            span_lo = np.full((len(lab), len(nss)), FAR, dtype=np.int64)
-            for i, lb in enumerate(lab):
-                for k in holders[lb]:
-                    span_lo[i, k] = span[lb, k][0]
-            out.stitch = Stitch(lab, span_lo,
+            out.stitch = Stitch(labels, span_lo,
                                 np.array([ns.resolution_ms for ns in nss], dtype=np.int64))
         return out
 
