@@ -16,8 +16,12 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
+import snappy
 from test_daemon_harness import Daemon, now_ms
 from test_query_xres import counter, downsample, fileset_write
+from test_remote_read import decode_xor, q, read, read_frames
+
+from m3shm.proto import remote_read_pb2 as rr
 
 MIN, HOUR = 60_000, 3_600_000
 CONFIG = """
@@ -69,6 +73,16 @@ def test_stitched_query_over_http(tmp_path):
         assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m_30d=1m"
         assert any("downsampled data from agg_1m_30d (1m resolution" in w
                    for w in r.get("warnings", [])), r
+        # remote read answers the same samples, also streamed (decoded a group at a time)
+        query = q(t0 - 3 * HOUR, t0, (0, "__name__", "xc"))
+        code, body, _ = read(d, [query], [rr.ReadRequest.SAMPLES])
+        assert code == 200, body
+        resp = rr.ReadResponse.FromString(snappy.uncompress(body))
+        assert [s.timestamp for s in resp.results[0].timeseries[0].samples] == want.tolist()
+        code, body, _ = read(d, [query], [rr.ReadRequest.STREAMED_XOR_CHUNKS])
+        assert code == 200, body
+        (cs,) = [cs for fr in read_frames(body) for cs in fr.chunked_series]
+        assert [t for c in cs.chunks for t, _ in decode_xor(c.data)] == want.tolist()
 
         # within the raw retention only raw data is read, and nothing is said about it
         r, h = get(d, "/api/v1/query_range", query="xc", start=(t0 - 20 * MIN) / 1000,

@@ -158,7 +158,9 @@ def sub_batch(b: BlockBatch, series: np.ndarray) -> BlockBatch:
     offsets = np.zeros(len(idx) + 1, dtype=np.uint64)
     np.cumsum(lens, out=offsets[1:])
     return BlockBatch([b.labels[i] for i in series.tolist()], np.asarray(b.data)[pos], offsets,
-                      brank[idx], b.counts[idx], b.start_ms[idx], b.end_ms[idx])
+                      brank[idx], b.counts[idx], b.start_ms[idx], b.end_ms[idx],
+                      None if b.clip_lo is None else b.clip_lo[idx],
+                      None if b.clip_hi is None else b.clip_hi[idx])
 
 
 def _series_groups(res: SelectResult, mint: int, maxt: int, ctx: QueryContext):
