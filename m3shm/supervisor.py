@@ -4,8 +4,10 @@ Start-up, all before any thread or event loop exists (fork hygiene; numpy is nev
 here): lock ``<data>/LOCK`` with flock (a second daemon, or a worker orphaned by a previous
 one, makes start-up wait and then fail with a message naming the holder); check or write
 ``<data>/meta.json`` (shard count and hash function are fixed for the life of the data);
-create the segment ``/dev/shm/m3shm-<hash of the data path>.seg``; fork one worker per core.
-Workers replay the commit logs of earlier boots into their own shards themselves.
+create one segment per namespace (the raw one ``/dev/shm/m3shm-<hash of the data path>.seg``,
+each aggregated one ``…-ns-<name>.seg``: m3shm/workers/nsruntime.py); fork one worker per core.
+Workers replay the commit logs of earlier boots (one directory per namespace) into their own
+shards themselves.
 
 Running: a worker that exits for any reason is forked again on the same index (same shard
 range, same lanes) with a new incarnation number; it re-attaches to the segment it inherits.
@@ -32,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -44,11 +45,12 @@ import time
 
 from m3shm import stats as sf
 from m3shm.aggstore import AggStore
-from m3shm.config import Config, ConfigError, live_update, load
+from m3shm.config import Config, ConfigError, NamespaceConfig, live_update, load
 from m3shm.rules import versions
 from m3shm.shm import Segment, SegParams, seq_base_now
 from m3shm.storage import commitlog
 from m3shm.systemd import Notifier
+from m3shm.workers import nsruntime
 
 log = logging.getLogger("m3shm.supervisor")
 
@@ -80,17 +82,21 @@ def lock_data_dir(data: str, wait_s: float = 10.0) -> int:
 FILESETS_DIR = "filesets"
 
 
-def _has_data(data: str, ns: str, raw: bool) -> bool:
-    nsdir = os.path.join(data, FILESETS_DIR, ns)
+def _has_data(data: str, ns: NamespaceConfig) -> bool:
+    nsdir = os.path.join(data, FILESETS_DIR, ns.name)
     if os.path.isdir(nsdir) and any(os.scandir(nsdir)):
         return True
-    return raw and bool(commitlog.list_files(os.path.join(data, "commitlog")))
+    files = commitlog.list_files(nsruntime.commitlog_dir(data, ns))
+    if not ns.aggregated:
+        return bool(files)
+    return any(commitlog.first_seq(p) is not None for p in files)
 
 
 def check_meta(data: str, cfg: Config) -> None:
     """Check (or first write) ``<data>/meta.json``: the shard count, the series hash and each
-    namespace's block size are fixed once a namespace has data; a change is refused with an
-    error naming the key. Namespaces without data may be added or changed freely."""
+    namespace's block size are fixed once a namespace has data (filesets, or commit-log
+    batches: the raw namespace counts any commit-log file); a change is refused with an error
+    naming the key. Namespaces without data may be added or changed freely."""
     path = os.path.join(data, "meta.json")
     have: dict = {}
     if os.path.exists(path):
@@ -108,7 +114,7 @@ def check_meta(data: str, cfg: Config) -> None:
     for i, ns in enumerate(cfg.namespaces):
         old = recorded.get(ns.name)
         if (old and old.get("blockSize") != ns.block_size_ms
-                and _has_data(data, ns.name, not ns.aggregated)):
+                and _has_data(data, ns)):
             raise ConfigError(
                 f"namespaces[{i}].blockSize: namespace {ns.name!r} holds data written with "
                 f"blockSize={old.get('blockSize')}ms; it cannot change (configured "
@@ -128,8 +134,8 @@ def check_meta(data: str, cfg: Config) -> None:
 
 
 def segment_path(data: str) -> str:
-    h = hashlib.sha1(os.path.realpath(data).encode()).hexdigest()[:12]
-    return f"/dev/shm/m3shm-{h}.seg"
+    """The raw namespace's segment (aggregated ones: nsruntime.segment_path)."""
+    return nsruntime.segment_path(data)
 
 
 def applied_config_path(stats_file: str) -> str:
@@ -166,46 +172,83 @@ class Supervisor:
         self.stopping = False
         self.restarts: list[float] = []
 
+    def seg_params(self, i: int, ns: NamespaceConfig) -> SegParams:
+        """Parameters of namespace ``i``'s segment: shards, producers and lanes shared by all,
+        its own write window, block size and (for aggregated ones) the agg_* sizes."""
+        c = self.cfg
+        return SegParams(num_shards=c.shards, num_producers=self.nworkers,
+                         lane_bytes=c.shm.lane_bytes,
+                         series_per_shard=(c.shm.agg_series_per_shard if ns.aggregated
+                                           else c.shm.series_per_shard),
+                         arena_bytes=(c.shm.agg_arena_bytes if ns.aggregated
+                                      else c.shm.arena_bytes),
+                         block_ms=ns.block_size_ms, seq_base=seq_base_now(),
+                         buffer_past_ms=ns.buffer_past_ms, buffer_future_ms=ns.buffer_future_ms,
+                         retention_ms=ns.retention_ms, cold_writes=ns.cold_writes, ns_id=i)
+
+    def _create_segments(self) -> None:
+        """One segment per namespace (previous boots' are replaced: their data is in the
+        commit logs); ``self.seg`` is the raw one."""
+        import glob
+
+        c = self.cfg
+        for p in glob.glob(nsruntime.aggregated_segment_glob(self.data)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)  # also those of namespaces no longer configured
+        plan = [(nsruntime.segment_path(self.data, ns), self.seg_params(i, ns), ns)
+                for i, ns in enumerate(c.namespaces)]
+        need = sum(p.size() for _, p, _ in plan)
+        path = segment_path(self.data)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        st = os.statvfs(os.path.dirname(path))
+        if st.f_bavail * st.f_frsize < need:
+            raise ConfigError(
+                f"shm.arena_bytes: the segments need {need >> 20} MiB "
+                f"(per namespace: shards x (arena_bytes + series tables) + lanes) but "
+                f"{os.path.dirname(path)} has {st.f_bavail * st.f_frsize >> 20} MiB free; "
+                "lower shm.arena_bytes / shm.series_per_shard / shm.agg_arena_bytes / "
+                "shm.agg_series_per_shard / shm.lane_bytes or enlarge it")
+        self.segs: dict[str, Segment] = {}
+        try:
+            for p, params, ns in plan:
+                self.segs[ns.name] = Segment.create(p, params)
+        except BaseException:
+            self._unlink_segments()
+            raise
+        self.seg = self.segs[c.raw_namespace.name]
+        self.seg_bytes = need
+
+    def _unlink_segments(self) -> None:
+        for seg in getattr(self, "segs", {}).values():
+            seg.unlink()
+
     def run(self) -> int:
-        os.makedirs(os.path.join(self.data, "commitlog"), exist_ok=True)
+        for ns in self.cfg.namespaces:
+            os.makedirs(nsruntime.commitlog_dir(self.data, ns), exist_ok=True)
         self.lock_fd = lock_data_dir(self.data)
         check_meta(self.data, self.cfg)
         self._start_rules()
-        self.boot = commitlog.next_boot(os.path.join(self.data, "commitlog"))
+        # boots are numbered across every namespace's commit-log directory
+        self.boot = max(commitlog.next_boot(nsruntime.commitlog_dir(self.data, ns))
+                        for ns in self.cfg.namespaces)
         c = self.cfg
-        params = SegParams(num_shards=c.shards, num_producers=self.nworkers,
-                           lane_bytes=c.shm.lane_bytes, series_per_shard=c.shm.series_per_shard,
-                           arena_bytes=c.shm.arena_bytes, block_ms=c.raw_namespace.block_size_ms,
-                           seq_base=seq_base_now(),
-                           buffer_past_ms=c.raw_namespace.buffer_past_ms,
-                           buffer_future_ms=c.raw_namespace.buffer_future_ms,
-                           retention_ms=c.raw_namespace.retention_ms,
-                           cold_writes=c.raw_namespace.cold_writes)
-        path = segment_path(self.data)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a previous boot's segment: its data is in the commit logs
-        st = os.statvfs(os.path.dirname(path))
-        if st.f_bavail * st.f_frsize < params.size():
-            raise ConfigError(
-                f"shm.arena_bytes: the segment needs {params.size() >> 20} MiB "
-                f"(shards x (arena_bytes + series tables) + lanes) but "
-                f"{os.path.dirname(path)} has {st.f_bavail * st.f_frsize >> 20} MiB free; "
-                "lower shm.arena_bytes / shm.series_per_shard / shm.lane_bytes or enlarge it")
-        self.seg = Segment.create(path, params)
+        self._create_segments()
+        path = self.seg.path
         try:
             # downsampling cells of the segment's shards (m3shm/aggstore.py): here, so that
             # they outlive a worker killed by SIGKILL
             self.agg_store = AggStore.create(self.seg, c.shm.cell_arena())
             self.stats = sf.StatsFile.create(sf.stats_path(path), self.nworkers)
         except BaseException:
-            self.seg.unlink()
+            self._unlink_segments()
             with contextlib.suppress(AttributeError):
                 self.agg_store.unlink()
             raise
         versions.publish(self.stats, self.rules_chain, changed=False)
-        log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s (%d MiB)",
-                 os.getpid(), self.boot, self.nworkers, c.shards, self.seg.path,
-                 params.size() >> 20)
+        log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s and %d "
+                 "aggregated (%d MiB in all)", os.getpid(), self.boot, self.nworkers, c.shards,
+                 self.seg.path, len(self.segs) - 1, self.seg_bytes >> 20)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -219,7 +262,7 @@ class Supervisor:
                 self._spawn(i)
             return self._loop()
         finally:
-            self.seg.unlink()
+            self._unlink_segments()
             self.agg_store.unlink()
             self.stats.unlink()
             with contextlib.suppress(FileNotFoundError):
@@ -253,7 +296,8 @@ class Supervisor:
                 from m3shm.workers.worker import worker_main
 
                 code = worker_main(self.cfg, self.seg, index, self.boot,
-                                   self.incarnation[index], self.data, parent, self.stats)
+                                   self.incarnation[index], self.data, parent, self.stats,
+                                   segs=self.segs)
             except BaseException:
                 log.exception("worker %d crashed", index)
             finally:

@@ -6,6 +6,7 @@ they are fed and ``du``. Not a test and not part of the package.
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -226,9 +227,11 @@ class M3shm(Store):
         super().stop(timeout)
         from m3shm.stats import stats_path
         from m3shm.supervisor import applied_config_path, segment_path
+        from m3shm.workers.nsruntime import aggregated_segment_glob
 
         seg = segment_path(str(self.data))
-        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg))):
+        aggs = glob.glob(aggregated_segment_glob(str(self.data)))
+        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg)), *aggs):
             with contextlib.suppress(FileNotFoundError):  # left behind only after a kill
                 os.unlink(p)
 

@@ -172,4 +172,4 @@ def test_segment_larger_than_dev_shm_is_refused(tmp_path):
     d = Daemon(tmp_path, arena="512GiB")
     d.start(wait=False)
     assert d.proc.wait(30) == 2
-    assert "shm.arena_bytes: the segment needs" in d.logtext()
+    assert "shm.arena_bytes: the segments need" in d.logtext()

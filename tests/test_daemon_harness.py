@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -120,9 +121,11 @@ class Daemon:
         code = self.proc.wait(timeout)
         from m3shm.stats import stats_path
         from m3shm.supervisor import applied_config_path, segment_path
+        from m3shm.workers.nsruntime import aggregated_segment_glob
 
         seg = segment_path(str(self.data))
-        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg))):
+        aggs = glob.glob(aggregated_segment_glob(str(self.data)))
+        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg)), *aggs):
             with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
                 os.unlink(p)
         return code

@@ -1,23 +1,31 @@
 """A worker's flusher: closed blocks -> filesets, commit-log trimming, retention.
 
 Each worker flushes only its own shards, on a timer (``flush.interval``) and on request. A
-*pass* (on the worker's thread pool, one at a time):
+*pass* (on the worker's thread pool, one at a time) covers every namespace (each with its own
+segment, block size, write window, retention and commit-log directory; see
+m3shm/workers/nsruntime.py). For each namespace it:
 
-1. draws a sequence number with ``m3_seq_sync`` and notes the wall clock ``now``;
+1. draws a sequence number with ``m3_seq_sync`` on that namespace's segment and notes the wall
+   clock ``now``;
 2. waits until its shards have applied everything published before (lane tails snapshot);
 3. for each of its shards and each block the shard holds in memory: warm data of a closed
    block (start + blockSize + bufferPast <= now) becomes volume 0 of its fileset, cold data
    (of blocks already flushed) volume N+1 (m3shm/storage/shard_flush.py); the chunks are then
-   released; expired blocks (start + blockSize <= now - retention) are released unwritten;
-4. (every ``flush.retention_interval``) deletes the filesets of its shards whose block ended
-   before now - retention;
-5. records the pass in ``<data>/flush/state-w<index>.json`` (atomic rename, fsync'd): the
-   commit-log trimming of every worker reads these files (m3shm/storage/commitlog.py
-   ``covered``);
-6. deletes the commit-log files every worker's last pass covers (commitlog.deletable).
+   released; expired blocks (start + blockSize <= now - retention) are released unwritten.
 
-``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit log
-(SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files, then trims:
+Then it
+4. (every ``flush.retention_interval``) deletes the filesets of its shards whose block ended
+   before now - retention, in every namespace;
+5. records each namespace's pass in its state file (atomic rename, fsync'd):
+   ``<data>/flush/state-w<index>.json`` for the raw namespace, ``state-<ns>-w<index>.json``
+   for an aggregated one; the commit-log trimming of every worker reads these files
+   (m3shm/storage/commitlog.py ``covered``), one namespace at a time;
+6. deletes the commit-log files of each namespace that every worker's last pass of that
+   namespace covers (commitlog.deletable).
+
+``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit
+logs (SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files of every
+namespace, then trims:
 when it answers 200 every closed block is durable in a fileset and the commit log it covered
 is gone. Signals reach sibling workers through the supervisor's child list. A pass or rotation
 that fails (a full disk: the state file cannot be written either) is counted in the worker's
@@ -47,27 +55,31 @@ from m3shm.storage.fileset import remove_incomplete, remove_superseded
 from m3shm.storage.shard_flush import WARM, flush_block
 
 if TYPE_CHECKING:
+    from m3shm.workers.nsruntime import NsRuntime
     from m3shm.workers.worker import Worker
 
 log = logging.getLogger("m3shm.flush")
 
 
-def state_path(data_dir: str, index: int) -> str:
-    return os.path.join(data_dir, "flush", f"state-w{index:03d}.json")
+def state_path(data_dir: str, index: int, ns: str | None = None) -> str:
+    """Worker ``index``'s flush state of namespace ``ns`` (None: the raw one)."""
+    name = f"state-w{index:03d}.json" if ns is None else f"state-{ns}-w{index:03d}.json"
+    return os.path.join(data_dir, "flush", name)
 
 
-def read_state(data_dir: str, index: int) -> dict:
+def read_state(data_dir: str, index: int, ns: str | None = None) -> dict:
     try:
-        with open(state_path(data_dir, index)) as f:
+        with open(state_path(data_dir, index, ns)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
 
 
-def read_passes(data_dir: str, nworkers: int) -> list[PassState | None]:
+def read_passes(data_dir: str, nworkers: int, ns: str | None = None
+                ) -> list[PassState | None]:
     out: list[PassState | None] = []
     for i in range(nworkers):
-        st = read_state(data_dir, i)
+        st = read_state(data_dir, i, ns)
         try:
             out.append(PassState(st["pass_seq"], st["pass_ms"], st["block_ms"],
                                  st["buffer_past_ms"]))
@@ -83,7 +95,8 @@ class Flusher:
         self.seg = w.seg
         self.root = Path(w.data_dir) / "filesets"
         self.ns = w.cfg.raw_namespace
-        self.state: dict = read_state(w.data_dir, w.index)
+        self.states: dict[str | None, dict] = {
+            rt.key: read_state(w.data_dir, w.index, rt.key) for rt in w.ns.values()}
         self._lock = threading.Lock()
         self._last_retention = 0.0
         self.blocks_written = 0
@@ -97,11 +110,12 @@ class Flusher:
         shards = range(self.w.lo, self.w.hi)
         remove_incomplete(self.root, shards)
         remove_superseded(self.root, shards)
-        for s in shards if replaying else ():
-            d = self.root / self.ns.name / f"{s:04d}"
-            starts = [int(p.name.split("-")[1]) for p in d.glob("fileset-*-checkpoint.db")]
-            if starts:
-                self.seg.set_warm_floor(s, max(starts) + self.ns.block_size_ms)
+        for rt in self.w.ns.values():
+            for s in shards if replaying else ():
+                d = self.root / rt.name / f"{s:04d}"
+                starts = [int(p.name.split("-")[1]) for p in d.glob("fileset-*-checkpoint.db")]
+                if starts:
+                    rt.seg.set_warm_floor(s, max(starts) + rt.cfg.block_size_ms)
 
     # -- the pass (pool thread) -------------------------------------------------------------
     def run_pass(self, force_retention: bool = False) -> int:
@@ -120,7 +134,25 @@ class Flusher:
             self.w.stats.add(stats.W_FLUSH_DISK_FULL)
 
     def _pass(self, force_retention: bool) -> int:
-        seg, ns = self.seg, self.ns
+        done = [(rt, *self._flush_ns(rt)) for rt in self.w.ns.values()]
+        written = sum(n for _, _, _, n in done)
+        self.blocks_written += written
+        mono = time.monotonic()
+        if force_retention or mono - self._last_retention >= (
+                self.cfg.flush.retention_interval_ms / 1000):
+            self._last_retention = mono
+            self.apply_retention(int(time.time() * 1000))  # before the states: an admin
+            # flush waits for them
+        for rt, seq, now, _ in done:
+            self._save(rt.key, pass_seq=seq, pass_ms=now, block_ms=rt.cfg.block_size_ms,
+                       buffer_past_ms=rt.cfg.buffer_past_ms)
+        self.trim()
+        return written
+
+    def _flush_ns(self, rt: NsRuntime) -> tuple[int, int, int]:
+        """Flush namespace ``rt``'s closed blocks of this worker's shards; returns the pass's
+        (sequence number, now, blocks written)."""
+        seg, ns = rt.seg, rt.cfg
         seq = int(lib.m3_seq_sync(seg.base))
         now = int(time.time() * 1000)
         tails = seg.tails()
@@ -152,19 +184,15 @@ class Flusher:
                              "warm" if kind == WARM else "cold", info.num_series,
                              info.num_samples, info.data_bytes, time.perf_counter() - t0)
             seg.reclaim(s)
-        self.blocks_written += written
-        mono = time.monotonic()
-        if force_retention or mono - self._last_retention >= (
-                self.cfg.flush.retention_interval_ms / 1000):
-            self._last_retention = mono
-            self.apply_retention(now)  # before the state: an admin flush waits for it
-        self._save(pass_seq=seq, pass_ms=now, block_ms=ns.block_size_ms,
-                   buffer_past_ms=ns.buffer_past_ms)
-        self.trim()
-        return written
+        return seq, now, written
 
     def trim(self) -> list[str]:
-        return commitlog.trim(self.w.cl_dir, read_passes(self.w.data_dir, self.w.nworkers))
+        """Delete every namespace's commit-log files its passes cover."""
+        removed = []
+        for rt in self.w.ns.values():
+            removed += commitlog.trim(rt.cl_dir,
+                                      read_passes(self.w.data_dir, self.w.nworkers, rt.key))
+        return removed
 
     def apply_retention(self, now: int) -> None:
         shards = range(self.w.lo, self.w.hi)
@@ -174,15 +202,16 @@ class Flusher:
             for fid in gone:
                 self.w.flushed_store.forget(fid)
 
-    def note_rotated(self) -> None:
-        self._save(rotated_seq=int(lib.m3_seq_sync(self.seg.base)))
+    def note_rotated(self, rt: NsRuntime) -> None:
+        self._save(rt.key, rotated_seq=int(lib.m3_seq_sync(rt.seg.base)))
 
-    def _save(self, **kv: int) -> None:
-        self.state.update(kv)
-        path = state_path(self.w.data_dir, self.w.index)
+    def _save(self, key: str | None, **kv: int) -> None:
+        state = self.states.setdefault(key, {})
+        state.update(kv)
+        path = state_path(self.w.data_dir, self.w.index, key)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.state, f)
+            json.dump(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -205,8 +234,10 @@ class Flusher:
 
     async def rotate(self) -> None:
         try:
-            await self.w.pipeline.rotate_log()
-            self.note_rotated()
+            for rt in self.w.ns.values():
+                assert rt.pipeline is not None
+                await rt.pipeline.rotate_log()
+                self.note_rotated(rt)
         except Exception as e:
             with self._lock:
                 self._count_failure(e)
@@ -231,12 +262,19 @@ def _failures(w: Worker, slot: int) -> list[int]:
     return [w.statsfile.worker(i).get(slot) for i in range(w.nworkers)]
 
 
-async def _wait_states(w: Worker, key: str, after: int, deadline: float,
+def _behind(w: Worker, key: str, marks: dict[str | None, int]) -> list[int]:
+    """Workers whose state of some namespace does not record ``key`` past its mark."""
+    return [i for i in range(w.nworkers)
+            if any(read_state(w.data_dir, i, ns).get(key, 0) <= m for ns, m in marks.items())]
+
+
+async def _wait_states(w: Worker, key: str, marks: dict[str | None, int], deadline: float,
                        failed: list[int]) -> bool:
-    """Wait until every worker's state records ``key`` past ``after``; False at the deadline
-    or as soon as a worker's failure count passes ``failed``."""
+    """Wait until every worker's state of every namespace records ``key`` past that
+    namespace's mark; False at the deadline or as soon as a worker's failure count passes
+    ``failed``."""
     while time.monotonic() < deadline:
-        if all(read_state(w.data_dir, i).get(key, 0) > after for i in range(w.nworkers)):
+        if not _behind(w, key, marks):
             return True
         if _failures(w, stats.W_FLUSH_FAILURES) != failed:
             return False
@@ -252,12 +290,12 @@ async def flush_everywhere(w: Worker, timeout: float = 120) -> tuple[int, str]:
     failed = _failures(w, stats.W_FLUSH_FAILURES)
     full = _failures(w, stats.W_FLUSH_DISK_FULL)
     for key, sig in (("rotated_seq", signal.SIGUSR1), ("pass_seq", signal.SIGUSR2)):
-        mark = int(lib.m3_seq_sync(w.seg.base))
+        marks = {rt.key: int(lib.m3_seq_sync(rt.seg.base)) for rt in w.ns.values()}
         for pid in sibling_workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         phase = key.split("_")[0]
-        if not await _wait_states(w, key, mark, deadline, failed):
+        if not await _wait_states(w, key, marks, deadline, failed):
             now_failed = _failures(w, stats.W_FLUSH_FAILURES)
             bad = [i for i in range(w.nworkers) if now_failed[i] != failed[i]]
             if bad and _failures(w, stats.W_FLUSH_DISK_FULL) != full:
@@ -266,8 +304,7 @@ async def flush_everywhere(w: Worker, timeout: float = 120) -> tuple[int, str]:
                              "them; retry once space is freed")
             if bad:
                 return 503, f"the {phase} phase failed on workers {bad} (see the log); retry"
-            late = [i for i in range(w.nworkers)
-                    if read_state(w.data_dir, i).get(key, 0) <= mark]
+            late = _behind(w, key, marks)
             return 503, f"workers {late} did not finish the {phase} phase in {timeout:.0f}s"
     removed = await asyncio.get_running_loop().run_in_executor(w.pool, w.flusher.trim)
     return 200, f"flushed; {len(removed)} commit-log files deleted"

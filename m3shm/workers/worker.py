@@ -1,12 +1,16 @@
 """A worker process: one uvloop event loop, a contiguous range of shards, a small thread pool.
 
-Started by the supervisor with fork (it inherits the shared segment's mapping and the data
-directory lock). At start it (1) resets its own lanes as a producer, dropping anything a
-previous incarnation reserved but never published; (2) repairs its shards (encoder states torn
-mid-append, chain ends, the last series' table entry); (3) if its shards are not yet marked
-recovered, replays every commit log of earlier boots into them (this happens once per boot,
-or again if the worker died during replay: applying a record twice is harmless); and only then
-(4) starts the drain thread that applies its shards' lanes. HTTP is served from the beginning
+Started by the supervisor with fork (it inherits the mappings of every namespace's segment and
+the data directory lock). A worker owns the same shard range in every namespace
+(m3shm/workers/nsruntime.py: ``Worker.ns[name]`` / ``Worker.ns_by_id[i]`` hold each one's
+segment, commit log and ingest pipeline; ``self.seg`` / ``clog`` / ``pipeline`` are the raw
+namespace's). At start it, in every namespace, (1) resets its own lanes as a producer, dropping
+anything a previous incarnation reserved but never published; (2) repairs its shards (encoder
+states torn mid-append, chain ends, the last series' table entry); (3) if its shards are not
+yet marked recovered, replays every commit log of earlier boots into them, each namespace's
+directory into its own segment (this happens once per boot, or again if the worker died during
+replay: applying a record twice is harmless); and only then (4) starts the drain thread that
+applies its shards' lanes of every segment. HTTP is served from the beginning
 (``/ready`` says 503 until every shard is recovered) on a SO_REUSEPORT socket of its own.
 
 C calls that take real time (snappy, decoding, commit-log writes, export reads) run on a
@@ -45,6 +49,7 @@ from m3shm.storage import commitlog
 from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.metadata import MetadataStore
 from m3shm.workers.ingest import IngestPipeline
+from m3shm.workers.nsruntime import NsRuntime, commitlog_dir
 from m3shm.workers.rulesync import RuleSync
 
 log = logging.getLogger("m3shm.worker")
@@ -68,7 +73,8 @@ def die_with_parent(parent: int) -> None:
 
 class Worker:
     def __init__(self, cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
-                 data_dir: str, stats: st.StatsFile) -> None:
+                 data_dir: str, stats: st.StatsFile,
+                 segs: dict[str, Segment] | None = None) -> None:
         self.cfg = cfg
         self.statsfile = stats
         self.stats = stats.worker(index)
@@ -79,7 +85,14 @@ class Worker:
         self.boot = boot
         self.incarnation = incarnation
         self.data_dir = data_dir
-        self.cl_dir = os.path.join(data_dir, "commitlog")
+        self.cl_dir = commitlog_dir(data_dir, cfg.raw_namespace)
+        segs = dict(segs or {cfg.raw_namespace.name: seg})
+        segs[cfg.raw_namespace.name] = seg
+        # every configured namespace that has a segment (all of them under the supervisor)
+        self.ns: dict[str, NsRuntime] = {
+            ns.name: NsRuntime(ns.name, i, ns, segs[ns.name], commitlog_dir(data_dir, ns))
+            for i, ns in enumerate(cfg.namespaces) if ns.name in segs}
+        self.ns_by_id: dict[int, NsRuntime] = {rt.id: rt for rt in self.ns.values()}
         self.stopping = False
         self.tasks: set[asyncio.Task] = set()
         self.background: set[asyncio.Task] = set()
@@ -126,24 +139,31 @@ class Worker:
         self._pending_signals: list[int] = []
         for sig in (signal.SIGUSR1, signal.SIGUSR2):
             loop.add_signal_handler(sig, self._on_flush_signal, sig)
-        seg = self.seg
-        seg.set_producer_done(self.index, False)
-        seg.recover_producer(self.index)
-        for s in range(self.lo, self.hi):
-            seg.recover_shard(s)
+        for rt in self.ns.values():
+            rt.seg.set_producer_done(self.index, False)
+            rt.seg.recover_producer(self.index)
+            for s in range(self.lo, self.hi):
+                rt.seg.recover_shard(s)
+        self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="m3shm-c")
+        cl = self.cfg.commitlog
+        ing = self.cfg.ingest
+        for rt in self.ns.values():
+            base = rt.seg.base
+            rt.clog = commitlog.CommitLog(
+                rt.cl_dir, self.boot, self.index, self.incarnation, cl.fsync,
+                cl.fsync_interval_ms, cl.max_segment_bytes, observer=ws,
+                seq_sync=lambda base=base: int(lib.m3_seq_sync(base)))
+            rt.pipeline = IngestPipeline(rt.seg, self.index, rt.clog, self.pool,
+                                         ing.reserve_wait_ms, ing.max_pending_batches)
+            rt.pipeline.start()
+        raw = self.ns[self.cfg.raw_namespace.name]
+        self.clog, self.pipeline = raw.clog, raw.pipeline
+        # after the pipelines: the aggregator lays out cells only for namespaces it can
+        # write to (Worker.ns_by_id[i].pipeline)
         self.aggregator = self._make_aggregator()
         if self.aggregator is not None:
             self.rules.attach(self.aggregator.install_rules)
             self.aggregator.activate_now(self.lo, self.hi)
-        self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="m3shm-c")
-        cl = self.cfg.commitlog
-        self.clog = commitlog.CommitLog(self.cl_dir, self.boot, self.index, self.incarnation,
-                                        cl.fsync, cl.fsync_interval_ms, cl.max_segment_bytes,
-                                        observer=ws, seq_sync=self.seq_sync)
-        ing = self.cfg.ingest
-        self.pipeline = IngestPipeline(seg, self.index, self.clog, self.pool,
-                                       ing.reserve_wait_ms, ing.max_pending_batches)
-        self.pipeline.start()
         self.metadata = MetadataStore(self.data_dir, self.index)
         self._refresh_task = loop.create_task(self._refresh_metadata())
         from m3shm.net.api import Api
@@ -161,16 +181,20 @@ class Worker:
         from m3shm.workers.flush import Flusher
 
         flusher = Flusher(self)
-        replaying = not all(seg.shard_stats(s)["recovered"] for s in range(self.lo, self.hi))
+        replaying = not all(rt.seg.shard_stats(s)["recovered"] for rt in self.ns.values()
+                            for s in range(self.lo, self.hi))
         await loop.run_in_executor(self.pool, flusher.start_up, replaying)
         if replaying:
-            t0 = time.monotonic()
             ws.set(st.W_STATE, st.ST_RECOVERING)
-            n = await loop.run_in_executor(self.pool, self._replay)
-            log.info("worker %d: replayed %d records into shards [%d, %d) in %.3fs",
-                     self.index, n, self.lo, self.hi, time.monotonic() - t0)
-            for s in range(self.lo, self.hi):
-                seg.set_recovered(s, True)
+            for rt in self.ns.values():
+                t0 = time.monotonic()
+                n = await loop.run_in_executor(self.pool, self._replay, rt)
+                log.info("worker %d: replayed %d records of namespace %s into shards [%d, %d) "
+                         "in %.3fs", self.index, n, rt.name, self.lo, self.hi,
+                         time.monotonic() - t0)
+            for rt in self.ns.values():
+                for s in range(self.lo, self.hi):
+                    rt.seg.set_recovered(s, True)
         self._drain_thread = threading.Thread(target=self._drain_loop, name="m3shm-drain",
                                               daemon=True)
         self._drain_beat = time.monotonic()
@@ -250,10 +274,10 @@ class Worker:
             return
         self.cfg = cfg
         ing = cfg.ingest
-        pipe: IngestPipeline | None = getattr(self, "pipeline", None)
-        if pipe is not None:
-            pipe.reserve_wait = ing.reserve_wait_ms / 1000
-            pipe.max_pending = ing.max_pending_batches
+        for rt in self.ns.values():
+            if rt.pipeline is not None:
+                rt.pipeline.reserve_wait = ing.reserve_wait_ms / 1000
+                rt.pipeline.max_pending = ing.max_pending_batches
         self.stats.set(st.W_CONFIG_GEN, loaded_gen)
         log.info("worker %d: applied config generation %d", self.index, loaded_gen)
 
@@ -291,39 +315,45 @@ class Worker:
     def _close_predecessors(self) -> None:
         """Index the files earlier incarnations of this worker left open in this boot (they
         died): everything they published happened before this process started, so a
-        sequence number drawn now closes them for trimming."""
-        for p in commitlog.list_files(self.cl_dir):
-            m = commitlog.NAME.match(os.path.basename(p))
-            if (m and int(m.group(1)) == self.boot and int(m.group(2)) == self.index
-                    and int(m.group(3)) < self.incarnation
-                    and commitlog.read_index(p) is None):
-                lo, hi, n = commitlog.scan_file(p)
-                commitlog.write_index(p, self.seq_sync(), lo, hi, n)
+        sequence number drawn now (from that namespace's segment) closes them for trimming."""
+        for rt in self.ns.values():
+            for p in commitlog.list_files(rt.cl_dir):
+                m = commitlog.NAME.match(os.path.basename(p))
+                if (m and int(m.group(1)) == self.boot and int(m.group(2)) == self.index
+                        and int(m.group(3)) < self.incarnation
+                        and commitlog.read_index(p) is None):
+                    lo, hi, n = commitlog.scan_file(p)
+                    commitlog.write_index(p, int(lib.m3_seq_sync(rt.seg.base)), lo, hi, n)
 
-    def _replay(self) -> int:
+    def _replay(self, rt: NsRuntime) -> int:
+        """Replay namespace ``rt``'s commit logs of earlier boots into its segment's shards
+        of this worker (files every worker's last pass of that namespace covered are
+        skipped)."""
         from m3shm.workers.flush import read_passes
 
-        passes = read_passes(self.data_dir, self.nworkers)
+        passes = read_passes(self.data_dir, self.nworkers, rt.key)
 
-        gone = set(commitlog.deletable(self.cl_dir, passes))
+        gone = set(commitlog.deletable(rt.cl_dir, passes))
 
         def skip(path: str) -> bool:
             return path in gone
 
         n = 0
-        files = [p for p in commitlog.list_files(self.cl_dir, self.boot) if not skip(p)]
-        agg = self.aggregator
+        files = [p for p in commitlog.list_files(rt.cl_dir, self.boot) if not skip(p)]
+        # the aggregator's cells belong to the raw segment (aggregated namespaces' records are
+        # applied as they are)
+        agg = self.aggregator if rt.seg is self.seg else None
         if agg is not None:
             from m3shm.workers.aggregate import read_watermark
 
             # windows final at the last complete finalise round were written before the
             # crash: their raw samples count as late, every later window is re-aggregated
             agg.replay_now_ms = read_watermark(self.data_dir)
-        for b in commitlog.replay(self.cl_dir, self.boot, repair=self.index == 0, skip=skip):
+        for b in commitlog.replay(rt.cl_dir, self.boot, repair=self.index == 0, skip=skip):
             if agg is not None:
                 n += agg.replay_batch(b.payload, b.seq, self.lo, self.hi)
             else:
-                n += self.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
+                n += rt.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
         if self.index == 0:
             # files of earlier boots left without an index (a crash): every worker of this
             # boot replays them before its first flush pass, so they are closed as of this
@@ -331,17 +361,21 @@ class Worker:
             for p in files:
                 if commitlog.read_index(p) is None:
                     lo, hi, nb = commitlog.scan_file(p)
-                    commitlog.write_index(p, self.seg.params.seq_base, lo, hi, nb)
+                    commitlog.write_index(p, rt.seg.params.seq_base, lo, hi, nb)
         return n
 
     def _drain_loop(self) -> None:
         idle = 0
+        # the raw segment through the aggregator (its cells), the aggregated ones as they are
+        others = [rt.seg for rt in self.ns.values() if rt.seg is not self.seg]
         while not self._drain_stop.is_set():
             self._drain_beat = time.monotonic()
             if self.aggregator is not None:
                 n = self.aggregator.drain(self.lo, self.hi, 1024, self._drain_beat_now)
             else:
                 n = self.seg.drain_range(self.lo, self.hi, 1024)
+            for seg in others:
+                n += seg.drain_range(self.lo, self.hi, 1024)
             if n:
                 idle = 0
                 continue
@@ -355,15 +389,22 @@ class Worker:
             t.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=20)
-        await self.pipeline.close()
+        # the raw pipeline first: what its last batches make (aggregated points) may still
+        # be submitted to the aggregated namespaces' pipelines
+        for rt in sorted(self.ns.values(), key=lambda rt: rt.aggregated):
+            if rt.pipeline is not None:
+                await rt.pipeline.close()
         self._refresh_task.cancel()
         self.metadata.close()
-        self.clog.close()
-        self.seg.set_producer_done(self.index, True)
+        for rt in self.ns.values():
+            if rt.clog is not None:
+                rt.clog.close()
+            rt.seg.set_producer_done(self.index, True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.seg.all_producers_done() and not any(
-                    self.seg.backlog(s) for s in range(self.lo, self.hi)):
+            if all(rt.seg.all_producers_done() and not any(
+                    rt.seg.backlog(s) for s in range(self.lo, self.hi))
+                    for rt in self.ns.values()):
                 break
             await asyncio.sleep(0.005)
         self._drain_stop.set()
@@ -377,11 +418,12 @@ class Worker:
 
 
 def worker_main(cfg: Config, seg: Segment, index: int, boot: int, incarnation: int,
-                data_dir: str, parent: int, stats: st.StatsFile) -> int:
+                data_dir: str, parent: int, stats: st.StatsFile,
+                segs: dict[str, Segment] | None = None) -> int:
     """Entry point in the forked child."""
     die_with_parent(parent)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):  # until the event loop handles them
         signal.signal(sig, signal.SIG_IGN)
-    return Worker(cfg, seg, index, boot, incarnation, data_dir, stats).run()
+    return Worker(cfg, seg, index, boot, incarnation, data_dir, stats, segs).run()
