@@ -35,8 +35,10 @@ int m3_batch_time_range(const uint8_t *batch, size_t len, int64_t *mint, int64_t
         const m3_rec *r = (const m3_rec *)(batch + off);
         if (r->len < sizeof(m3_rec) || r->len % 8 || r->len > len - off)
             return M3_ECORRUPT;
-        if (r->type == M3_REC_SAMPLES) {
-            if (rec_bytes(r->labels_len, r->nsamples) != r->len)
+        if (r->type == M3_REC_SAMPLES || r->type == M3_REC_ROLLUP_IN) {
+            /* a ROLLUP_IN record's ts are window ends: its file is kept until their blocks
+               are flushed, long after the group windows are final */
+            if (rec_bytes_of(r->type, r->labels_len, r->nsamples) != r->len)
                 return M3_ECORRUPT;
             const int64_t *ts =
                 (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));

@@ -72,10 +72,11 @@ int m3_rec_check(const m3_rec *r, size_t avail, uint32_t num_shards)
 {
     if (avail < sizeof(m3_rec) || r->len < sizeof(m3_rec) || r->len % 8 || r->len > avail)
         return M3_ECORRUPT;
-    if (r->type != M3_REC_SAMPLES || r->vtype != M3_VT_FLOAT || r->shard >= num_shards)
+    if ((r->type != M3_REC_SAMPLES && r->type != M3_REC_ROLLUP_IN) ||
+        r->vtype != M3_VT_FLOAT || r->shard >= num_shards)
         return M3_ECORRUPT;
     if (r->nsamples == 0 || r->nsamples > M3_REC_MAX_SAMPLES || r->labels_len == 0 ||
-        r->labels_len > 65535 || rec_bytes(r->labels_len, r->nsamples) != r->len)
+        r->labels_len > 65535 || rec_bytes_of(r->type, r->labels_len, r->nsamples) != r->len)
         return M3_ECORRUPT;
     return M3_OK;
 }

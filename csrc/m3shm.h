@@ -145,7 +145,8 @@ int m3_seg_all_producers_done(const uint8_t *base);
 /* Record types in lanes and commit-log batches (persisted: explicit values). */
 enum m3_rec_type {
     M3_REC_PAD = 1,       /* filler to the end of the lane's buffer; skip */
-    M3_REC_SAMPLES = 2    /* a label set and its samples */
+    M3_REC_SAMPLES = 2,   /* a label set and its samples */
+    M3_REC_ROLLUP_IN = 3  /* forwarded rollup window values for a group cell (rollup.c) */
 };
 enum m3_value_type {
     M3_VT_FLOAT = 1       /* float64 samples; 2 is reserved for native histograms */
@@ -833,3 +834,69 @@ int m3_rec_build(uint16_t type, uint32_t num_shards, const uint8_t *labels, uint
                  const uint64_t *offs, uint32_t nseries, const uint32_t *series,
                  const int64_t *ts, const double *v, size_t nrows, uint8_t *out, size_t cap,
                  size_t *used, uint32_t *nrecords);
+
+/* ---- rollup.c: rollup forwarding records and group cells (docs/formats/shm.md) --------- */
+
+#define M3_ROLLUP_TAIL_BYTES 32
+#define M3_FWD_VERSION 1
+
+/* Last 32 bytes of an M3_REC_ROLLUP_IN record (after its values). */
+typedef struct m3_rollup_tail {
+    uint64_t fwd;          /* forward id: one finalise pass of `source` (increasing per source) */
+    uint32_t ordinal;      /* record number within the forward, from 0 */
+    uint32_t rule;         /* rollup rule id (m3shm.rules.rollup_plan.rule_id), never 0 */
+    uint32_t source;       /* forwarding worker (producer index) */
+    uint32_t pad;          /* 0 */
+    int64_t res_ms;        /* the storage policy's resolution; every ts is a multiple */
+} m3_rollup_tail;
+
+/* Per shard of an aggregated segment: the last forward applied from each source, and a
+   scratch cell through which a record reaches its group cell all or nothing (rollup.c). */
+typedef struct m3_fwd_table {
+    uint32_t magic;        /* "FWDT" */
+    uint16_t version;      /* M3_FWD_VERSION */
+    uint16_t pad0;
+    uint32_t num_sources;
+    uint32_t state;        /* 0 idle, 1 scratch being filled, 2 scratch complete */
+    uint64_t scratch_cap;  /* bytes of the scratch cell after the entries */
+    uint64_t applied_records;
+    uint64_t dup_records;  /* records skipped as already applied */
+    uint64_t scratch_fwd;  /* the record the scratch holds: (source, fwd, ordinal, cell) */
+    uint32_t scratch_ordinal;
+    uint32_t scratch_source;
+    uint32_t scratch_cell;
+    uint32_t pad1;
+} m3_fwd_table;
+typedef struct m3_fwd_entry {
+    uint64_t fwd;          /* last (fwd, ordinal) applied from this source; fwd 0 = none */
+    uint32_t ordinal;
+    uint32_t pad;
+} m3_fwd_entry;
+
+/* Bytes of a ROLLUP_IN record with these counts. */
+uint64_t m3_rollup_rec_bytes(uint32_t labels_len, uint32_t nsamples);
+const m3_rollup_tail *m3_rollup_tail_of(const m3_rec *r);
+/* m3_rec_check plus the ROLLUP_IN rules: type 3, tenant 0, tail pad 0, fwd != 0, rule != 0,
+   source < num_sources, 0 < res_ms <= 2^40, every ts a multiple of res_ms within +-2^62. */
+int m3_rollup_check(const m3_rec *r, size_t avail, uint32_t num_shards, uint32_t num_sources);
+/* Build ROLLUP_IN records: rows (row_group[i], ts[i], v[i]) grouped by group (consecutive rows
+   of one group become records of <= M3_REC_MAX_SAMPLES, numbered from 0 in order); group g's
+   canonical labels are labels[labels_off[g] .. labels_off[g+1]), its rule group_rule[g].
+   *len = bytes needed; M3_ENOSPC if cap is smaller (nothing written), M3_EINVAL for a bad
+   group index, empty labels, rule 0, fwd 0 or a ts that is not a multiple of res_ms. */
+int m3_rollup_build(const uint8_t *labels, const uint64_t *labels_off, uint32_t ngroups,
+                    const uint32_t *group_rule, const uint32_t *row_group, const int64_t *ts,
+                    const double *v, size_t nrows, uint32_t num_shards, uint64_t fwd,
+                    uint32_t source, int64_t res_ms, uint8_t *out, size_t cap, size_t *len,
+                    uint32_t *nrecords);
+uint64_t m3_fwd_table_bytes(uint32_t num_sources, uint64_t scratch_cap);
+int m3_fwd_table_init(uint8_t *mem, uint64_t cap, uint32_t num_sources, uint64_t scratch_cap);
+int m3_fwd_table_check(const uint8_t *mem, uint64_t cap);
+/* Apply one checked ROLLUP_IN record to group cell `cell` exactly once (owner only): 1 =
+   applied, 0 = a duplicate (skipped), M3_EINVAL if the cell's resolution differs from the
+   record's, stride exceeds the table's scratch_cap, or out holds fewer than
+   (M3_AGG_MAX_WINDOWS + nsamples) x aggregations rows (rows of windows the apply finalised
+   early go there, *nout of them, `cell` set to the group cell's index). */
+int m3_rollup_apply(uint8_t *table, const m3_rec *r, uint8_t *cells, uint64_t stride,
+                    uint32_t ncells, uint32_t cell, int64_t now_ms, m3_agg_out *out,
+                    size_t cap, size_t *nout);

@@ -230,6 +230,12 @@ static inline uint64_t rec_bytes(uint32_t labels_len, uint32_t nsamples)
     return sizeof(m3_rec) + round8(labels_len) + (uint64_t)nsamples * 16;
 }
 
+/* Bytes of a record of this type (ROLLUP_IN records end in an m3_rollup_tail). */
+static inline uint64_t rec_bytes_of(uint16_t type, uint32_t labels_len, uint32_t nsamples)
+{
+    return rec_bytes(labels_len, nsamples) + (type == M3_REC_ROLLUP_IN ? M3_ROLLUP_TAIL_BYTES : 0);
+}
+
 /* Check a record header against the bytes available; 0 if well formed. */
 int m3_rec_check(const m3_rec *r, size_t avail, uint32_t num_shards);
 /* Format canonical labels as {a="b", ...} into out (always NUL-terminated, truncated). */

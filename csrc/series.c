@@ -447,6 +447,22 @@ int m3_shard_apply_rec(uint8_t *base, const m3_rec *r)
 {
     shard_view v = shard_view_of(base, r->shard);
     int64_t slot = m3_series_resolve(&v, r);
+    if (r->type == M3_REC_ROLLUP_IN) {
+        /* Forwarded window values are for the group series' cells (rollup.c), not its blocks:
+           here the group series only comes to exist (its slot keys the group's plan), and its
+           newest window end keeps an idle expiry from retiring it while inputs arrive. */
+        if (slot < 0) {
+            __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
+            return M3_ENOSPC;
+        }
+        series_slot *s = &v.slots[slot];
+        const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+        for (uint32_t i = 0; i < r->nsamples; i++)
+            if (ts[i] > s->max_ts)
+                /* Relaxed: a statistic for readers, as in m3_series_append. */
+                __atomic_store_n(&s->max_ts, ts[i], __ATOMIC_RELAXED);
+        return M3_OK;
+    }
     int rc = slot < 0 ? M3_ENOSPC : m3_series_append(&v, (uint32_t)slot, r);
     if (rc)
         __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
