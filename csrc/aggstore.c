@@ -527,6 +527,11 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
     add_stat(&sh->ooo, ooo);
 }
 
+/* Set by m3_shard_apply_batch_agg_cells for the calls it makes on this thread: replay of a
+   batch whose raw samples a loaded snapshot already holds (csrc/snapshot.c) feeds the cells
+   only. */
+static _Thread_local int cells_only;
+
 int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
                        uint64_t pos, int64_t now_ms)
 {
@@ -541,7 +546,9 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
     if (!(pe->flags & PE_RESOLVED) || pe->gen != v.slots[slot].gen)
         return M3_AGG_NEEDS_PLAN;
     int rc = M3_OK;
-    if (pe->flags & PE_DROP_RAW)
+    if (cells_only) {
+        /* the raw samples are in the loaded snapshot */
+    } else if (pe->flags & PE_DROP_RAW)
         add_stat(&sh->raw_dropped, r->nsamples);
     else if ((rc = m3_series_append(&v, (uint32_t)slot, r)) != M3_OK)
         __atomic_store_n(&v.sh->dropped, v.sh->dropped + 1, __ATOMIC_RELAXED);
@@ -981,4 +988,17 @@ void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *ou
     out->spill_n = __atomic_load_n(&sh->spill_n, __ATOMIC_RELAXED);
     out->rules_version = __atomic_load_n(&sh->rules_version, __ATOMIC_RELAXED);
     out->now_floor = __atomic_load_n(&sh->now_floor, __ATOMIC_RELAXED);
+}
+
+int m3_shard_apply_batch_agg_cells(uint8_t *base, uint8_t *store, const uint8_t *batch,
+                                   size_t len, uint64_t seq, uint32_t lo, uint32_t hi,
+                                   int64_t now_ms, size_t *off, uint32_t *need_shard,
+                                   uint32_t *need, uint32_t *need_gen, size_t need_cap,
+                                   size_t *nneed)
+{
+    cells_only = 1;
+    int rc = m3_shard_apply_batch_agg(base, store, batch, len, seq, lo, hi, now_ms, off,
+                                      need_shard, need, need_gen, need_cap, nneed);
+    cells_only = 0;
+    return rc;
 }

@@ -721,6 +721,13 @@ int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch
                              uint64_t seq, uint32_t lo, uint32_t hi, int64_t now_ms,
                              size_t *off, uint32_t *need_shard, uint32_t *need,
                              uint32_t *need_gen, size_t need_cap, size_t *nneed);
+/* The same for a batch whose raw samples a loaded snapshot holds (csrc/snapshot.c): the
+   records feed their series' cells only; nothing is appended to the open blocks. */
+int m3_shard_apply_batch_agg_cells(uint8_t *base, uint8_t *store, const uint8_t *batch,
+                                   size_t len, uint64_t seq, uint32_t lo, uint32_t hi,
+                                   int64_t now_ms, size_t *off, uint32_t *need_shard,
+                                   uint32_t *need, uint32_t *need_gen, size_t need_cap,
+                                   size_t *nneed);
 /* Owner, finalise phase 1: rows of every window final at now_ms (and of the spill), computed
    on copies (scratch: at least the largest cell), one stream per (cell, aggregation) with its
    labels; slots from `first`; M3_ENOSPC: resume at *next (whole slots only). *spill_n: spill
@@ -900,3 +907,23 @@ int m3_fwd_table_check(const uint8_t *mem, uint64_t cap);
 int m3_rollup_apply(uint8_t *table, const m3_rec *r, uint8_t *cells, uint64_t stride,
                     uint32_t ncells, uint32_t cell, int64_t now_ms, m3_agg_out *out,
                     size_t cap, size_t *nout);
+
+/* ---- snapshot.c: copies of a shard's open blocks (docs/formats/snapshot.md) ------------ */
+
+/* 1 if no producer holds a batch with a sequence number below seq reserved and unpublished
+   (lane tails loaded afterwards include every such batch), else 0. */
+int m3_seq_settled(const uint8_t *base, uint64_t seq);
+/* Owner: copy live series of a shard from slot *cursor on (chunks byte for byte, under the
+   shard lock, one whole series at a time) into out (cap bytes); *used = bytes written,
+   *nseries / *nchunks are incremented. Returns 1 if out is full (call again from the updated
+   *cursor), 0 when every slot was visited, M3_ENOSPC if the next series alone needs more
+   than cap bytes (*used = what it needs). */
+int m3_shard_snapshot(uint8_t *base, uint32_t shard, uint32_t *cursor, uint8_t *out,
+                      size_t cap, size_t *used, uint64_t *nseries, uint64_t *nchunks);
+/* Owner, at start-up: load a snapshot body (the concatenated output of m3_shard_snapshot)
+   into the shard; chunks of the block starts in skip[0..nskip) are left out. Loaded streams
+   rank below anything applied later. M3_ECORRUPT / M3_ETRUNC with *bad_off = the offset of
+   the bad series or chunk (series before it are loaded), M3_ENOSPC if the shard is full. */
+int m3_shard_load_snapshot(uint8_t *base, uint32_t shard, const uint8_t *body, size_t len,
+                           const int64_t *skip, size_t nskip, uint64_t *nseries,
+                           uint64_t *nchunks, uint64_t *samples, size_t *bad_off);

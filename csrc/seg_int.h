@@ -266,6 +266,11 @@ int m3_aggst_want(uint8_t *base, uint8_t *store, const m3_rec *r, uint32_t round
 /* aggstore.c: the next ask round of a shard (a drain that stops for plans starts one). */
 uint32_t m3_aggst_next_round(uint8_t *store, uint32_t shard);
 
+/* series.c: the slot of these labels, created if absent; -1 if the shard is full (owner,
+   under the shard lock). */
+int64_t m3_series_find_or_create(const shard_view *v, uint64_t hash, const uint8_t *labels,
+                                 uint32_t len, uint32_t nlabels, uint32_t tenant,
+                                 uint32_t vtype);
 /* series.c: remove slot's hash-table entry (owner, under the shard lock). */
 int m3_series_unlink_table(const shard_view *v, uint32_t slot);
 

@@ -297,6 +297,25 @@ static int64_t create_series(const shard_view *v, const m3_rec *r, const uint8_t
     return n;
 }
 
+/* Owner, under the shard lock: the live slot of these labels, created if absent (-1 when
+   the shard has no room). For loaders that hold labels outside a record (snapshot.c). */
+int64_t m3_series_find_or_create(const shard_view *v, uint64_t hash, const uint8_t *labels,
+                                 uint32_t len, uint32_t nlabels, uint32_t tenant,
+                                 uint32_t vtype)
+{
+    int64_t slot = lookup(v, hash, labels, len);
+    if (slot >= 0)
+        return slot;
+    m3_rec r;
+    memset(&r, 0, sizeof r);
+    r.hash = hash;
+    r.labels_len = len;
+    r.nlabels = nlabels;
+    r.tenant = tenant;
+    r.vtype = (uint16_t)vtype;
+    return create_series(v, &r, labels);
+}
+
 static inline int64_t block_of(int64_t ts, int64_t bms)
 {
     int64_t q = ts / bms;

@@ -125,13 +125,15 @@ class AggStore:
             return n, []
         return n, [(self._need[i], self._need_gen[i]) for i in range(k)]
 
-    def apply_batch(self, batch: Any, seq: int, lo: int, hi: int, now_ms: int, off: int
-                    ) -> tuple[int, int, list[tuple[int, int, int]]]:
+    def apply_batch(self, batch: Any, seq: int, lo: int, hi: int, now_ms: int, off: int,
+                    cells_only: bool = False) -> tuple[int, int, list[tuple[int, int, int]]]:
         """Replay: apply a commit-log batch from byte ``off``: (records applied, offset
-        reached, [(shard, slot, gen)] needing a plan; empty when the batch is done)."""
+        reached, [(shard, slot, gen)] needing a plan; empty when the batch is done). With
+        ``cells_only`` (a batch a loaded snapshot holds) nothing goes to the open blocks."""
         buf = ffi.from_buffer(batch)
         poff = ffi.new("size_t *", off)
-        n = check(lib.m3_shard_apply_batch_agg(self.seg.base, self.base, buf, len(buf), seq,
+        fn = lib.m3_shard_apply_batch_agg_cells if cells_only else lib.m3_shard_apply_batch_agg
+        n = check(fn(self.seg.base, self.base, buf, len(buf), seq,
                                                lo, hi, now_ms, poff, self._need_shard,
                                                self._need, self._need_gen, NEED_CAP,
                                                self._nneed), f"replaying batch {seq}")

@@ -233,6 +233,7 @@ def with_policy_namespaces(c: Config) -> Config:
 class FlushConfig:
     interval_ms: int = 60_000               # how often each worker looks for closed blocks
     retention_interval_ms: int = 300_000    # how often expired filesets are deleted
+    snapshot_interval_ms: int = 300_000     # how often open blocks are snapshotted (0: never)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ class Config:
 
 _DURATION_KEYS = {"reserve_wait_ms": "reserve_wait", "fsync_interval_ms": "fsync_interval",
                   "interval_ms": "interval", "retention_interval_ms": "retention_interval",
+                  "snapshot_interval_ms": "snapshot_interval",
                   "timeout_ms": "timeout", "lookback_delta_ms": "lookback_delta",
                   "catchup_wait_ms": "catchup_wait",
                   "admission_ms": "admission", "forward_delay_ms": "forward_delay"}
@@ -401,6 +403,7 @@ def validate(c: Config) -> Config:
     _validate_namespaces(c.namespaces)
     need(c.flush.interval_ms > 0, "flush.interval", "must be > 0")
     need(c.flush.retention_interval_ms > 0, "flush.retention_interval", "must be > 0")
+    need(c.flush.snapshot_interval_ms >= 0, "flush.snapshot_interval", "must be >= 0")
     need(c.limits.max_series_per_request >= 1, "limits.max_series_per_request", "must be >= 1")
     need(c.commitlog.fsync in ("every_batch", "interval"), "commitlog.fsync",
          "must be one of every_batch, interval")

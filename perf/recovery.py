@@ -15,6 +15,11 @@ namespace: 2 h blocks, 10 min buffer past), each filled over remote write and th
 - ``filesets``: the same series with ``--samples`` samples each in a block that closed hours
   ago (cold writes), ``POST /api/v1/admin/flush`` (filesets written, the commit log they cover
   deleted), then SIGTERM; every restart starts over ``--series`` series on disk.
+- ``snapshot``: as ``commitlog``, but after writing ``POST /api/v1/admin/flush`` (which
+  rotates the commit logs and snapshots the open blocks, docs/formats/snapshot.md), then one
+  more sample per series, then SIGKILL: every restart loads the snapshots and replays only the
+  batches written after them (``--samples`` - 1 of every series' samples come from the
+  snapshot). Compare its ``s_per_million_active_series`` with ``commitlog``'s (no snapshot).
 - ``empty``: a daemon with an empty data directory, the fixed cost of starting.
 
 Memory: the peak RSS (``VmHWM``) of the supervisor and of each worker after ready, summed and
@@ -146,20 +151,22 @@ def count_samples(d: M3shm, metric: str) -> int:
     return sum(len(json.loads(line)["timestamps"]) for line in body.splitlines() if line)
 
 
-def make_daemon(tmp: Path, nseries: int) -> M3shm:
+def make_daemon(tmp: Path, nseries: int, extra: str = "") -> M3shm:
     per_shard = 1 << max(14, (2 * nseries // 64 - 1).bit_length())
     arena = max(16, 2 * -(-(nseries * 1024 // 64) >> 20))  # MiB per shard
-    return M3shm(tmp, shards=64, workers=2, arena=f"{arena}MiB", series_per_shard=per_shard)
+    return M3shm(tmp, shards=64, workers=2, arena=f"{arena}MiB", series_per_shard=per_shard,
+                 extra=extra)
 
 
 def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"m3shm-recovery-{kind}-"))
-    d = make_daemon(tmp, nseries)
+    # snapshots only when a scenario asks (admin flush); none taken by the timer meanwhile
+    d = make_daemon(tmp, nseries, "flush: {snapshot_interval: 1h}\n")
     try:
         first, _ = timed_start(d)
         out: dict = {"first_start_s": round(first, 3)}
         now = int(time.time() * 1000)
-        if kind == "commitlog":
+        if kind in ("commitlog", "snapshot"):
             t0 = now - 9 * 60_000  # inside the 10 min buffer past: warm, in the open block
             step = min(15_000, 8 * 60_000 // max(nsamples, 1))
         else:
@@ -167,10 +174,18 @@ def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = Fal
             step = 15_000
         if kind != "empty":
             ds = dataset(nseries, nsamples, t0, step)
+            if kind == "snapshot":  # all but the last sample before the snapshot
+                ds, last = ((ds[0], [t[:-1] for t in ds[1]], [v[:-1] for v in ds[2]]),
+                            (ds[0], [t[-1:] for t in ds[1]], [v[-1:] for v in ds[2]]))
             bodies = bodies_of(ds)
             w0 = time.perf_counter()
             d.write(bodies)
             out["write_s"] = round(time.perf_counter() - w0, 2)
+            if kind == "snapshot":
+                s0 = time.perf_counter()
+                http_call(d.url + "/api/v1/admin/flush", "POST", b"")
+                out["admin_flush_with_snapshot_s"] = round(time.perf_counter() - s0, 2)
+                d.write(bodies_of(last))
             out["samples"] = nseries * nsamples
             out["series"] = nseries
         if kind == "filesets":
@@ -180,12 +195,13 @@ def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = Fal
             kill_all(d)
         out["commitlog_bytes"] = du(d.data / "commitlog")["apparent"]
         out["filesets_bytes"] = du(d.data / "filesets")["apparent"]
+        out["snapshots_bytes"] = du(d.data / "snapshots")["apparent"]
         times, rss = [], []
         for _ in range(runs):
             took, peak = timed_start(d)
             times.append(took)
             rss.append(peak)
-            if kind == "commitlog":
+            if kind in ("commitlog", "snapshot"):
                 got = count_samples(d, "node_metric_0")
                 want = len(range(0, nseries, 100)) * nsamples
                 if got != want:
@@ -217,7 +233,7 @@ def main() -> int:
     ap.add_argument("--series", type=int, default=200_000)
     ap.add_argument("--samples", type=int, default=10, help="per series")
     ap.add_argument("--runs", type=int, default=3, help="restarts timed per scenario")
-    ap.add_argument("--scenarios", default="empty,commitlog,filesets")
+    ap.add_argument("--scenarios", default="empty,commitlog,snapshot,filesets")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
     a = ap.parse_args()
     res: dict = {"series": a.series, "samples_per_series": a.samples, "runs": a.runs,
@@ -233,6 +249,15 @@ def main() -> int:
                                                        c["samples"] * 1e6, 3)
         c["cpu_s_per_million_samples_above_empty"] = round(
             (c["cpu_s"] - res.get("empty", {}).get("cpu_s", 0.0)) / c["samples"] * 1e6, 3)
+    if "snapshot" in res:
+        c = res["snapshot"]
+        c["s_per_million_active_series"] = round(c["ready_s"] / c["series"] * 1e6, 3)
+        c["s_per_million_active_series_above_empty"] = round(
+            (c["ready_s"] - base) / c["series"] * 1e6, 3)
+    if "commitlog" in res:
+        c = res["commitlog"]
+        c["s_per_million_active_series_above_empty"] = round(
+            (c["ready_s"] - base) / c["series"] * 1e6, 3)
     if "filesets" in res:
         f = res["filesets"]
         f["s_per_million_series_on_disk"] = round(f["ready_s"] / f["series"] * 1e6, 3)

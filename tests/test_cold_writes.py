@@ -108,8 +108,8 @@ def test_overwrite_survives_restart_with_older_log_kept(tmp_path):
     d = Daemon(tmp_path, workers=1, extra="""
 namespaces:
   - {name: default, retention: 1h, blockSize: 10s, bufferPast: 1s, bufferFuture: 10s}
-flush: {interval: 1h}
-""").start()
+flush: {interval: 1h, snapshot_interval: 0}
+""").start()  # no snapshots: they would cover (and delete) the kept file legitimately
     want: dict = {}
     try:
         t = now_ms() - 600_000  # a closed block; z's block stays open for ~10 s

@@ -314,17 +314,23 @@ def read_index(path: str) -> dict | None:
 @dataclass(frozen=True)
 class PassState:
     """A worker's last completed flush pass: its sequence number, wall-clock time, and the
-    (block size, buffer past) it judged closed blocks by."""
+    (block size, buffer past) it judged closed blocks by; and ``snap_seq``, the seq the older
+    of the snapshots it keeps of each of its shards covers (m3shm/storage/snapshot.py; 0 =
+    none): every batch below it is in a snapshot that is not the only one left."""
 
     seq: int
     now_ms: int
     block_ms: int
     buffer_past_ms: int
+    snap_seq: int = 0
 
 
 def covered(idx: dict, passes: list[PassState | None]) -> bool:
-    """Whether a closed file (its index) is covered by every worker's last flush pass."""
+    """Whether a closed file (its index) is covered, for every worker, by its last flush pass
+    or by its kept snapshots."""
     for p in passes:
+        if p is not None and p.snap_seq > idx["close_seq"]:
+            continue  # every batch of the file is below what the snapshots cover
         if p is None or p.seq <= idx["close_seq"]:
             return False
         if idx["max_ts"] >= idx["min_ts"]:  # the file holds samples

@@ -230,12 +230,14 @@ class Aggregator:
                     beat()
         return total
 
-    def replay_batch(self, payload: Any, seq: int, lo: int, hi: int) -> int:
-        """Replay one commit-log batch into shards [lo, hi) with aggregation."""
+    def replay_batch(self, payload: Any, seq: int, lo: int, hi: int,
+                     cells_only: bool = False) -> int:
+        """Replay one commit-log batch into shards [lo, hi) with aggregation (``cells_only``:
+        a batch whose raw samples a loaded snapshot holds only feeds the cells)."""
         off, total = 0, 0
         while True:
             n, off, needs = self.store.apply_batch(payload, seq, lo, hi, self.replay_now_ms,
-                                                   off)
+                                                   off, cells_only)
             total += n
             if not needs:
                 return total

@@ -14,14 +14,17 @@ m3shm/workers/nsruntime.py). For each namespace it:
    released; expired blocks (start + blockSize <= now - retention) are released unwritten.
 
 Then it
-4. (every ``flush.retention_interval``) deletes the filesets of its shards whose block ended
+4. (every ``flush.snapshot_interval``, and at every admin flush) snapshots each namespace's
+   open blocks of its shards (m3shm/storage/snapshot.py), so a restart replays only the
+   commit log written after them;
+5. (every ``flush.retention_interval``) deletes the filesets of its shards whose block ended
    before now - retention, in every namespace;
-5. records each namespace's pass in its state file (atomic rename, fsync'd):
+6. records each namespace's pass (and snapshot) in its state file (atomic rename, fsync'd):
    ``<data>/flush/state-w<index>.json`` for the raw namespace, ``state-<ns>-w<index>.json``
    for an aggregated one; the commit-log trimming of every worker reads these files
    (m3shm/storage/commitlog.py ``covered``), one namespace at a time;
-6. deletes the commit-log files of each namespace that every worker's last pass of that
-   namespace covers (commitlog.deletable).
+7. deletes the commit-log files of each namespace that every worker's last pass (or kept
+   snapshot) of that namespace covers (commitlog.deletable).
 
 ``POST /api/v1/admin/flush`` (:func:`flush_everywhere`) makes every worker rotate its commit
 logs (SIGUSR1) and then run a pass (SIGUSR2), waiting for each phase in the state files of every
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING
 
 from m3shm import stats
 from m3shm._native import lib
-from m3shm.storage import commitlog, retention
+from m3shm.storage import commitlog, retention, snapshot
 from m3shm.storage.commitlog import PassState
 from m3shm.storage.fileset import remove_incomplete, remove_superseded
 from m3shm.storage.shard_flush import WARM, flush_block
@@ -82,7 +85,7 @@ def read_passes(data_dir: str, nworkers: int, ns: str | None = None
         st = read_state(data_dir, i, ns)
         try:
             out.append(PassState(st["pass_seq"], st["pass_ms"], st["block_ms"],
-                                 st["buffer_past_ms"]))
+                                 st["buffer_past_ms"], st.get("snapshot_keep_seq", 0)))
         except KeyError:
             out.append(None)
     return out
@@ -100,6 +103,11 @@ class Flusher:
         self._lock = threading.Lock()
         self._last_retention = 0.0
         self.blocks_written = 0
+        # per namespace (state key): its snapshots of this worker's shards
+        self.snapshots = {rt.key: snapshot.Snapshots(rt.seg, Path(w.data_dir) / "snapshots",
+                                                     rt.name, self.root, range(w.lo, w.hi))
+                          for rt in w.ns.values()}
+        self._last_snapshot = time.monotonic()
         os.makedirs(os.path.dirname(state_path(w.data_dir, w.index)), exist_ok=True)
 
     def start_up(self, replaying: bool) -> None:
@@ -110,6 +118,8 @@ class Flusher:
         shards = range(self.w.lo, self.w.hi)
         remove_incomplete(self.root, shards)
         remove_superseded(self.root, shards)
+        for snaps in self.snapshots.values():
+            snaps.remove_incomplete()
         for rt in self.w.ns.values():
             for s in shards if replaying else ():
                 d = self.root / rt.name / f"{s:04d}"
@@ -118,12 +128,13 @@ class Flusher:
                     rt.seg.set_warm_floor(s, max(starts) + rt.cfg.block_size_ms)
 
     # -- the pass (pool thread) -------------------------------------------------------------
-    def run_pass(self, force_retention: bool = False) -> int:
+    def run_pass(self, force_retention: bool = False, snapshot: bool = False) -> int:
         with self._lock:
             try:
-                return self._pass(force_retention)
+                return self._pass(force_retention, snapshot)
             except Exception as e:
-                self._count_failure(e)
+                if not getattr(e, "m3shm_counted", False):
+                    self._count_failure(e)
                 raise
 
     def _count_failure(self, e: BaseException) -> None:
@@ -133,8 +144,9 @@ class Flusher:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             self.w.stats.add(stats.W_FLUSH_DISK_FULL)
 
-    def _pass(self, force_retention: bool) -> int:
+    def _pass(self, force_retention: bool, snapshot: bool = False) -> int:
         done = [(rt, *self._flush_ns(rt)) for rt in self.w.ns.values()]
+        snaps, snap_error = self._snapshot(snapshot)
         written = sum(n for _, _, _, n in done)
         self.blocks_written += written
         mono = time.monotonic()
@@ -145,9 +157,33 @@ class Flusher:
             # flush waits for them
         for rt, seq, now, _ in done:
             self._save(rt.key, pass_seq=seq, pass_ms=now, block_ms=rt.cfg.block_size_ms,
-                       buffer_past_ms=rt.cfg.buffer_past_ms)
+                       buffer_past_ms=rt.cfg.buffer_past_ms, **snaps.get(rt.key, {}))
         self.trim()
+        if snap_error is not None:
+            raise snap_error
         return written
+
+    def _snapshot(self, force: bool) -> tuple[dict[str | None, dict[str, int]],
+                                              BaseException | None]:
+        """Snapshot every namespace's open blocks if forced (admin flush) or due; returns
+        the state keys to record per namespace, and the error (already counted) if one
+        failed (e.g. disk full: the commit log keeps covering the data; the next pass tries
+        again)."""
+        every = self.cfg.flush.snapshot_interval_ms
+        if every <= 0 or not (force or time.monotonic() - self._last_snapshot >= every / 1000):
+            return {}, None
+        out: dict[str | None, dict[str, int]] = {}
+        try:
+            for key, snaps in self.snapshots.items():
+                seq, keep = snaps.take(self.w.drain_stopped)
+                out[key] = {"snapshot_seq": seq, "snapshot_keep_seq": keep}
+        except Exception as e:  # noqa: BLE001 - counted, recorded, raised after the states
+            log.error("worker %d: snapshot failed: %s", self.w.index, e)
+            self._count_failure(e)
+            e.m3shm_counted = True  # type: ignore[attr-defined]
+            return out, e
+        self._last_snapshot = time.monotonic()
+        return out, None
 
     def _flush_ns(self, rt: NsRuntime) -> tuple[int, int, int]:
         """Flush namespace ``rt``'s closed blocks of this worker's shards; returns the pass's
@@ -243,9 +279,14 @@ class Flusher:
                 self._count_failure(e)
             raise
 
-    async def flush_now(self, force_retention: bool = False) -> int:
+    async def flush_now(self, force_retention: bool = False, snapshot: bool = False) -> int:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.w.pool, self.run_pass, force_retention)
+        return await loop.run_in_executor(self.w.pool, self.run_pass, force_retention,
+                                          snapshot)
+
+    async def admin_pass(self) -> int:
+        """The pass an admin flush asks for: also snapshots the open blocks."""
+        return await self.flush_now(snapshot=True)
 
 
 def sibling_workers() -> list[int]:

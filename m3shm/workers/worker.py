@@ -40,12 +40,13 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from m3shm import stats as st
 from m3shm._native import lib
 from m3shm.config import Config
 from m3shm.shm import Segment
-from m3shm.storage import commitlog
+from m3shm.storage import commitlog, snapshot
 from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.metadata import MetadataStore
 from m3shm.workers.ingest import IngestPipeline
@@ -188,7 +189,8 @@ class Worker:
             ws.set(st.W_STATE, st.ST_RECOVERING)
             for rt in self.ns.values():
                 t0 = time.monotonic()
-                n = await loop.run_in_executor(self.pool, self._replay, rt)
+                n = await loop.run_in_executor(self.pool, self._replay, rt,
+                                               flusher.snapshots[rt.key])
                 log.info("worker %d: replayed %d records of namespace %s into shards [%d, %d) "
                          "in %.3fs", self.index, n, rt.name, self.lo, self.hi,
                          time.monotonic() - t0)
@@ -310,7 +312,7 @@ class Worker:
         elif sig == signal.SIGUSR1:
             self._spawn(self.flusher.rotate)
         else:
-            self._spawn(self.flusher.flush_now)
+            self._spawn(self.flusher.admin_pass)
 
     def _close_predecessors(self) -> None:
         """Index the files earlier incarnations of this worker left open in this boot (they
@@ -325,15 +327,17 @@ class Worker:
                     lo, hi, n = commitlog.scan_file(p)
                     commitlog.write_index(p, int(lib.m3_seq_sync(rt.seg.base)), lo, hi, n)
 
-    def _replay(self, rt: NsRuntime) -> int:
-        """Replay namespace ``rt``'s commit logs of earlier boots into its segment's shards
-        of this worker (files every worker's last pass of that namespace covered are
-        skipped)."""
+    def _replay(self, rt: NsRuntime, snaps: snapshot.Snapshots) -> int:
+        """Load namespace ``rt``'s snapshots of this worker's shards, then replay its commit
+        logs of earlier boots into its segment's shards: only batches the snapshots do not
+        hold (m3shm/storage/snapshot.py); files every worker's last pass of that namespace
+        (or kept snapshot) covered are skipped."""
         from m3shm.workers.flush import read_passes
 
         passes = read_passes(self.data_dir, self.nworkers, rt.key)
 
         gone = set(commitlog.deletable(rt.cl_dir, passes))
+        floors = snaps.load()
 
         def skip(path: str) -> bool:
             return path in gone
@@ -343,17 +347,37 @@ class Worker:
         # the aggregator's cells belong to the raw segment (aggregated namespaces' records are
         # applied as they are)
         agg = self.aggregator if rt.seg is self.seg else None
+        apply, cells = rt.seg.apply_batch, None
         if agg is not None:
             from m3shm.workers.aggregate import read_watermark
 
             # windows final at the last complete finalise round were written before the
-            # crash: their raw samples count as late, every later window is re-aggregated
+            # crash: their raw samples count as late, every later window is re-aggregated --
+            # also from raw samples a snapshot holds: those batches feed the cells only
             agg.replay_now_ms = read_watermark(self.data_dir)
-        for b in commitlog.replay(rt.cl_dir, self.boot, repair=self.index == 0, skip=skip):
-            if agg is not None:
-                n += agg.replay_batch(b.payload, b.seq, self.lo, self.hi)
-            else:
-                n += rt.seg.apply_batch(b.payload, b.seq, self.lo, self.hi)
+            floors = floors.with_start(snapshot.first_seq_since(
+                files, agg.replay_now_ms - self._aggregation_horizon_ms()))
+            apply = agg.replay_batch
+
+            def cells(payload: Any, seq: int, lo: int, hi: int) -> int:
+                return agg.replay_batch(payload, seq, lo, hi, cells_only=True)
+
+        read = [p for p in files if not floors.skips_file(p)]
+        raw = [p for p in read if not floors.cells_only_file(p)]
+
+        def names(ps: list[str]) -> str:
+            return " ".join(os.path.basename(p) for p in ps[:20]) + (" ..." if ps[20:] else "")
+
+        log.info("worker %d: namespace %s: replaying %d of %d commit-log files into the open "
+                 "blocks (the others are covered by snapshots): %s", self.index, rt.name,
+                 len(raw), len(files), names(raw))
+        if len(read) > len(raw):
+            log.info("worker %d: and %d into aggregation cells only (their raw samples are in "
+                     "snapshots): %s", self.index, len(read) - len(raw),
+                     names([p for p in read if p not in raw]))
+        for b in commitlog.replay(rt.cl_dir, self.boot, repair=self.index == 0,
+                                  skip=lambda p: skip(p) or floors.skips_file(p)):
+            n += floors.apply(apply, b.payload, b.seq, cells)
         if self.index == 0:
             # files of earlier boots left without an index (a crash): every worker of this
             # boot replays them before its first flush pass, so they are closed as of this
@@ -363,6 +387,14 @@ class Worker:
                     lo, hi, nb = commitlog.scan_file(p)
                     commitlog.write_index(p, rt.seg.params.seq_base, lo, hi, nb)
         return n
+
+    def _aggregation_horizon_ms(self) -> int:
+        """How far before a finalise watermark a raw sample may still feed a window that was
+        not final at it (admission plus the coarsest resolution; twice that, to be safe:
+        feeding a final window only counts the sample as late)."""
+        adm = self.cfg.downsample.admission_ms or self.cfg.raw_namespace.buffer_past_ms
+        res = max((ns.resolution_ms for ns in self.cfg.namespaces if ns.aggregated), default=0)
+        return 2 * (adm + res)
 
     def _drain_loop(self) -> None:
         idle = 0
