@@ -53,8 +53,8 @@ def replayed(log: str) -> list[str]:
     """Names of the commit-log files the workers said they replay into the open blocks (they
     may read older ones for the aggregation cells only)."""
     out = []
-    for m in re.finditer(r"replaying \d+ of \d+ commit-log files into the open blocks "
-                         r"\(.*?\): ?(.*)", log):
+    for m in re.finditer(r"namespace default: replaying \d+ of \d+ commit-log files into the "
+                         r"open blocks \(.*?\): ?(.*)", log):
         out += m.group(1).split()
     return out
 
@@ -69,7 +69,8 @@ def test_sigkill_after_snapshot_replays_only_newer_files(tmp_path):
     merge(want, write(d, "s", 300, 10, t + 20_000))
     before_second = cl_names(d)
     assert d.post("/api/v1/admin/flush", b"")[0] == 200  # snapshot 2: the log before 1 goes
-    assert len([p for p in snap_files(d) if p.name.endswith("checkpoint.db")]) == 2 * 8
+    assert len([p for p in snap_files(d) if p.name.endswith("checkpoint.db")
+                and p.parts[-3] == "default"]) == 2 * 8
     merge(want, write(d, "s", 300, 5, t + 5_000, scale=-1.0))  # overwrites after the snapshot
     merge(want, write(d, "s2", 50, 5, t))
     d.kill_all()
