@@ -186,7 +186,7 @@ def test_aggregated_namespace_storage_end_to_end(tmp_path):
         time.sleep(1.0)
         admin_flush(d)
     assert from_filesets(d.data, "default")["rawm"] == dict(raw)
-    assert from_segment(d.data, ns) == {}
+    assert not any(t for t, _ in from_segment(d.data, ns).values())  # no point in memory
     assert d.stop() == 0
 
 
