@@ -927,3 +927,24 @@ int m3_shard_snapshot(uint8_t *base, uint32_t shard, uint32_t *cursor, uint8_t *
 int m3_shard_load_snapshot(uint8_t *base, uint32_t shard, const uint8_t *body, size_t len,
                            const int64_t *skip, size_t nskip, uint64_t *nseries,
                            uint64_t *nchunks, uint64_t *samples, size_t *bad_off);
+
+/* ---- volptr.c: newest fileset volume per block in shared memory (docs/formats/volptr.md) */
+
+/* Bytes of a table for num_shards shards of cap slots (a power of two); 0 if invalid. */
+uint64_t m3_volptr_size(uint32_t num_shards, uint32_t cap);
+int m3_volptr_init(uint8_t *base, uint64_t size, uint32_t num_shards, uint32_t cap,
+                   int64_t block_ms);
+/* M3_OK if base holds a table of this version that fits in size. */
+int m3_volptr_check(const uint8_t *base, uint64_t size);
+/* Owner: forget the shard's slots and mark it not built (readers list the directory). */
+void m3_volptr_reset(uint8_t *base, uint32_t shard);
+/* Owner: the shard's slots are complete; readers may use them. */
+void m3_volptr_set_ready(uint8_t *base, uint32_t shard);
+/* Owner: point block_start at volume (-1: the block has no fileset any more). M3_ERANGE if
+   its slot holds another block: the shard is marked overflowed (readers list). */
+int m3_volptr_set(uint8_t *base, uint32_t shard, int64_t block_start, int64_t volume);
+/* Any process: (block start, newest volume) of every block of the shard, in slot order;
+   *n = how many. M3_ENOENT if the shard is not ready (or overflowed): list the directory;
+   M3_ENOSPC if more than cap. */
+int m3_volptr_list(const uint8_t *base, uint32_t shard, int64_t *starts, int64_t *volumes,
+                   size_t cap, size_t *n);

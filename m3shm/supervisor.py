@@ -49,6 +49,7 @@ from m3shm.config import Config, ConfigError, NamespaceConfig, live_update, load
 from m3shm.rules import versions
 from m3shm.shm import Segment, SegParams, seq_base_now
 from m3shm.storage import commitlog
+from m3shm.storage.volptr import VolumePointers, table_path
 from m3shm.systemd import Notifier
 from m3shm.workers import nsruntime
 
@@ -210,9 +211,13 @@ class Supervisor:
                 "lower shm.arena_bytes / shm.series_per_shard / shm.agg_arena_bytes / "
                 "shm.agg_series_per_shard / shm.lane_bytes or enlarge it")
         self.segs: dict[str, Segment] = {}
+        self.volptrs: list[VolumePointers] = []
         try:
             for p, params, ns in plan:
                 self.segs[ns.name] = Segment.create(p, params)
+                # readers find the newest fileset volumes here (m3shm/storage/volptr.py)
+                self.volptrs.append(VolumePointers.create(
+                    table_path(p), c.shards, ns.retention_ms, ns.block_size_ms))
         except BaseException:
             self._unlink_segments()
             raise
@@ -222,6 +227,8 @@ class Supervisor:
     def _unlink_segments(self) -> None:
         for seg in getattr(self, "segs", {}).values():
             seg.unlink()
+        for t in getattr(self, "volptrs", []):
+            t.unlink()
 
     def run(self) -> int:
         for ns in self.cfg.namespaces:

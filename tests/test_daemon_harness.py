@@ -125,7 +125,8 @@ class Daemon:
 
         seg = segment_path(str(self.data))
         aggs = glob.glob(aggregated_segment_glob(str(self.data)))
-        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg)), *aggs):
+        vols = [p + ".vol" for p in (seg, *aggs)]  # volume pointers (docs/formats/volptr.md)
+        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg)), *aggs, *vols):
             with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
                 os.unlink(p)
         return code

@@ -8,6 +8,10 @@ summaries -> index -> data) and whose iteration yields (id, hash, block) in id o
 :meth:`series_labels` iterates a fileset's series as label dicts; :meth:`reverse_index` opens
 the block's reverse index segment (series id = position in the fileset).
 
+Which volume is newest: the namespace's table in shared memory (m3shm/storage/volptr.py,
+attached with :meth:`FlushedStore.attach`) when its shard is ready, else a listing of the
+shard's directory (tools, or a shard whose owner has not rebuilt it yet).
+
 Volumes and readers: a cold-write flush writes volume N+1 of a block and then deletes volume N.
 A reader that already mapped volume N keeps reading it (unlinking a mapped file does not take
 its pages away), so "deleted once no reader holds it" is what the kernel does for us; a reader
@@ -27,6 +31,7 @@ from m3shm.errors import CorruptError
 from m3shm.shm import parse_labels
 from m3shm.storage.fileset import NAME, CorruptFilesetError, Fileset, FilesetId, Kind
 from m3shm.storage.index_segment import SegmentReader
+from m3shm.storage.volptr import VolumePointers
 
 
 class FlushedStore:
@@ -34,19 +39,24 @@ class FlushedStore:
         self.root = Path(root)
         self._open: dict[FilesetId, Fileset] = {}
         self._lock = threading.Lock()
+        self.pointers: dict[str, VolumePointers] = {}
 
-    def volumes(self, namespace: str, shard: int, mint: int = -(1 << 62),
-                maxt: int = 1 << 62, errors: list[str] | None = None) -> list[FilesetId]:
-        """Newest checkpointed volume of each block with data in [mint, maxt], by start.
-        With ``errors``, a volume that fails its checks on open is left out and its error
-        (naming the file) appended there, so the other blocks stay readable; without, the
-        CorruptError is raised."""
-        d = self.root / namespace / f"{shard:04d}"
-        best: dict[int, int] = {}
+    def attach(self, namespace: str, table: VolumePointers) -> None:
+        """Find the newest volumes of ``namespace`` through ``table``."""
+        self.pointers[namespace] = table
+
+    def newest(self, namespace: str, shard: int) -> dict[int, int]:
+        """{block start: newest checkpointed volume} of a shard: from the shared-memory table
+        if it is ready, else by listing the directory."""
+        table = self.pointers.get(namespace)
+        best = table.volumes(shard) if table is not None else None
+        if best is not None:
+            return best
+        best = {}
         try:
-            names = os.listdir(d)
+            names = os.listdir(self.root / namespace / f"{shard:04d}")
         except FileNotFoundError:
-            return []
+            return best
         for n in names:
             if not n.endswith("-checkpoint.db"):
                 continue
@@ -55,6 +65,15 @@ class FlushedStore:
                 bs, vol = int(m.group(1)), int(m.group(2))
                 if vol >= best.get(bs, -1):
                     best[bs] = vol
+        return best
+
+    def volumes(self, namespace: str, shard: int, mint: int = -(1 << 62),
+                maxt: int = 1 << 62, errors: list[str] | None = None) -> list[FilesetId]:
+        """Newest checkpointed volume of each block with data in [mint, maxt], by start.
+        With ``errors``, a volume that fails its checks on open is left out and its error
+        (naming the file) appended there, so the other blocks stay readable; without, the
+        CorruptError is raised."""
+        best = self.newest(namespace, shard)
         out = []
         for bs in sorted(best):
             fid = FilesetId(namespace, shard, bs, best[bs])
@@ -108,6 +127,12 @@ class FlushedStore:
         return None
 
     def volumes_of_block(self, fid: FilesetId) -> list[FilesetId]:
+        table = self.pointers.get(fid.namespace)
+        best = table.volumes(fid.shard) if table is not None else None
+        if best is not None:
+            vol = best.get(fid.block_start)
+            return [] if vol is None else [FilesetId(fid.namespace, fid.shard,
+                                                     fid.block_start, vol)]
         d = self.root / fid.namespace / f"{fid.shard:04d}"
         out = []
         for ckpt in d.glob(f"fileset-{fid.block_start}-*-checkpoint.db"):

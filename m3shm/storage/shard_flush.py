@@ -33,6 +33,7 @@ from m3shm.storage.fileset import (
 )
 from m3shm.storage.index_segment import segment_bytes
 from m3shm.storage.reverse_index import ReverseIndex
+from m3shm.storage.volptr import VolumePointers
 
 log = logging.getLogger("m3shm.flush")
 
@@ -92,9 +93,12 @@ def delete_volume(root: Path, fid: FilesetId) -> None:
 
 
 def flush_block(seg: Segment, root: Path, namespace: str, block_size: int, shard: int,
-                block_start: int, kind: int = WARM) -> Info | None:
+                block_start: int, kind: int = WARM,
+                pointers: VolumePointers | None = None) -> Info | None:
     """Seal, encode and write one block (warm or cold data) and release its chunks. Returns
-    the new fileset's info, or None if the block held no samples."""
+    the new fileset's info, or None if the block held no samples. With ``pointers`` (the
+    namespace's table in shared memory) readers are pointed at the new volume before the
+    volume it supersedes is deleted."""
     seg.seal(shard, block_start, kind)
     streams = encode_block(seg, shard, block_start, kind)
     info = None
@@ -128,6 +132,8 @@ def flush_block(seg: Segment, root: Path, namespace: str, block_size: int, shard
                         "files are removed and the block stays in memory for the next pass",
                         namespace, shard, block_start, fid.volume, e)
             raise
+        if pointers is not None:
+            pointers.set(shard, block_start, fid.volume)
         if vol is not None:
             delete_volume(root, FilesetId(namespace, shard, block_start, vol))
     seg.release(shard, block_start, kind)

@@ -120,6 +120,10 @@ class Flusher:
         remove_superseded(self.root, shards)
         for snaps in self.snapshots.values():
             snaps.remove_incomplete()
+        for rt in self.w.ns.values():  # every start: a killed owner may have left it stale
+            table = self.w.flushed_store.pointers.get(rt.name)
+            for s in shards if table is not None else ():
+                table.rebuild(s, self.root / rt.name / f"{s:04d}")
         for rt in self.w.ns.values():
             for s in shards if replaying else ():
                 d = self.root / rt.name / f"{s:04d}"
@@ -212,7 +216,8 @@ class Flusher:
                     seg.release(s, bs, kind)
                     continue
                 t0 = time.perf_counter()
-                info = flush_block(seg, self.root, ns.name, ns.block_size_ms, s, bs, kind)
+                info = flush_block(seg, self.root, ns.name, ns.block_size_ms, s, bs, kind,
+                                   self.w.flushed_store.pointers.get(ns.name))
                 if info is not None:
                     written += 1
                     log.info("flushed %s shard %d block %d volume %d (%s): %d series, %d "
@@ -235,7 +240,10 @@ class Flusher:
         for ns in self.cfg.namespaces:
             gone = retention.expire(self.root, ns.name, ns.block_size_ms, shards,
                                    now - ns.retention_ms)
+            table = self.w.flushed_store.pointers.get(ns.name)
             for fid in gone:
+                if table is not None:
+                    table.set(fid.shard, fid.block_start, -1)
                 self.w.flushed_store.forget(fid)
 
     def note_rotated(self, rt: NsRuntime) -> None:

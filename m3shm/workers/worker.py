@@ -49,6 +49,7 @@ from m3shm.shm import Segment
 from m3shm.storage import commitlog, snapshot
 from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.metadata import MetadataStore
+from m3shm.storage.volptr import VolumePointers, table_path
 from m3shm.workers.ingest import IngestPipeline
 from m3shm.workers.nsruntime import NsRuntime, commitlog_dir
 from m3shm.workers.rulesync import RuleSync
@@ -101,6 +102,10 @@ class Worker:
         self._drain_thread: threading.Thread | None = None
         self._drain_beat = 0.0
         self.flushed_store = FlushedStore(os.path.join(data_dir, "filesets"))
+        for rt in self.ns.values():  # newest fileset volumes (m3shm/storage/volptr.py)
+            table = VolumePointers.open(table_path(rt.seg.path))
+            if table is not None:
+                self.flushed_store.attach(rt.name, table)
         # rule-set versions (m3shm/workers/rulesync.py); the Aggregator attaches to it
         self.rules = RuleSync(data_dir, stats, self.stats, index)
         self.aggregator = None  # m3shm/workers/aggregate.py, made once the shards are recovered
