@@ -16,6 +16,9 @@
  *      not for the whole shard: each series is a seq-prefix of its own records, at least
  *      every record below S, which is all replay needs (below).
  *
+ *      Series without chunks (all flushed) are left out: they come back with their next
+ *      sample.
+ *
  * Loading (the owner at start-up, before replay, into its shard):
  *
  *   m3_shard_load_snapshot finds or creates each series and links a copy of each chunk at the
@@ -175,8 +178,8 @@ int m3_shard_snapshot(uint8_t *base, uint32_t shard, uint32_t *cursor, uint8_t *
     uint32_t i = *cursor;
     for (; i < n; i++) {
         const series_slot *s = &v.slots[i];
-        if (s->state != SLOT_LIVE)
-            continue;
+        if (s->state != SLOT_LIVE || !s->head)
+            continue; /* a series with no chunk holds nothing to restore */
         uint64_t need = series_bytes(&v, s);
         if (need > cap - o) {
             if (o == 0) {
