@@ -33,6 +33,13 @@
  * ring early (eviction) are finalised at once: their rows go to the spill, a small ring in the
  * region, and leave with the next finalise.
  *
+ * Rules activations: a plan installed with start_ms keeps the plan it replaces as its prev;
+ * apply_routed sends samples stamped at or before start_ms down that chain and later ones to
+ * the new cells, whatever the order in which they arrive, so the switch happens at a sample
+ * time every worker shares (the activation) rather than at a wall-clock moment. A prev is
+ * finalised with its successor (one slot, one unit) and freed once its windows are final and
+ * written (release_prev).
+ *
  * Finalise in two phases, so a finalised point is durable before its window is forgotten:
  * m3_aggst_prepare computes the rows of every window final at `now` on a scratch copy of each
  * due cell (the cell itself is untouched, post-transform state included) and writes them with
@@ -116,6 +123,8 @@ typedef struct plan_blk {
     uint64_t next;           /* retiring / free list link */
     uint32_t slot;
     uint32_t gen;
+    uint64_t prev;           /* the plan this one replaced at a rules activation (0: none) */
+    int64_t from_ms;         /* with prev: samples stamped at or before it go to prev */
 } plan_blk;
 
 typedef struct plan_cell {
@@ -142,7 +151,7 @@ typedef struct spill_row {
 _Static_assert(sizeof(aggst_hdr) <= AGGST_HDR, "store header");
 _Static_assert(sizeof(aggst_shard) == SHARD_HDR_BYTES, "store shard header");
 _Static_assert(sizeof(plan_entry) == 24, "plan entry");
-_Static_assert(sizeof(plan_blk) == 32, "plan block header");
+_Static_assert(sizeof(plan_blk) == 48, "plan block header");
 _Static_assert(sizeof(plan_cell) == 32, "plan cell descriptor");
 _Static_assert(sizeof(spill_row) == 32, "spill row");
 _Static_assert(sizeof(m3_aggst_row) == 24, "output row");
@@ -303,22 +312,28 @@ static void blk_free(uint8_t *store, uint32_t shard, uint64_t off)
 }
 
 /* A block leaves its plan entry: freed now if no window is open and no spill row names it,
-   else kept on the retiring list until the finalise empties it. */
+   else kept on the retiring list until the finalise empties it. The plans it replaced (its
+   prev chain) leave with it, each on its own. */
 static void blk_retire(uint8_t *store, uint32_t shard, uint64_t off)
 {
     aggst_shard *sh = sh_of(store, shard);
-    plan_blk *b = blk_at(store, shard, off);
-    if (!b)
-        return;
-    int named = 0;
-    for (uint32_t i = 0; i < sh->spill_n && !named; i++)
-        named = spill_of(store, shard)[i].block == off;
-    if (!named && !blk_open(b)) {
-        blk_free(store, shard, off);
-        return;
+    for (int depth = 0; off && depth < 64; depth++) {
+        plan_blk *b = blk_at(store, shard, off);
+        if (!b)
+            return;
+        uint64_t prev = b->prev;
+        b->prev = 0;  /* the retiring list finalises each block alone */
+        int named = 0;
+        for (uint32_t i = 0; i < sh->spill_n && !named; i++)
+            named = spill_of(store, shard)[i].block == off;
+        if (!named && !blk_open(b)) {
+            blk_free(store, shard, off);
+        } else {
+            b->next = sh->retiring;
+            sh->retiring = off;
+        }
+        off = prev;
     }
-    b->next = sh->retiring;
-    sh->retiring = off;
 }
 
 /* ---- plans ------------------------------------------------------------------------------- */
@@ -362,25 +377,42 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
     aggst_shard *sh = sh_of(store, shard);
     plan_entry *pe = &table_of(store, shard)[slot];
     uint32_t pflags = PE_RESOLVED | ((flags & M3_PLAN_DROP_RAW) ? PE_DROP_RAW : 0);
-    /* the entry stops naming its old block before anything else changes */
-    pe->flags = 0;
-    if (pe->block) {
-        uint64_t old = pe->block;
-        pe->block = 0;
-        blk_retire(store, shard, old);
+    /* A plan replacing the same series' plan at a rules activation keeps the old block as its
+       prev: samples stamped at or before start_ms still go there (m3_aggst_apply_rec), until
+       the finalise has closed every window of it (release_prev). The entry names the old
+       block until the new one is complete, so a killed installer leaves the old plan whole. */
+    uint64_t keep = 0;
+    if (start_ms != INT64_MIN && (pe->flags & PE_RESOLVED) && pe->gen == gen && pe->block &&
+        blk_at(store, shard, pe->block))
+        keep = pe->block;
+    if (!keep) {
+        /* the entry stops naming its old block before anything else changes */
+        pe->flags = 0;
+        if (pe->block) {
+            uint64_t old = pe->block;
+            pe->block = 0;
+            blk_retire(store, shard, old);
+        }
     }
-    uint64_t off = ncells ? blk_alloc(store, shard, bytes) : 0;
+    uint64_t off = ncells || keep ? blk_alloc(store, shard, bytes) : 0;
     int rc = M3_OK;
-    if (ncells && !off) {
+    if ((ncells || keep) && !off) {
         add_stat(&sh->refused, 1);
         rc = M3_ENOSPC;  /* resolved without cells: raw only, not asked again */
-    } else if (ncells) {
+        if (keep) {
+            /* the old plan goes on whole: this version's cells are refused for the series */
+            m3_shard_unlock(seg, shard);
+            return rc;
+        }
+    } else if (ncells || keep) {
         plan_blk *b = (plan_blk *)(arena_of(store, shard) + off);
         memset(b, 0, sizeof *b + (uint64_t)ncells * sizeof(plan_cell));
         b->ncells = ncells;
         b->bytes = bytes;
         b->slot = slot;
         b->gen = gen;
+        b->prev = keep;
+        b->from_ms = keep ? start_ms : 0;
         uint64_t at = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
         for (uint32_t k = 0; k < ncells; k++) {
             plan_cell *pc = &cells_of(b)[k];
@@ -413,7 +445,7 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
             at += cb;
         }
         b->magic = PLAN_MAGIC;
-        pe->block = off;
+        pe->block = off;  /* one store: the entry names the old plan or the new one */
         add_stat(&sh->plans, 1);
         add_stat(&sh->cells, ncells);
         add_stat(&sh->cell_bytes, bytes);
@@ -488,18 +520,17 @@ static void spill_rows(uint8_t *store, uint32_t shard, uint64_t block, uint32_t 
 }
 
 static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
-                       const m3_rec *r, uint64_t seq, uint64_t pos, int64_t now)
+                       const int64_t *ts, const double *vals, uint32_t nsamples, uint64_t seq,
+                       uint64_t pos, int64_t now)
 {
     aggst_shard *sh = sh_of(store, shard);
-    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
-    const double *vals = (const double *)(ts + r->nsamples);
     m3_agg_out tmp[TMP_ROWS];
     uint64_t applied = 0, late = 0, evicted = 0, ooo = 0;
     for (uint32_t k = 0; k < b->ncells; k++) {
         plan_cell *pc = &cells_of(b)[k];
         m3_aggcell *c = cell_of(b, pc);
         if (seq && (seq < c->last_seq || (seq == c->last_seq && pos <= pc->last_pos))) {
-            c->dup += r->nsamples;
+            c->dup += nsamples;
             continue;
         }
         uint64_t a0 = c->applied, l0 = c->late, e0 = c->evicted, o0 = c->ooo;
@@ -507,7 +538,7 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
         for (;;) {
             size_t nout = 0, done = 0;
             int rc = m3_agg_apply((uint8_t *)c, pc->cell_bytes, 1, 0, 0, ts + start,
-                                  vals + start, r->nsamples - start, now, tmp, TMP_ROWS, &nout,
+                                  vals + start, nsamples - start, now, tmp, TMP_ROWS, &nout,
                                   &done);
             spill_rows(store, shard, off, k, tmp, nout);
             start += done;
@@ -525,6 +556,46 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
     add_stat(&sh->late, late);
     add_stat(&sh->evicted, evicted);
     add_stat(&sh->ooo, ooo);
+}
+
+/* A record's samples to its plan: a plan that replaced another at a rules activation (prev,
+   from_ms) takes the samples stamped after from_ms, and the older plans the rest, each by the
+   same rule down its chain. So every worker switches at the activation whatever the order in
+   which samples arrive: a sample stamped before it and arriving late still reaches the old
+   cells (its window is open there), one stamped after it and arriving early reaches the new
+   cells only. Samples stay in record order within each part. */
+static void apply_routed(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
+                         const m3_rec *r, uint64_t seq, uint64_t pos, int64_t now)
+{
+    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    const double *vals = (const double *)(ts + r->nsamples);
+    uint32_t n = r->nsamples;
+    int64_t hi_ts[M3_REC_MAX_SAMPLES], lo_ts[M3_REC_MAX_SAMPLES];
+    double hi_v[M3_REC_MAX_SAMPLES], lo_v[M3_REC_MAX_SAMPLES];
+    for (int depth = 0; b && n && depth < 64; depth++) {
+        plan_blk *p = b->prev ? blk_at(store, shard, b->prev) : NULL;
+        if (!p || n > M3_REC_MAX_SAMPLES) {
+            apply_plan(store, shard, off, b, ts, vals, n, seq, pos, now);
+            return;
+        }
+        uint32_t nh = 0, nl = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (ts[i] > b->from_ms) {
+                hi_ts[nh] = ts[i];
+                hi_v[nh++] = vals[i];
+            } else {
+                lo_ts[nl] = ts[i];  /* in place when ts is lo_ts: nl <= i */
+                lo_v[nl++] = vals[i];
+            }
+        }
+        if (nh)
+            apply_plan(store, shard, off, b, hi_ts, hi_v, nh, seq, pos, now);
+        off = b->prev;
+        b = p;
+        ts = lo_ts;
+        vals = lo_v;
+        n = nl;
+    }
 }
 
 /* Set by m3_shard_apply_batch_agg_cells for the calls it makes on this thread: replay of a
@@ -555,8 +626,8 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
     if (pe->block) {
         plan_blk *b = blk_at(store, r->shard, pe->block);
         if (b)
-            apply_plan(store, r->shard, pe->block, b, r, seq, pos,
-                       now_ms > sh->now_floor ? now_ms : sh->now_floor);
+            apply_routed(store, r->shard, pe->block, b, r, seq, pos,
+                         now_ms > sh->now_floor ? now_ms : sh->now_floor);
     }
     return rc;
 }
@@ -772,6 +843,35 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
     return 0;
 }
 
+/* A replaced plan (prev) leaves its successor's chain once every window it can hold is final
+   and written: windows ending at or before from_ms (a boundary of every policy) are final at
+   from_ms + admission, and none is open after this commit. Samples stamped at or before
+   from_ms arriving later are late in the successor's cells (their windows are final there
+   from the start), as they would have been in prev's. */
+static void release_prev(uint8_t *store, uint32_t shard, plan_blk *b, int64_t now)
+{
+    for (int depth = 0; b && b->prev && depth < 64; depth++) {
+        plan_blk *p = blk_at(store, shard, b->prev);
+        if (!p) {
+            b->prev = 0;  /* damaged: nothing more to route there */
+            return;
+        }
+        int64_t adm = 0;
+        for (uint32_t k = 0; k < p->ncells; k++) {
+            const m3_aggcell *c = cell_of(p, &cells_of(p)[k]);
+            if (c->p.admission_ms > adm)
+                adm = c->p.admission_ms;
+        }
+        if (now - adm >= b->from_ms && !blk_open(p)) {
+            uint64_t off = b->prev;
+            b->prev = 0;  /* the plan stops routing to it before it is freed */
+            blk_retire(store, shard, off);
+            return;
+        }
+        b = p;
+    }
+}
+
 static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
                          int commit, uint32_t first, uint32_t last, uint32_t *next,
                          uint32_t *spill_upto, uint8_t *scratch, size_t scratch_cap, outbuf *o)
@@ -852,13 +952,21 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
         if (!b)
             continue;
         size_t ns0 = o ? o->nstreams : 0, nr0 = o ? o->nrows : 0;
-        if (blk_finalise(store, shard, &v, b, now_ms, commit, scratch, scratch_cap, o,
-                         &points)) {
+        int full = 0;
+        plan_blk *x = b;
+        for (int depth = 0; x && !full && depth < 64; depth++) {  /* the plan and its prevs */
+            full = blk_finalise(store, shard, &v, x, now_ms, commit, scratch, scratch_cap, o,
+                                &points);
+            x = x->prev ? blk_at(store, shard, x->prev) : NULL;
+        }
+        if (full) {
             o->nstreams = ns0;  /* all of a slot or nothing: commit takes whole slots */
             o->nrows = nr0;
             rc = M3_ENOSPC;
             break;
         }
+        if (commit)
+            release_prev(store, shard, b, now_ms);
     }
     if (next)
         *next = i;
@@ -941,6 +1049,23 @@ int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard)
             pe->flags = 0;
             pe->block = 0;  /* asked for again; the block leaks */
             dropped++;
+            continue;
+        }
+        /* the plans it replaced: a damaged one is cut off (its windows are lost, it leaks) */
+        for (int depth = 0; b->prev && depth < 64; depth++) {
+            plan_blk *p = blk_at(store, shard, b->prev);
+            int pok = p != NULL;
+            for (uint32_t k = 0; pok && k < p->ncells; k++) {
+                plan_cell *pc = &cells_of(p)[k];
+                pok = (uint64_t)pc->cell_off + pc->cell_bytes <= p->bytes &&
+                      pc->cell_off % 8 == 0 &&
+                      m3_agg_cell_check((uint8_t *)p + pc->cell_off, pc->cell_bytes) == M3_OK;
+            }
+            if (!pok) {
+                b->prev = 0;
+                break;
+            }
+            b = p;
         }
     }
     uint64_t *link = &sh->retiring;

@@ -638,7 +638,7 @@ double m3_sketch_alpha(void);
 
 /* ---- aggstore.c: downsampling cells and plans in shared memory (docs/formats/aggstore.md) */
 
-#define M3_AGGST_VERSION 1
+#define M3_AGGST_VERSION 2
 #define M3_AGGST_SPILL 1024      /* evicted rows a shard holds until the next finalise */
 /* What a cell's finalised rows become (persisted: explicit values). */
 enum m3_agg_kind {
@@ -698,7 +698,9 @@ int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard);
    k (empty: the series' own). Replaces any older plan of the slot. M3_ENOENT: the series is
    gone; M3_ENOSPC: the arena is full, the plan is installed without cells (raw only).
    start_ms (INT64_MIN: none): windows ending at or before it are final in the new cells (a
-   plan replacing another at a rules activation: those windows stay with the old cells). */
+   plan replacing another at a rules activation): the slot's current plan (same gen) is kept
+   as the new one's prev and takes every sample stamped at or before start_ms until its
+   windows are final and written, then it is freed. M3_ENOSPC then keeps the old plan. */
 int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot, uint32_t gen,
                      uint32_t flags, const m3_agg_params *params, const uint32_t *meta,
                      const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,

@@ -200,3 +200,42 @@ def test_labels_canonical_with_agg_label_in_order(seg):
     want = sorted(canonical_labels({**labels, "m3_aggregation": a}) for a in ("last", "count"))
     assert got == want
     assert np.all(np.diff(p.rows["stream"].astype(np.int64)) >= 0)
+
+
+def test_a_plan_from_an_activation_keeps_the_old_one_for_earlier_samples(seg):
+    """Rules activation at A: the new plan (namespace 1) takes samples stamped after A, the
+    old one (namespace 0) those at or before A, in whatever order they arrive; the old plan is
+    freed once its windows are final and written."""
+    s, st = seg
+    t0 = 1_000 * MIN
+    act = t0 + 2 * MIN
+    count = CellParams(MIN, MIN, ("Count",), nwin=4).to_c()
+    publish(s, make_record({"__name__": "m"}, [act - 50_000], [1.0], 1))
+    drain_all(st, lambda labels: (False, [count], [0]), act - 40_000)
+    assert st.stats(0)["plans"] == 1
+    gen = next(iter(s.live_series(0))).gen
+    st.install(0, 0, gen, False, [count], [1], [b""], act)
+    assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (2, 2)
+    # one ahead of the activation first, then two behind it (arriving late), in one record
+    publish(s, make_record({"__name__": "m"}, [act + 10_000, act - 30_000, act - 10_000],
+                           [2.0, 3.0, 4.0], 1))
+    drain_all(st, None, act + 5_000)
+    publish(s, make_record({"__name__": "m"}, [act - 1], [5.0], 1))   # later still, not late
+    drain_all(st, None, act + 30_000)
+
+    def rows(now: int) -> list[tuple[int, int, float]]:
+        p, done = st.prepare(0, now)
+        assert done
+        st.commit(p)
+        return sorted((int(r["ns"]), int(r["ts"]), float(r["value"])) for r in p.rows)
+
+    assert rows(act + MIN - 1) == []
+    # the window ending at the activation: every sample stamped in it, all in the old plan
+    assert rows(act + MIN) == [(0, act, 4.0)]
+    assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (1, 1)   # the old plan is freed
+    assert rows(act + 2 * MIN) == [(1, act + MIN, 1.0)]
+    assert st.stats(0)["late"] == 0
+    # a sample stamped before the activation, after the old plan's windows were written: late
+    publish(s, make_record({"__name__": "m"}, [act - 2], [6.0], 1))
+    drain_all(st, None, act + 2 * MIN)
+    assert st.stats(0)["late"] == 1

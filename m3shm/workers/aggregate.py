@@ -16,9 +16,14 @@ The worker creates one :class:`Aggregator` over its raw segment's aggregation st
   once that submit has returned (the points are in that namespace's commit log), phase 2
   finalises the same windows for real. A crash in between repeats the points, never loses
   them. Then the worker records the time of its last complete round (the replay watermark).
-- **rules** (:meth:`Aggregator.install_rules`, called by the rule reloader): a new compiled
-  rule set applies to series planned from then on; at its activation time every series of
-  the worker is planned again (old cells are finalised at their normal time, then freed).
+- **rules** (:meth:`Aggregator.install_rules`, called by m3shm/workers/rulesync.py): as soon
+  as a new version is installed (well before its activation: see m3shm/rules/versions.py)
+  the drain thread plans every series of the worker again with it, from its activation: the
+  new plan keeps the old one as its prev (csrc/aggstore.c), and the drain sends samples
+  stamped at or before the activation to the old cells, later ones to the new, so every
+  worker switches at the same sample time however late or early samples arrive. A series
+  first seen while versions are pending gets the whole chain. Old cells are finalised at
+  their normal time, then freed.
 
 Hooks for the rollup forwarding: :attr:`Aggregator.rollup_cells` adds cells to a series'
 plan (default: none) and :attr:`Aggregator.on_rollup_rows` receives the finalised rows of
@@ -99,6 +104,12 @@ def read_watermark(data_dir: str) -> int:
     return min(marks) if marks else 0
 
 
+def _cells_key(plan: SeriesPlan) -> tuple:
+    """What a plan's cells depend on (cells_for, rollup_cells): equal keys, equal cells."""
+    return (plan.store_raw, tuple((o.policy, o.aggregations) for o in plan.outputs),
+            plan.rollups)
+
+
 class Aggregator:
     def __init__(self, worker: Any, seg: Segment, store: AggStore) -> None:
         self.w = worker
@@ -114,6 +125,10 @@ class Aggregator:
         self.compiled = CompiledRules(rs)
         self.version = 0  # the config's rules until the worker's RuleSync installs versions
         self._pending: list[tuple[int, int, CompiledRules]] = []  # (activation, version, ...)
+        # versions planned, oldest first: a new series gets a plan of each, chained
+        self.versions: list[tuple[int, int, CompiledRules]] = []
+        # after a version's successor activates, its windows are final this much later
+        self.horizon_ms = self.admission_ms + cfg.downsample.forward_delay_ms
         self._lock = threading.Lock()
         self._cache: dict[Any, tuple[bool, tuple[CellSpec, ...]]] = {}
         self._missing: set[str] = set()
@@ -127,42 +142,52 @@ class Aggregator:
     # -- rules and plans --------------------------------------------------------------------
 
     def install_rules(self, compiled: CompiledRules, version: int, activation_ms: int) -> None:
-        """Rule-set ``version`` applies from ``activation_ms`` (wall clock, a window boundary
-        every worker shares). At that time the drain thread plans every series of this
-        worker again: the new cells take windows ending after the activation, the old cells
-        keep the earlier ones and are finalised and freed as usual. A version already active
-        (its activation passed) replaces the current rules at once. Any thread may call it
-        (m3shm/workers/rulesync.py calls it from the event loop)."""
+        """Rule-set ``version`` applies to windows starting at or after ``activation_ms`` (a
+        window boundary of every policy, stored in <data>/rules.json, the same for every
+        worker; 0 = always). The drain thread plans every series of this worker with it on
+        its next pass (:meth:`_maybe_activate`). Any thread may call it (RuleSync calls it
+        from the event loop); versions come in increasing order."""
         with self._lock:
             if version > max([self.version] + [v for _, v, _ in self._pending]):
                 self._pending.append((activation_ms, version, compiled))
 
     def activate_now(self, lo: int, hi: int) -> None:
-        """Switch to the newest installed version whose activation has passed (at worker
-        start, before replay and drain)."""
+        """Plan with every installed version (at worker start, before replay and drain)."""
         self._maybe_activate(lo, hi)
 
     def _maybe_activate(self, lo: int, hi: int) -> None:
+        """Drain thread: plan every live series again with each newly installed version,
+        from its activation (the old plans keep the samples stamped before it)."""
         if not self._pending:
             return
-        now = now_ms()
         with self._lock:
-            due = [p for p in self._pending if p[0] <= now]
-            if not due:
-                return
-            self._pending = [p for p in self._pending if p[0] > now]
-        act, version, compiled = max(due, key=lambda p: p[1])
-        self.compiled, self.version = compiled, version
-        self._cache.clear()
-        n = 0
-        for shard in range(lo, hi):
-            if self.store.stats(shard)["rules_version"] == version:
-                continue  # planned with it already (before this worker was restarted)
-            needs = [(info.slot, info.gen) for info in self.seg.live_series(shard)]
-            n += self.resolve(shard, needs, start_ms=act)
-            self.store.set_rules_version(shard, version)
-        log.info("worker %d: rules version %d active; %d series planned again",
-                 self.w.index, version, n)
+            new, self._pending = self._pending, []
+        for entry in sorted(new, key=lambda p: p[1]):
+            act, version, compiled = entry
+            before = self.compiled if self.versions else None
+            self.versions.append(entry)
+            self.compiled, self.version = compiled, version
+            n = 0
+            for shard in range(lo, hi):
+                if self.store.stats(shard)["rules_version"] >= version:
+                    continue  # planned with it already (before this worker was restarted)
+                needs = [(info.slot, info.gen) for info in self.seg.live_series(shard)]
+                n += self.resolve(shard, needs, only=entry, before=before)
+                self.store.set_rules_version(shard, version)
+            log.info("worker %d: rules version %d planned for %d series, active from %d ms",
+                     self.w.index, version, n, act)
+
+    def _chain(self) -> list[tuple[int, int, CompiledRules]]:
+        """The versions a series first seen now needs, oldest first: the one whose windows
+        may still be open and every later one."""
+        if not self.versions:
+            return [(0, self.version, self.compiled)]
+        cutoff = now_ms() - self.horizon_ms
+        vs = self.versions
+        while len(vs) > 1 and vs[1][0] <= cutoff:
+            vs = vs[1:]
+        self.versions = vs
+        return vs
 
     def cells_for(self, plan: SeriesPlan) -> tuple[bool, tuple[CellSpec, ...]]:
         """(drop raw, cells) for a plan's mapping outputs (memoised by outputs)."""
@@ -189,22 +214,31 @@ class Aggregator:
         return hit
 
     def resolve(self, shard: int, needs: list[tuple[int, int]],
-                start_ms: int | None = None) -> int:
-        """Match rules for series (slot, gen) of a shard and install their plans (replacing
-        older ones from ``start_ms``)."""
+                only: tuple[int, int, CompiledRules] | None = None,
+                before: CompiledRules | None = None) -> int:
+        """Match rules for series (slot, gen) of a shard and install their plans: one per
+        version of :meth:`_chain`, each from its activation (a planless series), or only
+        version ``only`` (activation, version, compiled) on top of each series' plan, except
+        where it makes the same cells as ``before`` (the version it follows)."""
+        chain = [only] if only is not None else self._chain()
         n = 0
         for slot, gen in needs:
             try:
                 labels = parse_labels(self.seg.series_labels(shard, slot))
             except NoSuchSeriesError:
                 continue
-            plan = self.compiled.match(labels)
-            drop, cells = self.cells_for(plan)
-            extra = tuple(self.rollup_cells(plan, labels))
-            if extra:
-                cells = cells + extra
-            self.store.install(shard, slot, gen, drop, [c.params for c in cells],
-                               [c.meta for c in cells], [c.labels for c in cells], start_ms)
+            if (only is not None and before is not None
+                    and _cells_key(before.match(labels)) == _cells_key(only[2].match(labels))):
+                continue  # unchanged: the series keeps its cells across the activation
+            for i, (act, _, compiled) in enumerate(chain):
+                start = act if act > 0 and (only is not None or i > 0) else None
+                plan = compiled.match(labels)
+                drop, cells = self.cells_for(plan)
+                extra = tuple(self.rollup_cells(plan, labels))
+                if extra:
+                    cells = cells + extra
+                self.store.install(shard, slot, gen, drop, [c.params for c in cells],
+                                   [c.meta for c in cells], [c.labels for c in cells], start)
             n += 1
         self.stats["planned"] += n
         return n
