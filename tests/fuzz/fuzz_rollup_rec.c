@@ -5,7 +5,7 @@
  * table (twice: the second is a duplicate) without reading or writing out of bounds or hitting
  * undefined behaviour (ASan+UBSan watch). Inputs are capped at 64 KiB (-max_len in run.sh).
  *
- * fuzz-sources: csrc/rollup.c csrc/aggwin.c csrc/lane.c csrc/segment.c csrc/series.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/codec.c csrc/rw_series.c
+ * fuzz-sources: csrc/rollup.c csrc/aggwin.c csrc/lane.c csrc/segment.c csrc/series.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/codec.c csrc/rw_series.c csrc/aggstore.c
  */
 #include <stdint.h>
 #include <stddef.h>
