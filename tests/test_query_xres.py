@@ -226,6 +226,16 @@ def test_lookback_at_least_the_resolution(world):
     th, vh = downsample(ts, vs, HOUR)
     k = np.searchsorted(th, at, side="right") - 1
     assert [s.v for s in r.vector] == [vh[k]]
+    # an instant read looks an hour back for 1h points, but keeps raw samples of the last 5m
+    # only (the decoder drops the rest)
+    st = world.storage()
+    ts2, vs2 = counter(NOW - 3 * HOUR, NOW, seed=6)
+    world.write({"__name__": "c", "i": "1"}, ts2, vs2)
+    res = st.select([Matcher("__name__", "=", "c")], NOW - HOUR, NOW, lookback=(NOW, 5 * MIN))
+    flat = decode_result(res, NOW - HOUR, NOW)
+    (i1,) = [i for i, lb in enumerate(flat.labels) if dict(lb)["i"] == "1"]
+    kept = flat.ts[flat.offsets[i1]:flat.offsets[i1 + 1]]
+    assert kept.tolist() == ts2[ts2 >= NOW - 5 * MIN].tolist()
     # a range query over the 1h span has a point at every step, not one per hour
     rr = Engine(world.storage()).range("c", at - 3 * HOUR, at, MIN)
     assert len(rr.matrix) == 1 and len(rr.matrix[0].ts) == 3 * 60 + 1

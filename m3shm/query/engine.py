@@ -136,8 +136,13 @@ class Evaluator:
         return base - duration_ms(offset)
 
     # ---- selectors -----------------------------------------------------------------------
-    def select(self, vs: Any, mint: int, maxt: int) -> FlatSeries:
-        res = self.storage.select(from_selector(vs), mint, maxt)
+    def select(self, vs: Any, mint: int, maxt: int,
+               lookback: tuple[int, int] | None = None) -> FlatSeries:
+        if lookback is None:
+            res = self.storage.select(from_selector(vs), mint, maxt)
+        else:  # a storage across resolutions (resolution.py): each namespace its own lookback
+            res = self.storage.select(from_selector(vs), mint, maxt,  # type: ignore[call-arg]
+                                      lookback=lookback)
         if res.partial:
             self.stats.partial = True
         self.stats.warnings.extend(res.warnings)
@@ -164,10 +169,11 @@ class Evaluator:
     def vector_selector(self, vs: Any) -> Vector:
         refs = self.ref_times(vs.at, vs.offset)
         lb = wide = self.lookback_ms
+        lo_ref, hi_ref = int(refs.min()), int(refs.max())
         widest = getattr(self.storage, "widest_lookback", None)
         if widest is not None:  # downsampled points answer for up to their resolution
-            wide = widest(int(refs.min()) - lb, int(refs.max()), lb)
-        flat = self.select(vs, int(refs.min()) - wide, int(refs.max()))
+            wide = widest(lo_ref - lb, hi_ref, lb)
+        flat = self.select(vs, lo_ref - wide, hi_ref, (lo_ref, lb) if wide > lb else None)
         lo, hi = locate(flat, refs - wide, refs)
         present = hi > lo
         if len(flat.ts) == 0:

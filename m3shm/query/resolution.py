@@ -144,8 +144,21 @@ class ResolutionStorage:
         return max([lookback_ms] + [ns.resolution_ms for ns in self._live(mint, maxt)])
 
     # -- select ----------------------------------------------------------------------------
-    def select(self, matchers: list[Matcher], mint: int, maxt: int) -> SelectResult:
+    def select(self, matchers: list[Matcher], mint: int, maxt: int,
+               lookback: tuple[int, int] | None = None) -> SelectResult:
+        """Series matching ``matchers`` over [mint, maxt]. With ``lookback`` = (ref_lo,
+        lookback_ms), an instant selector's read (mint = ref_lo - the widest lookback): each
+        namespace's samples before ``ref_lo - max(lookback_ms, its resolution)`` are dropped
+        by the decoder, so raw data does not fill memory further back than the lookback
+        because a coarse namespace exists. Which namespace holds a series is still decided
+        over the whole [mint, maxt] (a raw series that stopped within it stays raw: stale)."""
         nss = self._live(mint, maxt)
+        if lookback is None:
+            lows = np.full(len(nss), mint, dtype=np.int64)
+        else:
+            ref_lo, lb = lookback
+            lows = np.array([max(mint, ref_lo - max(lb, ns.resolution_ms)) for ns in nss],
+                            np.int64)
         starts = np.array([ns.span_start(self.now_ms, mint) for ns in nss], dtype=np.int64)
         gid: dict[Labels, int] = {}  # every series seen, numbered
         cover = np.zeros(0, dtype=np.int64)  # per series: earliest nominal start of a holder
@@ -169,16 +182,17 @@ class ResolutionStorage:
             cover = np.concatenate([cover, np.full(len(gid) - len(cover), FAR, np.int64)])
             cover[ids] = np.minimum(cover[ids], lo_k)
             parts.append((k, res, ids))
-        out = self._stitch(nss, starts, parts, list(gid), mint, maxt)
+        out = self._stitch(nss, starts, lows, parts, list(gid), mint, maxt)
         if self.ctx.warnings:
             out.partial = True
             out.warnings.extend(w for w in self.ctx.warnings if w not in out.warnings)
         return out
 
-    def _stitch(self, nss: list[NamespaceView], starts: np.ndarray,
+    def _stitch(self, nss: list[NamespaceView], starts: np.ndarray, lows: np.ndarray,
                 parts: list[tuple[int, SelectResult, np.ndarray]], labels: list[Labels],
                 mint: int, maxt: int) -> SelectResult:
-        """Clip every part's blocks to its namespace's span of each series; merge them."""
+        """Clip every part's blocks to its namespace's span of each series (and to the
+        namespace's floor ``lows[k]``); merge them."""
         n, nk = len(labels), len(nss)
         held = np.zeros((n, nk), dtype=bool)
         for k, _res, ids in parts:
@@ -191,7 +205,7 @@ class ResolutionStorage:
         for k in range(nk):
             h = held[:, k]
             lo = np.where(last == k, mint, starts[k])
-            span_lo[h, k] = lo[h]
+            span_lo[h, k] = np.maximum(lo[h], lows[k])
             span_hi[h, k] = upper[h]
             upper[h] = lo[h] - 1
         remaps: list[list[np.ndarray]] = []  # per part, per batch: its blocks' series ids
