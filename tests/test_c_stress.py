@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ["csrc/segment.c", "csrc/lane.c", "csrc/series.c", "csrc/arena.c", "csrc/epoch.c",
-        "csrc/block.c", "csrc/codec.c"]
+        "csrc/block.c", "csrc/codec.c", "csrc/aggstore.c", "csrc/aggwin.c"]
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address,undefined"])
