@@ -14,8 +14,19 @@
 2. Matching: CPU microseconds to match one new series against 10 / 100 / 1,000 rules (one
    per metric name, so few match; plus 5 rules scanned for every series), median per series.
 
-The daemon-level figure (ingest CPU per million samples with rules wired in) comes with the
-wiring; see docs/rules.md. Usage: ``.venv/bin/python perf/downsample.py [--runs R]``;
+3. ``--daemon``: the daemon as a subprocess (2 workers, 16 shards), node_exporter-like series
+   from perf/ingest.py (``--hosts`` x 376 series, ``--rounds`` samples each, 15 s apart, in
+   remote-write requests of 2,000 series over 4 connections), for each rule set: ``none``
+   (no aggregation: ``defaultPolicies: []``), ``default`` (every series Last at 1m:30d),
+   ``10`` and ``100`` mapping rules that all match every series (rule i: policy i mod 3 of
+   10s:2d, 1m:30d, 1h:5y, aggregation i mod 6 of Last Min Max Sum Count Mean: 3 cells per
+   series, their aggregations the union). Reported: the server's CPU (user+sys of every
+   process, /proc) per million samples over the load plus 2 s (median of ``--runs`` fresh
+   daemons; it includes matching each new series once and planning its cells), and from
+   /metrics the cells, their bytes (open-window memory) per aggregated series, late samples.
+
+Usage: ``.venv/bin/python perf/downsample.py [--runs R]`` (library level) or
+``.venv/bin/python perf/downsample.py --daemon [--runs R] [--hosts H] [--rounds N]``;
 prints one JSON object.
 """
 
@@ -87,12 +98,146 @@ def match_cost(nrules: int, nseries: int = 5_000) -> float:
     return (time.thread_time() - c0) / nseries * 1e6
 
 
+DAEMON_CFG = """
+workers: 2
+shards: 16
+threads: 2
+shm:
+  lane_bytes: 1MiB
+  series_per_shard: 8192
+  arena_bytes: 16MiB
+  agg_series_per_shard: 8192
+  agg_arena_bytes: 8MiB
+commitlog:
+  fsync: interval
+downsample:
+  rules:
+{rules}
+"""
+DAEMON_POLICIES = ("10s:2d", "1m:30d", "1h:5y")
+DAEMON_AGGS = ("Last", "Min", "Max", "Sum", "Count", "Mean")
+
+
+def daemon_rules(variant: str) -> str:
+    if variant == "none":
+        return "    defaultPolicies: []"
+    if variant == "default":
+        return "    mappingRules: []"
+    n = int(variant)
+    lines = ["    defaultPolicies: []", "    mappingRules:"]
+    for i in range(n):
+        lines.append(f"      - {{name: r{i}, filter: 'job:node', aggregations: "
+                     f"[{DAEMON_AGGS[i % 6]}], policies: [{DAEMON_POLICIES[i % 3]}]}}")
+    return "\n".join(lines)
+
+
+def _metric(url: str, name: str) -> float:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def daemon_once(variant: str, hosts: int, rounds: int) -> dict:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ingest as ing  # perf/ingest.py: the payload, the clients, /proc accounting
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="m3shm-perf-ds-") as tmp:
+        cfg = Path(tmp) / "m3shm.yaml"
+        cfg.write_text(DAEMON_CFG.format(rules=daemon_rules(variant)))
+        log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from m3shm.cli import main; sys.exit(main())",
+             "serve", "-c", str(cfg), "--data", str(Path(tmp) / "data"), "--listen",
+             f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/ready", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((Path(tmp) / "daemon.log").read_text()[-3000:])
+                time.sleep(0.1)
+            t0 = int(time.time() * 1000) - rounds * ing.STEP_MS - 5_000
+            bodies, nseries = ing.build_bodies(hosts, rounds, 2000, t0, 1)
+            clients = [ing.Client(url + "/api/v1/write") for _ in range(4)]
+            for c in clients:
+                c.start()
+            cpu0 = ing.cpu_seconds(proc.pid)
+            for rnd in bodies:
+                for i, c in enumerate(clients):
+                    c.work = rnd[i::len(clients)]
+                    c.done.clear()
+                    c.go.set()
+                for c in clients:
+                    c.done.wait()
+            time.sleep(2.0)
+            cpu = ing.cpu_seconds(proc.pid) - cpu0
+            samples = nseries * rounds
+            rejected = sum(c.rejected_samples for c in clients)
+            cells = _metric(url, "m3shm_downsample_cells")
+            cell_bytes = _metric(url, "m3shm_downsample_cell_bytes")
+            return {"samples": samples, "series": nseries, "rejected_samples": rejected,
+                    "cpu_seconds": cpu, "cells": cells, "cell_bytes": cell_bytes,
+                    "late": _metric(url, "m3shm_downsample_late_samples_total")}
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            log.close()
+            os.environ.get("M3SHM_KEEP")  # nothing to keep: the data dir goes with tmp
+
+
+def daemon_main(runs: int, hosts: int, rounds: int) -> dict:
+    out: dict = {"mode": "daemon", "hosts": hosts, "rounds": rounds, "runs": runs,
+                 "variants": {}}
+    for variant in ("none", "default", "10", "100"):
+        res = [daemon_once(variant, hosts, rounds) for _ in range(runs)]
+        cpu = statistics.median(r["cpu_seconds"] for r in res)
+        r0 = res[0]
+        aggregated = r0["series"] if r0["cells"] else 0
+        out["variants"][variant] = {
+            "series": r0["series"], "samples": r0["samples"],
+            "cpu_seconds_per_million_samples": round(cpu / r0["samples"] * 1e6, 3),
+            "cpu_seconds_runs": [round(r["cpu_seconds"], 2) for r in res],
+            "cells_per_series": round(r0["cells"] / r0["series"], 2),
+            "cell_bytes_per_aggregated_series": round(r0["cell_bytes"] / aggregated)
+            if aggregated else 0,
+            "late_samples": r0["late"], "rejected_samples": r0["rejected_samples"],
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--series", type=int, default=1_000)
     ap.add_argument("--samples", type=int, default=1_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--daemon", action="store_true", help="the daemon-level figures")
+    ap.add_argument("--hosts", type=int, default=53, help="--daemon: 376 series each")
+    ap.add_argument("--rounds", type=int, default=20, help="--daemon: samples per series")
     a = ap.parse_args()
+    if a.daemon:
+        print(json.dumps(daemon_main(a.runs, a.hosts, a.rounds), indent=1))
+        return
     total = a.series * a.samples
     out: dict = {"samples": total, "series": a.series, "resolution_ms": RES,
                  "admission_ms": ADM, "open_windows_per_cell": nwin(), "aggregation": {}}

@@ -124,9 +124,12 @@ class Daemon:
         from m3shm.workers.nsruntime import aggregated_segment_glob
 
         seg = segment_path(str(self.data))
+        from m3shm.aggstore import store_path
+
         aggs = glob.glob(aggregated_segment_glob(str(self.data)))
         vols = [p + ".vol" for p in (seg, *aggs)]  # volume pointers (docs/formats/volptr.md)
-        for p in (seg, stats_path(seg), applied_config_path(stats_path(seg)), *aggs, *vols):
+        for p in (seg, store_path(seg), stats_path(seg), applied_config_path(stats_path(seg)),
+                  *aggs, *vols):
             with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
                 os.unlink(p)
         return code
