@@ -105,7 +105,9 @@ typedef struct aggst_shard {
     uint64_t raw_dropped;    /* samples not stored raw (drop rules) */
     uint64_t asked;          /* series reported for a plan */
     uint64_t rules_version;  /* rule-set version the shard's plans were made with (Python's) */
-    uint64_t pad[14];
+    int64_t min_due;         /* no cell is due before it (prepare skips the table until then);
+                                the drain lowers it, a whole commit pass recomputes it */
+    uint64_t pad[13];
 } aggst_shard;
 
 typedef struct plan_entry {
@@ -547,6 +549,8 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
         }
         c->last_seq = seq;
         pc->last_pos = pos;
+        if (c->due_ms < sh->min_due)
+            sh->min_due = c->due_ms;
         applied += c->applied - a0;
         late += c->late - l0;
         evicted += c->evicted - e0;
@@ -811,7 +815,7 @@ static int put_rows(outbuf *o, const shard_view *v, const plan_blk *b, const pla
    (commit: rows counted, not written). Returns 0, or -1 when out is full (prepare). */
 static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, plan_blk *b,
                         int64_t now, int commit, uint8_t *scratch, size_t scratch_cap,
-                        outbuf *o, uint64_t *points)
+                        outbuf *o, uint64_t *points, int64_t *min_due)
 {
     m3_agg_out tmp[TMP_ROWS];
     (void)store;
@@ -819,8 +823,11 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
     for (uint32_t k = 0; k < b->ncells; k++) {
         plan_cell *pc = &cells_of(b)[k];
         m3_aggcell *c = cell_of(b, pc);
-        if (c->due_ms > now)
+        if (c->due_ms > now) {
+            if (min_due && c->due_ms < *min_due)
+                *min_due = c->due_ms;
             continue;
+        }
         uint8_t *cell = (uint8_t *)c;
         if (!commit) {
             if (pc->cell_bytes > scratch_cap)
@@ -841,6 +848,8 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
                     return -1;
             }
         } while (rc == M3_ENOSPC);
+        if (min_due && c->due_ms < *min_due)
+            *min_due = c->due_ms;
     }
     return 0;
 }
@@ -886,6 +895,16 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
     int rc = M3_OK;
     if (!commit && now_ms > sh->now_floor)
         sh->now_floor = now_ms;
+    if (!commit && first == 0 && now_ms < sh->min_due && !sh->spill_n && !sh->retiring) {
+        /* nothing can be due: skip the table (the common case between window ends) */
+        *spill_upto = 0;
+        if (next)
+            *next = UINT32_MAX;  /* nothing to commit */
+        return M3_OK;
+    }
+    /* a commit over the whole table recomputes min_due from every cell it sees */
+    int64_t min_due = INT64_MAX;
+    int64_t *md = commit && first == 0 && last > h->slots ? &min_due : NULL;
     if (first == 0) {
         /* the spill: rows of windows evicted by the drain, all of them or none */
         spill_row *sp = spill_of(store, shard);
@@ -924,7 +943,7 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
                 }
                 size_t ns0 = o ? o->nstreams : 0, nr0 = o ? o->nrows : 0;
                 if (blk_finalise(store, shard, &v, b, now_ms, commit, scratch, scratch_cap, o,
-                                 &points)) {
+                                 &points, md)) {
                     o->nstreams = ns0;
                     o->nrows = nr0;
                     rc = M3_ENOSPC;
@@ -958,7 +977,7 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
         plan_blk *x = b;
         for (int depth = 0; x && !full && depth < 64; depth++) {  /* the plan and its prevs */
             full = blk_finalise(store, shard, &v, x, now_ms, commit, scratch, scratch_cap, o,
-                                &points);
+                                &points, md);
             x = x->prev ? blk_at(store, shard, x->prev) : NULL;
         }
         if (full) {
@@ -972,6 +991,8 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
     }
     if (next)
         *next = i;
+    if (md && rc == M3_OK)
+        sh->min_due = min_due;  /* the drain only lowered it while we held the lock: none */
     add_stat(&sh->points, points);
     return rc;
 }
@@ -1032,6 +1053,7 @@ int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard)
         sh->bump = h->arena_bytes;  /* nothing more is allocated from a damaged pointer */
     if (sh->spill_n > M3_AGGST_SPILL)
         sh->spill_n = 0;
+    sh->min_due = INT64_MIN;  /* a killed drain may have opened a window and not lowered it */
     if ((sh->free_head % 8) || sh->free_head >= h->arena_bytes)
         sh->free_head = 0;  /* free blocks are only reused through valid links */
     plan_entry *tab = table_of(store, shard);

@@ -733,7 +733,8 @@ int m3_shard_apply_batch_agg_cells(uint8_t *base, uint8_t *store, const uint8_t 
 /* Owner, finalise phase 1: rows of every window final at now_ms (and of the spill), computed
    on copies (scratch: at least the largest cell), one stream per (cell, aggregation) with its
    labels; slots from `first`; M3_ENOSPC: resume at *next (whole slots only). *spill_n: spill
-   rows included. Cells are not changed; the drain's now is raised to now_ms. */
+   rows included. Cells are not changed; the drain's now is raised to now_ms. *next ==
+   UINT32_MAX: no cell of the shard was due (the table was skipped), nothing to commit. */
 int m3_aggst_prepare(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms,
                      uint32_t first, uint32_t *next, uint32_t *spill_n, uint8_t *scratch,
                      size_t scratch_cap, uint8_t *labels, size_t labels_cap, uint64_t *loffs,

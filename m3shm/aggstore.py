@@ -30,6 +30,7 @@ KIND_ROLLUP: int = lib.M3_AGGK_ROLLUP
 CELL_AGG_LABEL: int = lib.M3_AGGC_AGG_LABEL
 PLAN_DROP_RAW: int = lib.M3_PLAN_DROP_RAW
 NEED_CAP = 4096
+SKIPPED = 0xFFFFFFFF  # Prepared.last when no cell of the shard was due
 
 
 def store_path(seg_path: str) -> str:
@@ -205,6 +206,8 @@ class AggStore:
 
     def commit(self, p: Prepared) -> None:
         """Phase 2: the rows of ``p`` are durable; finalise its windows for real."""
+        if p.last == SKIPPED:
+            return  # nothing was due
         check(lib.m3_aggst_commit(self.seg.base, self.base, p.shard, p.now_ms, p.first,
                                   p.last, p.spill_n), f"committing shard {p.shard}")
 

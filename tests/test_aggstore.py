@@ -15,6 +15,8 @@ from m3shm.rules.aggwin import CellParams
 from m3shm.shm import Segment, SegParams, canonical_labels, make_record, parse_labels
 from m3shm.storage.records import LabelTable, build_records
 
+pytestmark = pytest.mark.native
+
 MIN = 60_000
 
 
