@@ -15,6 +15,10 @@ namespace: 2 h blocks, 10 min buffer past), each filled over remote write and th
 - ``filesets``: the same series with ``--samples`` samples each in a block that closed hours
   ago (cold writes), ``POST /api/v1/admin/flush`` (filesets written, the commit log they cover
   deleted), then SIGTERM; every restart starts over ``--series`` series on disk.
+- ``--age-min`` (default 9) places the ``commitlog`` and ``snapshot`` samples: 9 keeps them
+  inside the buffer past (warm); 60 makes them cold writes older than what downsampling
+  re-aggregates after a restart (its admission window), the steady state of a daemon that has
+  run for a while, where the commit log before a snapshot holds nothing a window still needs.
 - ``snapshot``: as ``commitlog``, but after writing ``POST /api/v1/admin/flush`` (which
   rotates the commit logs and snapshots the open blocks, docs/formats/snapshot.md), then one
   more sample per series, then SIGKILL: every restart loads the snapshots and replays only the
@@ -158,16 +162,22 @@ def make_daemon(tmp: Path, nseries: int, extra: str = "") -> M3shm:
                  extra=extra)
 
 
-def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = False) -> dict:
+def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = False,
+             age_min: int = 9, downsampling: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"m3shm-recovery-{kind}-"))
     # snapshots only when a scenario asks (admin flush); none taken by the timer meanwhile
-    d = make_daemon(tmp, nseries, "flush: {snapshot_interval: 1h}\n")
+    extra = "flush: {interval: 1h, snapshot_interval: 1h}\n"
+    if not downsampling:  # no storage policy: no aggregated namespace, empty plans
+        extra += "downsample:\n  rules: {defaultPolicies: []}\n"
+    d = make_daemon(tmp, nseries, extra)
     try:
         first, _ = timed_start(d)
         out: dict = {"first_start_s": round(first, 3)}
         now = int(time.time() * 1000)
         if kind in ("commitlog", "snapshot"):
-            t0 = now - 9 * 60_000  # inside the 10 min buffer past: warm, in the open block
+            # default: inside the 10 min buffer past (warm, in the open block); older ages are
+            # cold writes into the open blocks, older than downsampling's admission window
+            t0 = now - age_min * 60_000
             step = min(15_000, 8 * 60_000 // max(nsamples, 1))
         else:
             t0 = (now - 8 * 3_600_000) // BLOCK_MS * BLOCK_MS  # a block closed hours ago
@@ -235,11 +245,19 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="restarts timed per scenario")
     ap.add_argument("--scenarios", default="empty,commitlog,snapshot,filesets")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--no-downsampling", action="store_true",
+                    help="run the daemon without storage policies (no aggregated namespace)")
+    ap.add_argument("--age-min", type=int, default=9,
+                    help="commitlog/snapshot: the first sample's age in minutes (samples span "
+                    "8 min from it); above ~25 the samples are older than what downsampling "
+                    "re-aggregates after a restart, as in a steady state")
     a = ap.parse_args()
     res: dict = {"series": a.series, "samples_per_series": a.samples, "runs": a.runs,
+                 "age_min": a.age_min, "downsampling": not a.no_downsampling,
                  "shards": 64, "workers": 2}
     for kind in a.scenarios.split(","):
-        res[kind] = scenario(kind, a.series, a.samples, a.runs, a.keep)
+        res[kind] = scenario(kind, a.series, a.samples, a.runs, a.keep, a.age_min,
+                             not a.no_downsampling)
     base = res.get("empty", {}).get("ready_s", 0.0)
     if "commitlog" in res:
         c = res["commitlog"]

@@ -360,12 +360,13 @@ class Worker:
             # crash: their raw samples count as late, every later window is re-aggregated --
             # also from raw samples a snapshot holds: those batches feed the cells only
             agg.replay_now_ms = read_watermark(self.data_dir)
-            floors = floors.with_start(snapshot.first_seq_since(
-                files, agg.replay_now_ms - self._aggregation_horizon_ms()))
             apply = agg.replay_batch
+            if self._rules_aggregate(agg):
+                floors = floors.with_start(snapshot.first_seq_since(
+                    files, agg.replay_now_ms - self._aggregation_horizon_ms()))
 
-            def cells(payload: Any, seq: int, lo: int, hi: int) -> int:
-                return agg.replay_batch(payload, seq, lo, hi, cells_only=True)
+                def cells(payload: Any, seq: int, lo: int, hi: int) -> int:
+                    return agg.replay_batch(payload, seq, lo, hi, cells_only=True)
 
         read = [p for p in files if not floors.skips_file(p)]
         raw = [p for p in read if not floors.cells_only_file(p)]
@@ -392,6 +393,13 @@ class Worker:
                     lo, hi, nb = commitlog.scan_file(p)
                     commitlog.write_index(p, rt.seg.params.seq_base, lo, hi, nb)
         return n
+
+    @staticmethod
+    def _rules_aggregate(agg: Any) -> bool:
+        """Whether any installed rule-set version writes to a storage policy (else no cell
+        ever outputs anything, and a snapshot's batches need no replay into cells)."""
+        compiled = [agg.compiled] + [c for _, _, c in getattr(agg, "versions", [])]
+        return any(c.rules.policies() for c in compiled if c is not None)
 
     def _aggregation_horizon_ms(self) -> int:
         """How far before a finalise watermark a raw sample may still feed a window that was
