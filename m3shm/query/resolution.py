@@ -194,6 +194,21 @@ class ResolutionStorage:
         """Clip every part's blocks to its namespace's span of each series (and to the
         namespace's floor ``lows[k]``); merge them."""
         n, nk = len(labels), len(nss)
+        if not parts:
+            return SelectResult([])
+        if len(parts) == 1 and lows[parts[0][0]] <= mint:
+            # one namespace answered for every series over the whole range (the common
+            # case: raw data inside the raw retention): nothing to clip
+            k, res, ids = parts[0]
+            u = self.used.setdefault(nss[k].name, Used(nss[k].resolution_ms))
+            u.series += len(ids)
+            u.first_ms = min(u.first_ms, mint)
+            if nss[k].resolution_ms:
+                span_lo = np.full((n, nk), FAR, dtype=np.int64)
+                span_lo[:, k] = mint
+                res.stitch = Stitch(labels, span_lo, np.array([ns.resolution_ms for ns in nss],
+                                                               dtype=np.int64))
+            return res
         held = np.zeros((n, nk), dtype=bool)
         for k, _res, ids in parts:
             held[ids, k] = True
