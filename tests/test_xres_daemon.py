@@ -1,7 +1,7 @@
 """Queries across resolutions end to end: remote write in, the daemon downsamples as samples
 arrive (default policy 1s:2h, Last), PromQL out over HTTP.
 
-The raw namespace keeps 6 s, so after ~12 s of real-time writes a query over the last 20 s
+The raw namespace keeps 10 s, so after ~16 s of real-time writes a query over the last 30 s
 must read 1s Last points before the raw retention boundary and every raw sample after it; a
 series whose raw data a drop rule discards is found in the aggregated namespace; rate() over
 the downsampled counter equals the raw counter's; X-M3shm-Namespaces names what was read.
@@ -18,9 +18,9 @@ from test_daemon_harness import Daemon, now_ms
 
 CONFIG = """
 namespaces:
-  - {name: default, retention: 6s, blockSize: 2s, bufferPast: 1s, bufferFuture: 1s}
+  - {name: default, retention: 10s, blockSize: 2s, bufferPast: 1s, bufferFuture: 1s}
 downsample:
-  admission: 1s
+  admission: 3s
   rules:
     mappingRules:
       - name: dropped raw
@@ -32,7 +32,7 @@ downsample:
     defaultPolicies: [1s:2h]
 """
 STEP = 250  # ms between samples
-RAW_RET = 6000
+RAW_RET = 10_000
 
 
 def get(d: Daemon, path: str, **params) -> tuple[dict, dict[str, str]]:
@@ -46,7 +46,7 @@ def test_downsampled_before_the_raw_retention_raw_after(tmp_path):
     try:
         written: dict[int, float] = {}
         t = now_ms() // STEP * STEP + STEP
-        end = t + 12_000
+        end = t + 16_000
         while t <= end:  # real time: windows close as samples arrive
             while now_ms() < t:
                 time.sleep(0.01)
@@ -78,7 +78,7 @@ def test_downsampled_before_the_raw_retention_raw_after(tmp_path):
         got = {round(float(ts) * 1000): float(v) for ts, v in series["values"]}
         assert h["X-M3shm-Namespaces"] == "default=raw,agg_1s_2h=1s", h
         assert any("agg_1s_2h (1s resolution" in w for w in r.get("warnings", [])), r
-        # before the boundary (now - 6 s, somewhere in [q0, q1] - 6 s): 1s Last points, each
+        # before the boundary (now - 10 s, somewhere in [q0, q1] - 10 s): 1s Last points, each
         # the raw value at its window end; after it: every raw sample
         before = [ts for ts in got if ts < q0 - RAW_RET]
         after = [ts for ts in written if ts >= q1 - RAW_RET]
