@@ -62,6 +62,9 @@ def write_request(series: list[tuple[Labels, list[tuple[int, float]]]]) -> bytes
     return w.SerializeToString()
 
 
+RUNNING: set[Daemon] = set()  # started and not yet stopped: conftest kills what a test leaves
+
+
 class Daemon:
     def __init__(self, tmp: Path, workers: int = 2, series: int = 4096, arena: str = "2MiB",
                  fsync: str = "every_batch", extra: str = "", lane: str = "256KiB") -> None:
@@ -84,6 +87,7 @@ class Daemon:
              f"127.0.0.1:{self.port}"], stdout=logf, stderr=subprocess.STDOUT,
             env={**os.environ, **env} if env else None, preexec_fn=preexec_fn)
         logf.close()
+        RUNNING.add(self)
         if wait:
             self.wait_ready()
         return self
@@ -119,6 +123,13 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
+        RUNNING.discard(self)
+        self.remove_shm()
+        return code
+
+    def remove_shm(self) -> None:
+        """Unlink the shared-memory files of this daemon's data directory (a clean stop
+        removes them itself; a killed daemon leaves them behind)."""
         from m3shm.stats import stats_path
         from m3shm.supervisor import applied_config_path, segment_path
         from m3shm.workers.nsruntime import aggregated_segment_glob
@@ -132,7 +143,16 @@ class Daemon:
                   *aggs, *vols):
             with contextlib.suppress(FileNotFoundError):  # left behind only by a killed daemon
                 os.unlink(p)
-        return code
+
+    def reap(self) -> None:
+        """Kill whatever of this daemon is still running (a test that failed before stopping
+        it) and remove its shared memory: nothing outlives the test that started it."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.kill_all()
+        RUNNING.discard(self)
+        with contextlib.suppress(Exception):
+            self.remove_shm()
 
     def kill_all(self) -> None:
         """SIGKILL the supervisor and every worker at once."""
