@@ -384,8 +384,15 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
        the finalise has closed every window of it (release_prev). The entry names the old
        block until the new one is complete, so a killed installer leaves the old plan whole. */
     uint64_t keep = 0;
-    if (start_ms != INT64_MIN && (pe->flags & PE_RESOLVED) && pe->gen == gen && pe->block &&
-        blk_at(store, shard, pe->block))
+    plan_blk *cur = (pe->flags & PE_RESOLVED) && pe->gen == gen && pe->block
+                        ? blk_at(store, shard, pe->block) : NULL;
+    if (start_ms != INT64_MIN && cur && cur->from_ms == start_ms) {
+        /* installed for this activation already (a replan repeated after its owner was
+           killed): replacing it would split its windows after start_ms in two */
+        m3_shard_unlock(seg, shard);
+        return M3_OK;
+    }
+    if (start_ms != INT64_MIN && cur)
         keep = pe->block;
     if (!keep) {
         /* the entry stops naming its old block before anything else changes */
@@ -414,7 +421,7 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
         b->slot = slot;
         b->gen = gen;
         b->prev = keep;
-        b->from_ms = keep ? start_ms : 0;
+        b->from_ms = start_ms != INT64_MIN ? start_ms : 0;
         uint64_t at = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
         for (uint32_t k = 0; k < ncells; k++) {
             plan_cell *pc = &cells_of(b)[k];

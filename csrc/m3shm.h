@@ -700,7 +700,8 @@ int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard);
    start_ms (INT64_MIN: none): windows ending at or before it are final in the new cells (a
    plan replacing another at a rules activation): the slot's current plan (same gen) is kept
    as the new one's prev and takes every sample stamped at or before start_ms until its
-   windows are final and written, then it is freed. M3_ENOSPC then keeps the old plan. */
+   windows are final and written, then it is freed. M3_ENOSPC then keeps the old plan. A plan
+   installed from the same start_ms already is kept as it is (M3_OK). */
 int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot, uint32_t gen,
                      uint32_t flags, const m3_agg_params *params, const uint32_t *meta,
                      const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,

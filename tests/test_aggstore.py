@@ -218,6 +218,9 @@ def test_a_plan_from_an_activation_keeps_the_old_one_for_earlier_samples(seg):
     gen = next(iter(s.live_series(0))).gen
     st.install(0, 0, gen, False, [count], [1], [b""], act)
     assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (2, 2)
+    # the same activation again (a replan repeated after a kill): the plan stays as it is
+    st.install(0, 0, gen, False, [count], [1], [b""], act)
+    assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (2, 2)
     # one ahead of the activation first, then two behind it (arriving late), in one record
     publish(s, make_record({"__name__": "m"}, [act + 10_000, act - 30_000, act - 10_000],
                            [2.0, 3.0, 4.0], 1))

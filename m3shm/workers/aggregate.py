@@ -59,6 +59,7 @@ from m3shm.storage.records import LabelTable, build_records
 log = logging.getLogger("m3shm.aggregate")
 
 FINALISE_S = 1.0
+REPLAN_BATCH = 2000   # series planned again per drain pass after a rules change
 WATERMARK_DIR = "downsample"
 
 
@@ -129,6 +130,12 @@ class Aggregator:
         self.versions: list[tuple[int, int, CompiledRules]] = []
         # after a version's successor activates, its windows are final this much later
         self.horizon_ms = self.admission_ms + cfg.downsample.forward_delay_ms
+        # replans under way (drain thread): (version entry, the version before, shards left),
+        # the series of the first shard still to do, series changed so far
+        self._todo: list[tuple[tuple[int, int, CompiledRules], CompiledRules | None,
+                               list[int]]] = []
+        self._replan_needs: list[tuple[int, int]] | None = None
+        self._replan_n = 0
         self._lock = threading.Lock()
         self._cache: dict[Any, tuple[bool, tuple[CellSpec, ...]]] = {}
         self._missing: set[str] = set()
@@ -153,29 +160,48 @@ class Aggregator:
 
     def activate_now(self, lo: int, hi: int) -> None:
         """Plan with every installed version (at worker start, before replay and drain)."""
-        self._maybe_activate(lo, hi)
+        self._maybe_activate(lo, hi, None)
 
-    def _maybe_activate(self, lo: int, hi: int) -> None:
-        """Drain thread: plan every live series again with each newly installed version,
-        from its activation (the old plans keep the samples stamped before it)."""
-        if not self._pending:
-            return
-        with self._lock:
-            new, self._pending = self._pending, []
-        for entry in sorted(new, key=lambda p: p[1]):
-            act, version, compiled = entry
-            before = self.compiled if self.versions else None
-            self.versions.append(entry)
-            self.compiled, self.version = compiled, version
-            n = 0
-            for shard in range(lo, hi):
+    def _maybe_activate(self, lo: int, hi: int, budget: int | None = REPLAN_BATCH) -> int:
+        """Drain thread: plan live series again with each newly installed version, from its
+        activation (the old plans keep the samples stamped before it), at most ``budget``
+        series per call (None: all), so the drain goes on between batches. Returns the
+        series planned. A version takes part in new series' chains at once."""
+        if self._pending:
+            with self._lock:
+                new, self._pending = self._pending, []
+            for entry in sorted(new, key=lambda p: p[1]):
+                before = self.compiled if self.versions else None
+                self.versions.append(entry)
+                self.compiled, self.version = entry[2], entry[1]
+                self._todo.append((entry, before, list(range(lo, hi))))
+        done = 0
+        while self._todo and (budget is None or done < budget):
+            entry, before, shards = self._todo[0]
+            act, version, _ = entry
+            shard = shards[0]
+            if self._replan_needs is None:
                 if self.store.stats(shard)["rules_version"] >= version:
-                    continue  # planned with it already (before this worker was restarted)
-                needs = [(info.slot, info.gen) for info in self.seg.live_series(shard)]
-                n += self.resolve(shard, needs, only=entry, before=before)
-                self.store.set_rules_version(shard, version)
-            log.info("worker %d: rules version %d planned for %d series, active from %d ms",
-                     self.w.index, version, n, act)
+                    needs: list[tuple[int, int]] = []  # planned before this worker restarted
+                else:
+                    needs = [(i.slot, i.gen) for i in self.seg.live_series(shard)]
+                self._replan_needs = needs
+            needs = self._replan_needs
+            take = needs if budget is None else needs[:budget - done]
+            self._replan_n += self.resolve(shard, take, only=entry, before=before)
+            done += len(take)
+            del needs[:len(take)]
+            if needs:
+                break
+            self._replan_needs = None
+            self.store.set_rules_version(shard, version)
+            shards.pop(0)
+            if not shards:
+                self._todo.pop(0)
+                log.info("worker %d: rules version %d planned (%d series changed), active "
+                         "from %d ms", self.w.index, version, self._replan_n, act)
+                self._replan_n = 0
+        return done
 
     def _chain(self) -> list[tuple[int, int, CompiledRules]]:
         """The versions a series first seen now needs, oldest first: the one whose windows
@@ -249,8 +275,10 @@ class Aggregator:
               beat: Callable[[], None] | None = None) -> int:
         """One pass over shards [lo, hi): records applied. ``beat`` is called after each
         batch of plans (matching many new series takes a while; the drain is not stuck)."""
-        self._maybe_activate(lo, hi)
-        total = 0
+        replanned = self._maybe_activate(lo, hi)
+        if replanned and beat is not None:
+            beat()
+        total = replanned  # progress: the caller loops again at once
         now = now_ms()
         for shard in range(lo, hi):
             while True:
