@@ -34,14 +34,14 @@ from m3shm.storage.fileset import Fileset, list_filesets
 from m3shm.supervisor import check_meta
 from m3shm.workers.nsruntime import commitlog_dir, segment_path
 
-AGG = "agg_1s_10s"
+AGG = "agg_1s_20s"
 EXTRA = f"""
 namespaces:
   - {{name: default, blockSize: 2s, retention: 1h, bufferPast: 1s, bufferFuture: 1s}}
-  - {{name: {AGG}, resolution: 1s, retention: 10s, blockSize: 2s, bufferPast: 1s,
+  - {{name: {AGG}, resolution: 1s, retention: 20s, blockSize: 2s, bufferPast: 1s,
      bufferFuture: 1s}}
 downsample:
-  rules: {{defaultPolicies: [1s:10s]}}
+  rules: {{defaultPolicies: [1s:20s]}}
 flush:
   retention_interval: 1s
 """
@@ -139,7 +139,9 @@ def test_aggregated_namespace_storage_end_to_end(tmp_path):
     d.cfg.write_text(d.cfg.read_text() + f"data_dir: {d.data}\n")
     cfg = config.load(str(d.cfg))
     ns = cfg.namespace(AGG)
-    t0 = now_ms() - 6000  # closed blocks by the first flush, expired ~10 s later
+    # one 2 s block, closed (start + 2 s + bufferPast 1 s) 1 s after now, expired (end before
+    # now - 20 s) 18 s after now: the margin for the steps before the first flush
+    t0 = now_ms() - 4000
     t0 -= t0 % 2000
     seg_path = f"/dev/shm/m3shm-test-writer-{os.getpid()}.seg"
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(d.cfg), seg_path, AGG, str(t0)],
@@ -158,6 +160,13 @@ def test_aggregated_namespace_storage_end_to_end(tmp_path):
     d.start()
     assert from_segment(d.data, ns) == want
     assert from_segment(d.data, cfg.raw_namespace) == {}
+    code, body = d.get("/metrics")
+    assert code == 200
+    m = dict(line.rsplit(" ", 1) for line in body.decode().splitlines()
+             if line.startswith("m3shm_namespace_"))
+    assert float(m[f'm3shm_namespace_series{{namespace="{AGG}"}}']) == 40
+    assert float(m[f'm3shm_namespace_samples_total{{namespace="{AGG}"}}']) == 800
+    assert float(m['m3shm_namespace_samples_total{namespace="default"}']) == 0
     # raw samples over the same time range, into the raw namespace (long retention)
     raw = [(t0 + j * 100, float(j)) for j in range(20)]
     assert d.write([({"__name__": "rawm"}, raw)])[0] == 204
@@ -179,7 +188,7 @@ def test_aggregated_namespace_storage_end_to_end(tmp_path):
     d.start()
     assert merged(d.data, ns) == want
 
-    # 4. the namespace's retention (10 s) deletes its filesets; the raw ones (1 h) stay
+    # 4. the namespace's retention (20 s) deletes its filesets; the raw ones (1 h) stay
     deadline = time.monotonic() + 60
     while any(f.namespace == AGG for f in list_filesets(d.data / "filesets")):
         assert time.monotonic() < deadline, "aggregated filesets outlived their retention"

@@ -97,7 +97,8 @@ class Api:
     async def metrics(self, req: Request) -> Response:
         body = await asyncio.get_running_loop().run_in_executor(
             self.w.pool, metrics.render, self.w.statsfile, self.w.seg, self.w.nworkers,
-            getattr(self.w, "aggregator", None))
+            getattr(self.w, "aggregator", None),
+            {name: rt.seg for name, rt in getattr(self.w, "ns", {}).items()})
         return Response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def ready(self, req: Request) -> Response:

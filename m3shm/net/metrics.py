@@ -60,9 +60,10 @@ def _num(v: float) -> str:
 
 
 def render(stats: st.StatsFile, seg: Segment, workers_configured: int,
-           aggregator: Any = None) -> bytes:
+           aggregator: Any = None, namespaces: dict[str, Segment] | None = None) -> bytes:
     """The whole page (runs on a pool thread). ``aggregator``: the asking worker's
-    m3shm.workers.aggregate.Aggregator (its cell store holds every shard's counters)."""
+    m3shm.workers.aggregate.Aggregator (its cell store holds every shard's counters).
+    ``namespaces``: every namespace's segment by name (per-namespace totals)."""
     p = _Page()
     n = stats.nworkers
     ws = [stats.worker(i) for i in range(n)]
@@ -134,6 +135,8 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int,
     p.lines.append(f"m3shm_commitlog_fsync_seconds_count {stats.sum(st.W_FSYNC_COUNT)}")
 
     _shards(p, seg)
+    if namespaces:
+        _namespaces(p, namespaces)
     if aggregator is not None:
         _downsample(p, aggregator.store.totals())
     _process(p, stats, ws)
@@ -145,6 +148,33 @@ def _fresh(w: st.WorkerStats, now_ms: int) -> bool:
 
     hb = w.get(st.W_HEARTBEAT_MS)
     return hb > 0 and now_ms - hb <= HEARTBEAT_STALE_S * 1000
+
+
+def _namespaces(p: _Page, segs: dict[str, Segment]) -> None:
+    """Each namespace's segment summed over its shards (the per-shard families above are
+    the raw namespace's)."""
+    tot = {}
+    for name, seg in segs.items():
+        per = [seg.shard_stats(s) for s in range(seg.params.num_shards)]
+        tot[name] = {k: sum(x[k] for x in per) for k in ("nseries", "arena_used",
+                                                          "arena_bytes", "samples",
+                                                          "dropped")}
+        tot[name]["backlog"] = sum(seg.lane_backlog(s) for s in range(seg.params.num_shards))
+    for metric, kind, key, help_ in (
+            ("m3shm_namespace_series", "gauge", "nseries",
+             "Series in the namespace's segment (every shard)."),
+            ("m3shm_namespace_arena_used_bytes", "gauge", "arena_used",
+             "Bytes of the namespace's shard arenas in use."),
+            ("m3shm_namespace_arena_bytes", "gauge", "arena_bytes",
+             "Size of the namespace's shard arenas (all shards)."),
+            ("m3shm_namespace_samples_total", "counter", "samples",
+             "Samples applied to the namespace's segment since it was created."),
+            ("m3shm_namespace_dropped_samples_total", "counter", "dropped",
+             "Samples the namespace's shards could not apply (see the daemon log)."),
+            ("m3shm_namespace_lane_backlog_bytes", "gauge", "backlog",
+             "Bytes published to the namespace's lanes and not yet applied.")):
+        p.family(metric, kind, help_,
+                 [(f'namespace="{name}"', t[key]) for name, t in tot.items()])
 
 
 def _shards(p: _Page, seg: Segment) -> None:
