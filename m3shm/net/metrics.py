@@ -226,6 +226,9 @@ def _downsample(p: _Page, t: dict[str, int]) -> None:
     p.one("m3shm_downsample_raw_dropped_samples_total", "counter",
           "Samples not stored raw because a drop rule matched their series.",
           t["raw_dropped"])
+    p.one("m3shm_downsample_evicted_points_lost_total", "counter",
+          "Points of windows evicted early that found the shard's spill full (not written).",
+          t["spill_lost"])
     p.one("m3shm_downsample_cells", "gauge", "Aggregation cells (series x policy x rule).",
           t["cells"])
     p.one("m3shm_downsample_cell_bytes", "gauge", "Bytes of aggregation cells and plans.",

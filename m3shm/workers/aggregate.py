@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from m3shm.aggstore import CELL_AGG_LABEL, KIND_OUTPUT, KIND_ROLLUP, AggStore, Prepared
+from m3shm.aggstore import CELL_AGG_LABEL, KIND_OUTPUT, KIND_ROLLUP, SKIPPED, AggStore, Prepared
 from m3shm.errors import NoSuchSeriesError
 from m3shm.rules.cells import output_cell
 from m3shm.rules.matcher import CompiledRules, SeriesPlan
@@ -60,6 +60,8 @@ log = logging.getLogger("m3shm.aggregate")
 
 FINALISE_S = 1.0
 REPLAN_BATCH = 2000   # series planned again per drain pass after a rules change
+FINALISE_BATCH_ROWS = 200_000   # finalised rows held before they are submitted
+WATERMARK_EVERY_MS = 10_000     # the replay watermark moves at least this often when idle
 WATERMARK_DIR = "downsample"
 
 
@@ -145,6 +147,7 @@ class Aggregator:
         self.stats = {"rounds": 0, "rows_submitted": 0, "submit_failures": 0,
                       "rows_rejected": 0, "rollup_rows_dropped": 0, "planned": 0}
         self.replay_now_ms = 0
+        self._mark_ms = 0
 
     # -- rules and plans --------------------------------------------------------------------
 
@@ -373,27 +376,50 @@ class Aggregator:
         return ok
 
     async def finalise_once(self, now: int | None = None) -> int:
-        """One finalise round over this worker's shards; returns rows made durable."""
+        """One finalise round over this worker's shards; returns rows made durable.
+
+        Shards are prepared one after the other (C, on the pool), their rows submitted
+        together (the pipeline commits them as one group: one commit-log write and fsync per
+        namespace, not one per shard), and each shard committed once all its submits
+        returned. At most FINALISE_BATCH_ROWS rows are held at once."""
         loop = asyncio.get_running_loop()
         pool = self.w.pool
         now = now_ms() if now is None else now
         done_all = True
         rows = 0
+        batch: list[Prepared] = []
+        held = 0
+
+        async def flush() -> None:
+            nonlocal done_all, rows, held
+            oks = await asyncio.gather(*(self._submit(p) for p in batch))
+            for p, ok in zip(batch, oks, strict=True):
+                if ok:
+                    await loop.run_in_executor(pool, self.store.commit, p)
+                    rows += len(p.rows)
+                else:
+                    done_all = False  # its windows stay open for the next round
+            batch.clear()
+            held = 0
+
         for shard in range(self.w.lo, self.w.hi):
             first = 0
             while True:
                 p, done = await loop.run_in_executor(pool, self.store.prepare, shard, now, first)
-                if not await self._submit(p):
-                    done_all = False
-                    break
-                await loop.run_in_executor(pool, self.store.commit, p)
-                rows += len(p.rows)
+                if p.last != SKIPPED:
+                    batch.append(p)
+                    held += len(p.rows)
+                    if held >= FINALISE_BATCH_ROWS:
+                        await flush()
                 if done:
                     break
                 first = p.last
+        if batch:
+            await flush()
         self.stats["rounds"] += 1
-        if done_all:
+        if done_all and (rows or now - self._mark_ms >= WATERMARK_EVERY_MS):
             await loop.run_in_executor(pool, self._write_watermark, now)
+            self._mark_ms = now
         return rows
 
     def _write_watermark(self, now: int) -> None:
