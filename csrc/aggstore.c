@@ -291,6 +291,17 @@ static plan_blk *blk_at(uint8_t *store, uint32_t shard, uint64_t off)
     return b;
 }
 
+static int64_t blk_max_admission(plan_blk *b)
+{
+    int64_t adm = 0;
+    for (uint32_t k = 0; k < b->ncells; k++) {
+        const m3_aggcell *c = cell_of(b, &cells_of(b)[k]);
+        if (c->p.admission_ms > adm)
+            adm = c->p.admission_ms;
+    }
+    return adm;
+}
+
 static int blk_open(plan_blk *b)
 {
     for (uint32_t k = 0; k < b->ncells; k++) {
@@ -422,6 +433,13 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
         b->gen = gen;
         b->prev = keep;
         b->from_ms = start_ms != INT64_MIN ? start_ms : 0;
+        if (keep) {
+            /* the finalise must look at the slot when the old plan can be freed, even if no
+               cell is due then (min_due lets it skip the table otherwise) */
+            int64_t at = start_ms + blk_max_admission(blk_at(store, shard, keep));
+            if (at < sh->min_due)
+                sh->min_due = at;
+        }
         uint64_t at = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
         for (uint32_t k = 0; k < ncells; k++) {
             plan_cell *pc = &cells_of(b)[k];
@@ -866,7 +884,8 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
    from_ms + admission, and none is open after this commit. Samples stamped at or before
    from_ms arriving later are late in the successor's cells (their windows are final there
    from the start), as they would have been in prev's. */
-static void release_prev(uint8_t *store, uint32_t shard, plan_blk *b, int64_t now)
+static void release_prev(uint8_t *store, uint32_t shard, plan_blk *b, int64_t now,
+                         int64_t *min_due)
 {
     for (int depth = 0; b && b->prev && depth < 64; depth++) {
         plan_blk *p = blk_at(store, shard, b->prev);
@@ -874,18 +893,15 @@ static void release_prev(uint8_t *store, uint32_t shard, plan_blk *b, int64_t no
             b->prev = 0;  /* damaged: nothing more to route there */
             return;
         }
-        int64_t adm = 0;
-        for (uint32_t k = 0; k < p->ncells; k++) {
-            const m3_aggcell *c = cell_of(p, &cells_of(p)[k]);
-            if (c->p.admission_ms > adm)
-                adm = c->p.admission_ms;
-        }
-        if (now - adm >= b->from_ms && !blk_open(p)) {
+        int64_t at = b->from_ms + blk_max_admission(p);
+        if (now >= at && !blk_open(p)) {
             uint64_t off = b->prev;
             b->prev = 0;  /* the plan stops routing to it before it is freed */
             blk_retire(store, shard, off);
             return;
         }
+        if (min_due && at < *min_due)
+            *min_due = at;  /* a pass then, even if no cell is due: to free it */
         b = p;
     }
 }
@@ -994,7 +1010,7 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
             break;
         }
         if (commit)
-            release_prev(store, shard, b, now_ms);
+            release_prev(store, shard, b, now_ms, md);
     }
     if (next)
         *next = i;

@@ -244,3 +244,27 @@ def test_a_plan_from_an_activation_keeps_the_old_one_for_earlier_samples(seg):
     publish(s, make_record({"__name__": "m"}, [act - 2], [6.0], 1))
     drain_all(st, None, act + 2 * MIN)
     assert st.stats(0)["late"] == 1
+
+
+def test_an_idle_replaced_plan_is_freed_once_its_windows_are_final(seg):
+    """No cell is due (the series went quiet): the finalise still visits the slot when the old
+    plan can go, and frees it."""
+    s, st = seg
+    t0 = 1_000 * MIN
+    act = t0 + 10 * MIN
+    count = CellParams(MIN, MIN, ("Count",), nwin=4).to_c()
+    publish(s, make_record({"__name__": "m"}, [t0 + 1], [1.0], 1))
+    drain_all(st, lambda labels: (False, [count], [0]), t0 + 2)
+    p, _ = st.prepare(0, t0 + 3 * MIN)
+    st.commit(p)
+    assert len(p.rows) == 1
+    gen = next(iter(s.live_series(0))).gen
+    st.install(0, 0, gen, False, [count], [1], [b""], act)
+    assert st.stats(0)["plans"] == 2
+    for now in (act, act + MIN - 1):
+        p, _ = st.prepare(0, now)
+        st.commit(p)
+        assert st.stats(0)["plans"] == 2
+    p, _ = st.prepare(0, act + MIN)
+    st.commit(p)
+    assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (1, 1) and len(p.rows) == 0
