@@ -70,13 +70,14 @@ def dataset(nseries: int, nsamples: int, t0: int, step: int = 15_000):
     return labels, tss, vss
 
 
-def bodies_of(ds, per_body: int = 20_000) -> list[bytes]:
-    """Bodies of at most ``per_body`` series each (every series' samples in one body)."""
+def bodies_of(ds, per_body: int = 20_000, slice_ms: int = 1 << 40) -> list[bytes]:
+    """Bodies of at most ``per_body`` series each (every series' samples in one body, or
+    with ``slice_ms`` the step: one body per scrape round, as Prometheus sends them)."""
     labels, tss, vss = ds
     out = []
     for i in range(0, len(labels), per_body):
         part = (labels[i:i + per_body], tss[i:i + per_body], vss[i:i + per_body])
-        out += slice_bodies(part, 1 << 40)
+        out += slice_bodies(part, slice_ms)
     return out
 
 
@@ -163,7 +164,7 @@ def make_daemon(tmp: Path, nseries: int, extra: str = "") -> M3shm:
 
 
 def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = False,
-             age_min: int = 9, downsampling: bool = True) -> dict:
+             age_min: int = 9, downsampling: bool = True, rounds: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"m3shm-recovery-{kind}-"))
     # snapshots only when a scenario asks (admin flush); none taken by the timer meanwhile
     extra = "flush: {interval: 1h, snapshot_interval: 1h}\n"
@@ -187,7 +188,8 @@ def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = Fal
             if kind == "snapshot":  # all but the last sample before the snapshot
                 ds, last = ((ds[0], [t[:-1] for t in ds[1]], [v[:-1] for v in ds[2]]),
                             (ds[0], [t[-1:] for t in ds[1]], [v[-1:] for v in ds[2]]))
-            bodies = bodies_of(ds)
+            slice_ms = step if rounds and kind != "filesets" else 1 << 40
+            bodies = bodies_of(ds, slice_ms=slice_ms)
             w0 = time.perf_counter()
             d.write(bodies)
             out["write_s"] = round(time.perf_counter() - w0, 2)
@@ -195,7 +197,7 @@ def scenario(kind: str, nseries: int, nsamples: int, runs: int, keep: bool = Fal
                 s0 = time.perf_counter()
                 http_call(d.url + "/api/v1/admin/flush", "POST", b"")
                 out["admin_flush_with_snapshot_s"] = round(time.perf_counter() - s0, 2)
-                d.write(bodies_of(last))
+                d.write(bodies_of(last, slice_ms=slice_ms))
             out["samples"] = nseries * nsamples
             out["series"] = nseries
         if kind == "filesets":
@@ -245,6 +247,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="restarts timed per scenario")
     ap.add_argument("--scenarios", default="empty,commitlog,snapshot,filesets")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--scrape-rounds", action="store_true",
+                    help="commitlog/snapshot: one sample per series per request (a scrape "
+                    "round each, as Prometheus sends), not every sample of a series at once")
     ap.add_argument("--no-downsampling", action="store_true",
                     help="run the daemon without storage policies (no aggregated namespace)")
     ap.add_argument("--age-min", type=int, default=9,
@@ -254,10 +259,11 @@ def main() -> int:
     a = ap.parse_args()
     res: dict = {"series": a.series, "samples_per_series": a.samples, "runs": a.runs,
                  "age_min": a.age_min, "downsampling": not a.no_downsampling,
+                 "scrape_rounds": a.scrape_rounds,
                  "shards": 64, "workers": 2}
     for kind in a.scenarios.split(","):
         res[kind] = scenario(kind, a.series, a.samples, a.runs, a.keep, a.age_min,
-                             not a.no_downsampling)
+                             not a.no_downsampling, a.scrape_rounds)
     base = res.get("empty", {}).get("ready_s", 0.0)
     if "commitlog" in res:
         c = res["commitlog"]
