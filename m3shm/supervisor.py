@@ -236,9 +236,16 @@ class Supervisor:
         self.lock_fd = lock_data_dir(self.data)
         check_meta(self.data, self.cfg)
         self._start_rules()
-        # boots are numbered across every namespace's commit-log directory
-        self.boot = max(commitlog.next_boot(nsruntime.commitlog_dir(self.data, ns))
-                        for ns in self.cfg.namespaces)
+        # boots are numbered across every namespace's commit-log directory, also those of
+        # namespaces no longer configured (their files keep their boots for a later return)
+        dirs = {nsruntime.commitlog_dir(self.data, ns) for ns in self.cfg.namespaces}
+        for d in sorted(set(nsruntime.all_commitlog_dirs(self.data)) - dirs):
+            if commitlog.list_files(d):
+                log.warning("commit log %s belongs to a namespace that is not configured: "
+                            "kept, not replayed (configure the namespace again to replay "
+                            "it, or remove the directory)", d)
+        self.boot = max(commitlog.next_boot(d)
+                        for d in dirs | set(nsruntime.all_commitlog_dirs(self.data)))
         c = self.cfg
         self._create_segments()
         path = self.seg.path

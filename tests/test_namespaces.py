@@ -215,3 +215,18 @@ def test_block_size_of_an_aggregated_namespace_with_data_is_immutable(tmp_path):
     with pytest.raises(ConfigError, match=r"namespaces\[1\]\.blockSize: namespace "
                        r"'agg_1m_30d' holds data written with blockSize=43200000ms"):
         check_meta(data, other)
+
+
+def test_boot_numbers_count_unconfigured_namespaces_commit_logs(tmp_path):
+    """A namespace removed from the config keeps its commit log; boots keep growing past its
+    files, so configuring it again replays them (they are of an earlier boot)."""
+    data = tmp_path / "data"
+    old = data / "commitlog-agg_5m_90d"
+    old.mkdir(parents=True)
+    log = CommitLog(str(old), boot=7, worker=0, incarnation=0)
+    log.close()
+    d = Daemon(tmp_path, workers=1)
+    d.start()
+    assert d.stop() == 0
+    assert sorted(p.name[:13] for p in (data / "commitlog").glob("*.log")) == ["cl-0000000008"]
+    assert "commitlog-agg_5m_90d belongs to a namespace that is not configured" in d.logtext()

@@ -42,6 +42,16 @@ def commitlog_dir(data_dir: str, ns: NamespaceConfig) -> str:
     return os.path.join(data_dir, f"{RAW_COMMITLOG}-{ns.name}")
 
 
+def all_commitlog_dirs(data_dir: str) -> list[str]:
+    """Every commit-log directory present in the data directory (configured or not)."""
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(data_dir, n) for n in sorted(names)
+            if n == RAW_COMMITLOG or n.startswith(RAW_COMMITLOG + "-")]
+
+
 def state_key(ns: NamespaceConfig) -> str | None:
     """How flush state files name the namespace: None for the raw one (its historical
     names), else its name."""
