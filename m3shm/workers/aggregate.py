@@ -138,6 +138,7 @@ class Aggregator:
                                list[int]]] = []
         self._replan_needs: list[tuple[int, int]] | None = None
         self._replan_n = 0
+        self._replan_cpu = 0.0
         self._lock = threading.Lock()
         self._cache: dict[Any, tuple[bool, tuple[CellSpec, ...]]] = {}
         self._missing: set[str] = set()
@@ -191,7 +192,9 @@ class Aggregator:
                 self._replan_needs = needs
             needs = self._replan_needs
             take = needs if budget is None else needs[:budget - done]
+            t0 = time.thread_time()
             self._replan_n += self.resolve(shard, take, only=entry, before=before)
+            self._replan_cpu += time.thread_time() - t0
             done += len(take)
             del needs[:len(take)]
             if needs:
@@ -201,9 +204,10 @@ class Aggregator:
             shards.pop(0)
             if not shards:
                 self._todo.pop(0)
-                log.info("worker %d: rules version %d planned (%d series changed), active "
-                         "from %d ms", self.w.index, version, self._replan_n, act)
-                self._replan_n = 0
+                log.info("worker %d: rules version %d planned (%d series changed, %.3f s "
+                         "CPU), active from %d ms", self.w.index, version, self._replan_n,
+                         self._replan_cpu, act)
+                self._replan_n, self._replan_cpu = 0, 0.0
         return done
 
     def _chain(self) -> list[tuple[int, int, CompiledRules]]:
@@ -256,12 +260,12 @@ class Aggregator:
                 labels = parse_labels(self.seg.series_labels(shard, slot))
             except NoSuchSeriesError:
                 continue
+            plans = [compiled.match(labels) for _, _, compiled in chain]
             if (only is not None and before is not None
-                    and _cells_key(before.match(labels)) == _cells_key(only[2].match(labels))):
+                    and _cells_key(before.match(labels)) == _cells_key(plans[0])):
                 continue  # unchanged: the series keeps its cells across the activation
-            for i, (act, _, compiled) in enumerate(chain):
+            for i, ((act, _, _), plan) in enumerate(zip(chain, plans, strict=True)):
                 start = act if act > 0 and (only is not None or i > 0) else None
-                plan = compiled.match(labels)
                 drop, cells = self.cells_for(plan)
                 extra = tuple(self.rollup_cells(plan, labels))
                 if extra:
