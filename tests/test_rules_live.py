@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from test_daemon_harness import Daemon
+from test_daemon_harness import Daemon, now_ms
 
 from m3shm.rules import versions
 
@@ -238,5 +238,49 @@ def test_rules_survive_restarts_and_sighup_reloads_them(tmp_path: Path) -> None:
         v5 = _same(_views(d, 5))
         assert v5["source"] == "config" and v5["rules"]["defaultPolicies"] == ["1s:2h", "2s:2h"]
         assert v5["activation_ms"] > v5["updated_ms"]
+    finally:
+        assert d.stop() == 0, d.logtext()
+
+
+def test_a_worker_killed_between_a_change_and_its_activation(tmp_path: Path) -> None:
+    """The killed worker's successor finds its series planned with the new version already
+    (cells survive in shared memory), does not plan them again, and once the activation's
+    windows are final every old plan is freed: the cells are the new version's only."""
+    d = Daemon(tmp_path, extra=EXTRA.replace("admission: 1s", "admission: 4s")).start()
+    try:
+        series = [({"__name__": f"load_{i}", "i": str(i)}, [(now_ms(), 1.0)]) for i in range(16)]
+        assert d.write(series)[0] == 204
+        deadline = time.monotonic() + 20
+        while _metric(d, "m3shm_downsample_cells") < 16:   # one Last cell per series
+            assert time.monotonic() < deadline, d.logtext()
+            time.sleep(0.1)
+        v2 = {"mappingRules": [{"name": "two", "filter": "__name__:load_*",
+                                "aggregations": ["Count", "Max"],
+                                "storagePolicies": ["1s:2h"]}],
+              "defaultPolicies": ["1s:2h", "2s:2h"]}
+        code, doc, _ = _put_json(d, v2)
+        assert code == 200, doc
+        act = doc["data"]["activation_ms"]
+        while d.log.read_text().count("rules version 2 planned") < 2:
+            assert time.monotonic() < deadline, d.logtext()
+            time.sleep(0.05)
+        assert "rules version 2 planned (" in d.log.read_text()
+        assert now_ms() < act
+        # both plans of every series: the old Last cell and the new Count/Max and 2s cells
+        assert _metric(d, "m3shm_downsample_cells") == 16 * 3
+        os.kill(d.workers()[0], signal.SIGKILL)
+        while d.log.read_text().count("serving shards") < 3:
+            assert time.monotonic() < deadline, d.logtext()
+            time.sleep(0.05)
+        _same(_views(d, 2))
+        log = d.log.read_text()
+        assert log.count("rules version 2 planned") == 3
+        assert "rules version 2 planned (0 series changed" in log   # the successor's
+        while now_ms() < act + 4000 + 2500:   # admission 4 s, then finalise rounds
+            time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while _metric(d, "m3shm_downsample_cells") != 16 * 2:
+            assert time.monotonic() < deadline, _metric(d, "m3shm_downsample_cells")
+            time.sleep(0.2)
     finally:
         assert d.stop() == 0, d.logtext()

@@ -200,7 +200,8 @@ class Aggregator:
             if needs:
                 break
             self._replan_needs = None
-            self.store.set_rules_version(shard, version)
+            if self.store.stats(shard)["rules_version"] < version:  # never lowered
+                self.store.set_rules_version(shard, version)
             shards.pop(0)
             if not shards:
                 self._todo.pop(0)

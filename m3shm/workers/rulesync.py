@@ -13,6 +13,7 @@ version and activation it installed go into its block of the stats file
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from m3shm import stats as st
@@ -98,6 +99,7 @@ class RuleSync:
             log.info("worker %d: rules version %d installed (%s), activation at %d ms",
                      self.index, v.version, v.source, v.activation_ms)
         if got:
+            self.prune(int(time.time() * 1000))
             newest = self.installed[-1][0]
             self.ws.set(st.W_RULES_ACTIVATION_MS, newest.activation_ms)
             self.ws.set(st.W_RULES_VERSION, newest.version)
