@@ -19,12 +19,22 @@ settings.register_profile("thorough", max_examples=5000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _reap_daemons():
-    """A daemon a test module started and did not stop (a test failed first) is killed with
-    its workers and its shared memory removed, so it cannot load the machine for the modules
-    after it. Module scope: many modules share one daemon between their tests (a
-    module-scoped fixture), which a reaper run after every test would kill under them."""
+    """A daemon a test started and did not stop (it failed first) is killed with its workers
+    and its shared memory removed, so it cannot load the machine for the tests after it.
+    Daemons already running when the test began belong to wider-scoped fixtures: their own
+    teardown stops them (and the session-wide reaper below catches what that misses)."""
+    from test_daemon_harness import RUNNING
+
+    before = set(RUNNING)
+    yield
+    for d in list(RUNNING - before):
+        d.reap()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reap_daemons_at_exit():
     yield
     from test_daemon_harness import RUNNING
 
