@@ -107,7 +107,17 @@ typedef struct aggst_shard {
     uint64_t rules_version;  /* rule-set version the shard's plans were made with (Python's) */
     int64_t min_due;         /* no cell is due before it (prepare skips the table until then);
                                 the drain lowers it, a whole commit pass recomputes it */
-    uint64_t pad[13];
+    /* rollup forwarding (csrc/rollup.c): the source side's unfinished forward (fwd 0 =
+       none; set before its submit, cleared after its commit), and the group side's forward
+       table (arena offset, 0 = not made yet) and counters */
+    uint64_t fwd_id;
+    int64_t fwd_now;
+    uint64_t fwd_first;
+    uint64_t fwd_table;
+    uint64_t rollup_applied;   /* ROLLUP_IN records applied to group cells */
+    uint64_t rollup_dup;       /* ROLLUP_IN records skipped as already applied */
+    uint64_t rollup_unmatched; /* ROLLUP_IN records with no group cell of their rule */
+    uint64_t pad[6];
 } aggst_shard;
 
 typedef struct plan_entry {
@@ -137,7 +147,8 @@ typedef struct plan_cell {
     uint16_t ns_id;          /* namespace the rows go to */
     uint8_t kind;            /* enum m3_agg_kind */
     uint8_t flags;           /* M3_AGGC_* */
-    uint32_t pad;
+    uint32_t rule;           /* 0: fed by the series' samples; else a rollup group cell fed by
+                                ROLLUP_IN records of this rule id (csrc/rollup.c) */
     uint64_t last_pos;       /* with the cell's last_seq: the last record applied */
 } plan_cell;
 
@@ -364,6 +375,15 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
                      const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,
                      int64_t start_ms)
 {
+    return m3_aggst_install_group(seg, store, shard, slot, gen, flags, params, meta, labels,
+                                  loffs, NULL, ncells, start_ms);
+}
+
+int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
+                           uint32_t gen, uint32_t flags, const m3_agg_params *params,
+                           const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
+                           const uint32_t *rules, uint32_t ncells, int64_t start_ms)
+{
     if (!seg || !store || shard >= hdr_of(store)->num_shards || slot >= hdr_of(store)->slots ||
         (ncells && (!params || !meta || !loffs)) || ncells > 4096 ||
         (flags & ~(uint32_t)M3_PLAN_DROP_RAW))
@@ -447,6 +467,7 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
             pc->ns_id = (uint16_t)(meta[k] & 0xffff);
             pc->kind = (uint8_t)((meta[k] >> 16) & 0xff);
             pc->flags = (uint8_t)(meta[k] >> 24);
+            pc->rule = rules ? rules[k] : 0;
             if (len) {
                 pc->labels_off = (uint32_t)at;
                 pc->labels_len = len;
@@ -556,6 +577,8 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
     for (uint32_t k = 0; k < b->ncells; k++) {
         plan_cell *pc = &cells_of(b)[k];
         m3_aggcell *c = cell_of(b, pc);
+        if (pc->rule)
+            continue;  /* a rollup group cell: fed by ROLLUP_IN records only */
         if (seq && (seq < c->last_seq || (seq == c->last_seq && pos <= pc->last_pos))) {
             c->dup += nsamples;
             continue;
@@ -632,6 +655,95 @@ static void apply_routed(uint8_t *store, uint32_t shard, uint64_t off, plan_blk 
    only. */
 static _Thread_local int cells_only;
 
+/* The shard's forward table (csrc/rollup.c), made in the arena on first use: its scratch
+   holds the largest cell there can be. NULL if the arena is full. */
+static uint8_t *fwd_table(uint8_t *store, uint32_t shard, uint32_t num_sources)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    uint64_t bytes = m3_fwd_table_bytes(num_sources, M3_AGGST_FWD_SCRATCH);
+    if (sh->fwd_table) {
+        uint8_t *t = arena_of(store, shard) + sh->fwd_table;
+        if (sh->fwd_table + bytes <= hdr_of(store)->arena_bytes &&
+            m3_fwd_table_check(t, bytes) == M3_OK)
+            return t;
+        sh->fwd_table = 0;  /* cannot be trusted: a fresh one (forwards may repeat once) */
+    }
+    uint64_t off = blk_alloc(store, shard, round8(bytes));
+    if (!off)
+        return NULL;
+    uint8_t *t = arena_of(store, shard) + off;
+    if (m3_fwd_table_init(t, bytes, num_sources, M3_AGGST_FWD_SCRATCH) != M3_OK)
+        return NULL;
+    sh->fwd_table = off;  /* last: a killed owner leaks the block, never half a table */
+    return t;
+}
+
+/* A ROLLUP_IN record: to the group cell of its rule in the group series' plan, exactly once;
+   never to the blocks. */
+static int apply_rollup_in(uint8_t *base, uint8_t *store, const shard_view *v, uint32_t slot,
+                           const plan_entry *pe, const m3_rec *r, int64_t now)
+{
+    (void)slot;
+    aggst_shard *sh = sh_of(store, r->shard);
+    const m3_rollup_tail *tl = m3_rollup_tail_of(r);
+    plan_blk *b = pe->block ? blk_at(store, r->shard, pe->block) : NULL;
+    uint32_t k = 0;
+    for (; b && k < b->ncells; k++)
+        if (cells_of(b)[k].rule == tl->rule &&
+            cell_of(b, &cells_of(b)[k])->p.res_ms == tl->res_ms)
+            break;
+    if (!b || k == b->ncells) {
+        add_stat(&sh->rollup_unmatched, 1);
+        return M3_OK;
+    }
+    uint8_t *t = fwd_table(store, r->shard, v->h->p.num_producers);
+    if (!t || m3_rollup_check(r, r->len, v->h->p.num_shards, v->h->p.num_producers) ||
+        cells_of(b)[k].cell_bytes > M3_AGGST_FWD_SCRATCH) {
+        add_stat(&sh->rollup_unmatched, 1);
+        return M3_OK;
+    }
+    enum { CAP = (M3_AGG_MAX_WINDOWS + M3_REC_MAX_SAMPLES) * 22 };
+    static _Thread_local m3_agg_out out[CAP];
+    size_t nout = 0;
+    plan_cell *pc = &cells_of(b)[k];
+    m3_aggcell *c = cell_of(b, pc);
+    uint64_t a0 = c->applied, l0 = c->late, e0 = c->evicted;
+    int rc = m3_rollup_apply(t, r, (uint8_t *)c, pc->cell_bytes, 1, 0, now, out, CAP, &nout);
+    if (rc < 0) {
+        add_stat(&sh->rollup_unmatched, 1);
+        return M3_OK;
+    }
+    spill_rows(store, r->shard, pe->block, k, out, nout);
+    add_stat(rc ? &sh->rollup_applied : &sh->rollup_dup, 1);
+    add_stat(&sh->applied, c->applied - a0);
+    add_stat(&sh->late, c->late - l0);
+    add_stat(&sh->evicted, c->evicted - e0);
+    return M3_OK;
+}
+
+void m3_aggst_fwd_pending(uint8_t *store, uint32_t shard, uint64_t *fwd, int64_t *now_ms,
+                          uint32_t *first)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    *fwd = sh->fwd_id;
+    *now_ms = sh->fwd_now;
+    *first = (uint32_t)sh->fwd_first;
+}
+
+void m3_aggst_set_fwd_pending(uint8_t *store, uint32_t shard, uint64_t fwd, int64_t now_ms,
+                              uint32_t first)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    /* Owner-private words: a killed owner's completed stores stay in the mapping; the id is
+       written last when setting and first when clearing (compiler-only ordering). */
+    if (fwd) {
+        sh->fwd_now = now_ms;
+        sh->fwd_first = first;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    }
+    sh->fwd_id = fwd;
+}
+
 int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
                        uint64_t pos, int64_t now_ms)
 {
@@ -647,6 +759,9 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
     plan_entry *pe = &table_of(store, r->shard)[slot];
     if (!(pe->flags & PE_RESOLVED) || pe->gen != v.slots[slot].gen)
         return M3_AGG_NEEDS_PLAN;
+    if (r->type == M3_REC_ROLLUP_IN)
+        return apply_rollup_in(base, store, &v, (uint32_t)slot, pe, r,
+                               now_ms > sh->now_floor ? now_ms : sh->now_floor);
     int rc = M3_OK;
     if (cells_only) {
         /* the raw samples are in the loaded snapshot */
@@ -1159,6 +1274,9 @@ void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *ou
     out->asked = __atomic_load_n(&sh->asked, __ATOMIC_RELAXED);
     out->spill_n = __atomic_load_n(&sh->spill_n, __ATOMIC_RELAXED);
     out->rules_version = __atomic_load_n(&sh->rules_version, __ATOMIC_RELAXED);
+    out->rollup_applied = __atomic_load_n(&sh->rollup_applied, __ATOMIC_RELAXED);
+    out->rollup_dup = __atomic_load_n(&sh->rollup_dup, __ATOMIC_RELAXED);
+    out->rollup_unmatched = __atomic_load_n(&sh->rollup_unmatched, __ATOMIC_RELAXED);
     out->now_floor = __atomic_load_n(&sh->now_floor, __ATOMIC_RELAXED);
 }
 

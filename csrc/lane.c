@@ -255,7 +255,7 @@ static void scan_need(uint8_t *base, uint8_t *store, uint32_t shard, const uint6
             const m3_rec *r = (const m3_rec *)(lane_data(l) + (pos & (lcap - 1)));
             if (r->len < 8 || r->len % 8)
                 break; /* cannot happen for published bytes; never loop on it */
-            if (r->type == M3_REC_SAMPLES &&
+            if ((r->type == M3_REC_SAMPLES || r->type == M3_REC_ROLLUP_IN) &&
                 m3_aggst_want(base, store, r, round, &need[*n], &need_gen[*n]))
                 (*n)++;
             pos += r->len;

@@ -640,6 +640,8 @@ double m3_sketch_alpha(void);
 
 #define M3_AGGST_VERSION 2
 #define M3_AGGST_SPILL 1024      /* evicted rows a shard holds until the next finalise */
+/* Scratch of a shard's rollup forward table: the largest cell (64 windows with sketches). */
+#define M3_AGGST_FWD_SCRATCH 90112
 /* What a cell's finalised rows become (persisted: explicit values). */
 enum m3_agg_kind {
     M3_AGGK_OUTPUT = 0,   /* points of an aggregated series (SAMPLES records of its namespace) */
@@ -683,6 +685,9 @@ typedef struct m3_aggst_stats {
     uint64_t spill_n;
     int64_t now_floor;
     uint64_t rules_version;
+    uint64_t rollup_applied;   /* ROLLUP_IN records applied to group cells */
+    uint64_t rollup_dup;       /* ... skipped as already applied (a retried forward) */
+    uint64_t rollup_unmatched; /* ... with no group cell of their rule (dropped, counted) */
 } m3_aggst_stats;
 
 /* Bytes of a store for this segment with arena_bytes of cells per shard (0 if invalid). */
@@ -706,6 +711,19 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
                      uint32_t flags, const m3_agg_params *params, const uint32_t *meta,
                      const uint8_t *labels, const uint64_t *loffs, uint32_t ncells,
                      int64_t start_ms);
+/* As m3_aggst_install; rules[k] != 0 makes cell k a rollup group cell fed only by ROLLUP_IN
+   records of rule id rules[k] (csrc/rollup.c), never by the series' samples. */
+int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
+                           uint32_t gen, uint32_t flags, const m3_agg_params *params,
+                           const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
+                           const uint32_t *rules, uint32_t ncells, int64_t start_ms);
+/* Owner, rollup source side: the shard's unfinished forward (fwd 0 = none) and the finalise
+   now / first slot it was prepared with; set before its submit, cleared (fwd 0) after its
+   commit, so a restarted owner resends exactly that forward first. */
+void m3_aggst_fwd_pending(uint8_t *store, uint32_t shard, uint64_t *fwd, int64_t *now_ms,
+                          uint32_t *first);
+void m3_aggst_set_fwd_pending(uint8_t *store, uint32_t shard, uint64_t fwd, int64_t now_ms,
+                              uint32_t first);
 /* Owner: the rule-set version the shard's plans are made with (kept across a worker kill). */
 void m3_aggst_set_rules_version(uint8_t *store, uint32_t shard, uint64_t version);
 /* The plan entry of a slot: generation, flags (1 resolved, 2 drop raw), cells. */

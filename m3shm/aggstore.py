@@ -24,7 +24,8 @@ ROW_FIELDS = [("stream", "<u4"), ("ns", "<u2"), ("kind", "u1"), ("agg", "u1"), (
               ("value", "<f8")]
 STATS_FIELDS = ("plans", "cells", "cell_bytes", "arena_used", "arena_bytes", "applied", "late",
                 "evicted", "ooo", "points", "refused", "spill_lost", "raw_dropped", "asked",
-                "spill_n", "now_floor", "rules_version")
+                "spill_n", "now_floor", "rules_version", "rollup_applied", "rollup_dup",
+                "rollup_unmatched")
 KIND_OUTPUT: int = lib.M3_AGGK_OUTPUT
 KIND_ROLLUP: int = lib.M3_AGGK_ROLLUP
 CELL_AGG_LABEL: int = lib.M3_AGGC_AGG_LABEL
@@ -143,7 +144,8 @@ class AggStore:
                                  for i in range(k)]
 
     def install(self, shard: int, slot: int, gen: int, drop_raw: bool, params: list[Any],
-                meta: list[int], labels: list[bytes], start_ms: int | None = None) -> int:
+                meta: list[int], labels: list[bytes], start_ms: int | None = None,
+                rules: list[int] | None = None) -> int:
         """Install a plan (cells ``params``, m3_agg_params; ``meta`` ns | kind << 16 | flags
         << 24; ``labels`` fixed output labels per cell, b"" = the series' own; windows ending
         at or before ``start_ms`` are final in the new cells). Returns
@@ -158,12 +160,24 @@ class AggStore:
         for lab in labels:
             offs.append(offs[-1] + len(lab))
         co = ffi.new("uint64_t[]", offs)
-        rc = lib.m3_aggst_install(self.seg.base, self.base, shard, slot, gen,
-                                  PLAN_DROP_RAW if drop_raw else 0, cp, cm, blob or ffi.NULL,
-                                  co, n, -(2**63) if start_ms is None else start_ms)
+        # rules[k] != 0: cell k is a rollup group cell of that rule id (csrc/rollup.c)
+        cr = ffi.new("uint32_t[]", rules) if rules and any(rules) else ffi.NULL
+        rc = lib.m3_aggst_install_group(self.seg.base, self.base, shard, slot, gen,
+                                        PLAN_DROP_RAW if drop_raw else 0, cp, cm,
+                                        blob or ffi.NULL, co, cr, n,
+                                        -(2**63) if start_ms is None else start_ms)
         if rc not in (lib.M3_OK, lib.M3_ENOENT, lib.M3_ENOSPC):
             check(rc, f"installing the plan of series {shard}/{slot}")
         return int(rc)
+
+    def fwd_pending(self, shard: int) -> tuple[int, int, int] | None:
+        """The shard's unfinished rollup forward: (fwd id, finalise now, first slot)."""
+        f, n, first = ffi.new("uint64_t *"), ffi.new("int64_t *"), ffi.new("uint32_t *")
+        lib.m3_aggst_fwd_pending(self.base, shard, f, n, first)
+        return (int(f[0]), int(n[0]), int(first[0])) if f[0] else None
+
+    def set_fwd_pending(self, shard: int, fwd: int, now_ms: int = 0, first: int = 0) -> None:
+        lib.m3_aggst_set_fwd_pending(self.base, shard, fwd, now_ms, first)
 
     def set_rules_version(self, shard: int, version: int) -> None:
         lib.m3_aggst_set_rules_version(self.base, shard, version)

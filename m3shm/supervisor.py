@@ -225,8 +225,13 @@ class Supervisor:
         self.seg_bytes = need
 
     def _unlink_segments(self) -> None:
+        from m3shm.aggstore import store_path
+
         for seg in getattr(self, "segs", {}).values():
             seg.unlink()
+            if seg is not getattr(self, "seg", None):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(store_path(seg.path))  # its group cells' store
         for t in getattr(self, "volptrs", []):
             t.unlink()
 
@@ -253,6 +258,11 @@ class Supervisor:
             # downsampling cells of the segment's shards (m3shm/aggstore.py): here, so that
             # they outlive a worker killed by SIGKILL
             self.agg_store = AggStore.create(self.seg, c.shm.cell_arena())
+            # and of every aggregated segment: the group cells of rollups
+            # (m3shm/workers/rollup.py), planned per group series like any cells
+            for seg in self.segs.values():
+                if seg is not self.seg:
+                    AggStore.create(seg, c.shm.cell_arena())
             self.stats = sf.StatsFile.create(sf.stats_path(path), self.nworkers)
         except BaseException:
             self._unlink_segments()

@@ -139,6 +139,9 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int,
         _namespaces(p, namespaces)
     if aggregator is not None:
         _downsample(p, aggregator.store.totals())
+        groups = getattr(getattr(aggregator, "w", None), "group_aggs", None)
+        if groups:
+            _rollup(p, {name: g.store.totals() for name, g in groups.items()})
     _process(p, stats, ws)
     return p.text()
 
@@ -236,6 +239,26 @@ def _downsample(p: _Page, t: dict[str, int]) -> None:
     p.one("m3shm_downsample_plans_refused_total", "counter",
           "Series left without cells because the cell arena was full (shm.cell_arena_bytes).",
           t["refused"])
+
+
+def _rollup(p: _Page, by_ns: dict[str, dict[str, int]]) -> None:
+    """Rollup group cells per aggregated namespace (m3shm/workers/rollup.py)."""
+    rows = sorted(by_ns.items())
+    p.family("m3shm_rollup_records_applied_total", "counter",
+             "Forwarded rollup records (ROLLUP_IN) applied to group cells.",
+             [(f'namespace="{n}"', t["rollup_applied"]) for n, t in rows])
+    p.family("m3shm_rollup_records_duplicate_total", "counter",
+             "Forwarded rollup records skipped as already applied (a resent forward).",
+             [(f'namespace="{n}"', t["rollup_dup"]) for n, t in rows])
+    p.family("m3shm_rollup_records_unmatched_total", "counter",
+             "Forwarded rollup records with no group cell of their rule (dropped).",
+             [(f'namespace="{n}"', t["rollup_unmatched"]) for n, t in rows])
+    p.family("m3shm_rollup_late_values_total", "counter",
+             "Forwarded window values for group windows already final (beyond admission + "
+             "downsample.forward_delay): counted, not aggregated.",
+             [(f'namespace="{n}"', t["late"]) for n, t in rows])
+    p.family("m3shm_rollup_group_cells", "gauge", "Rollup group cells.",
+             [(f'namespace="{n}"', t["cells"]) for n, t in rows])
 
 
 def _proc_stat(pid: int) -> list[str] | None:

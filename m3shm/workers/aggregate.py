@@ -85,8 +85,8 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def watermark_path(data_dir: str, index: int) -> str:
-    return os.path.join(data_dir, WATERMARK_DIR, f"finalised-w{index}.json")
+def watermark_path(data_dir: str, index: int, prefix: str = "") -> str:
+    return os.path.join(data_dir, WATERMARK_DIR, f"finalised-{prefix}w{index}.json")
 
 
 def read_watermark(data_dir: str) -> int:
@@ -114,8 +114,9 @@ def _cells_key(plan: SeriesPlan) -> tuple:
 
 
 class Aggregator:
-    def __init__(self, worker: Any, seg: Segment, store: AggStore) -> None:
+    def __init__(self, worker: Any, seg: Segment, store: AggStore, watermark: str = "") -> None:
         self.w = worker
+        self.watermark = watermark  # file name prefix: one Aggregator per segment
         self.seg = seg
         self.store = store
         cfg = worker.cfg
@@ -386,7 +387,14 @@ class Aggregator:
         Shards are prepared one after the other (C, on the pool), their rows submitted
         together (the pipeline commits them as one group: one commit-log write and fsync per
         namespace, not one per shard), and each shard committed once all its submits
-        returned. At most FINALISE_BATCH_ROWS rows are held at once."""
+        returned. At most FINALISE_BATCH_ROWS rows are held at once.
+
+        Rollup forwards (rows of kind ROLLUP, m3shm/workers/rollup.py) are never in flight
+        two at a time: a chunk holding some is submitted at once, alone among forwards. A
+        shard with an unfinished forward (its submit failed, or the worker was killed between
+        submit and commit) first resends exactly that forward (prepared at the same now and
+        first slot: the same rows; the group owners skip what they have), and while any
+        forward is unfinished no newer one is made, so none overtakes it."""
         loop = asyncio.get_running_loop()
         pool = self.w.pool
         now = now_ms() if now is None else now
@@ -401,26 +409,48 @@ class Aggregator:
             for p, ok in zip(batch, oks, strict=True):
                 if ok:
                     await loop.run_in_executor(pool, self.store.commit, p)
+                    if self.store.fwd_pending(p.shard):
+                        self.store.set_fwd_pending(p.shard, 0)
                     rows += len(p.rows)
                 else:
                     done_all = False  # its windows stay open for the next round
             batch.clear()
             held = 0
 
+        def unfinished() -> bool:
+            return any(self.store.fwd_pending(s) for s in range(self.w.lo, self.w.hi))
+
         for shard in range(self.w.lo, self.w.hi):
+            pend = self.store.fwd_pending(shard)
+            if pend is not None:
+                p, _ = await loop.run_in_executor(pool, self.store.prepare, shard, pend[1],
+                                                  pend[2])
+                if p.last == SKIPPED:  # nothing due: it was committed before the kill
+                    self.store.set_fwd_pending(shard, 0)
+                    continue
+                batch.append(p)
+                await flush()
+        for shard in range(self.w.lo, self.w.hi):
+            if unfinished():
+                break
             first = 0
             while True:
                 p, done = await loop.run_in_executor(pool, self.store.prepare, shard, now, first)
                 if p.last != SKIPPED:
                     batch.append(p)
                     held += len(p.rows)
-                    if held >= FINALISE_BATCH_ROWS:
+                    if held >= FINALISE_BATCH_ROWS or bool(
+                            (p.rows["kind"] == KIND_ROLLUP).any()):
                         await flush()
+                        if unfinished():
+                            break
                 if done:
                     break
                 first = p.last
         if batch:
             await flush()
+        if unfinished():
+            done_all = False
         self.stats["rounds"] += 1
         if done_all and (rows or now - self._mark_ms >= WATERMARK_EVERY_MS):
             await loop.run_in_executor(pool, self._write_watermark, now)
@@ -428,7 +458,7 @@ class Aggregator:
         return rows
 
     def _write_watermark(self, now: int) -> None:
-        path = watermark_path(self.w.data_dir, self.w.index)
+        path = watermark_path(self.w.data_dir, self.w.index, self.watermark)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:

@@ -170,6 +170,11 @@ class Worker:
         if self.aggregator is not None:
             self.rules.attach(self.aggregator.install_rules)
             self.aggregator.activate_now(self.lo, self.hi)
+        # rollup group cells in the aggregated namespaces' stores (m3shm/workers/rollup.py)
+        self.group_aggs = self._make_group_aggregators()
+        for g in self.group_aggs.values():
+            self.rules.attach(g.install_rules)
+            g.activate_now(self.lo, self.hi)
         self.metadata = MetadataStore(self.data_dir, self.index)
         self._refresh_task = loop.create_task(self._refresh_metadata())
         from m3shm.net.api import Api
@@ -217,6 +222,8 @@ class Worker:
         self._spawn(self.flusher.timer)
         if self.aggregator is not None:
             self._spawn(self.aggregator.timer)
+        for g in self.group_aggs.values():
+            self._spawn(g.timer)
         await stop.wait()
         ws.set(st.W_STATE, st.ST_STOPPING)
         await self._shutdown(server)
@@ -238,6 +245,28 @@ class Worker:
                 log.warning("worker %d: shard %d: %d plans with damaged cells dropped (planned "
                             "again)", self.index, s, dropped)
         return agg
+
+    def _make_group_aggregators(self) -> dict[str, Any]:
+        """Per aggregated namespace with a cell store: an Aggregator whose plans are rollup
+        group cells (m3shm/workers/rollup.py); and the rollup series stage on the raw one."""
+        from m3shm.aggstore import AggStore, store_path
+        from m3shm.workers.aggregate import Aggregator
+        from m3shm.workers.rollup import GroupPlanner, RollupSource
+
+        out: dict[str, Any] = {}
+        if self.aggregator is None:
+            return out
+        delay = self.cfg.downsample.forward_delay_ms
+        RollupSource(self.aggregator, delay)
+        for rt in self.ns.values():
+            if rt.seg is self.seg or not os.path.exists(store_path(rt.seg.path)):
+                continue
+            g = Aggregator(self, rt.seg, AggStore.open(rt.seg), watermark=f"{rt.name}-")
+            GroupPlanner(g, rt.id, rt.name, delay)
+            for s in range(self.lo, self.hi):
+                g.store.recover(s)
+            out[rt.name] = g
+        return out
 
     def _drain_beat_now(self) -> None:
         self._drain_beat = time.monotonic()
@@ -351,7 +380,8 @@ class Worker:
         files = [p for p in commitlog.list_files(rt.cl_dir, self.boot) if not skip(p)]
         # the aggregator's cells belong to the raw segment (aggregated namespaces' records are
         # applied as they are)
-        agg = self.aggregator if rt.seg is self.seg else None
+        agg = (self.aggregator if rt.seg is self.seg
+               else getattr(self, "group_aggs", {}).get(rt.name))
         apply, cells = rt.seg.apply_batch, None
         if agg is not None:
             from m3shm.workers.aggregate import read_watermark
@@ -412,13 +442,17 @@ class Worker:
     def _drain_loop(self) -> None:
         idle = 0
         # the raw segment through the aggregator (its cells), the aggregated ones as they are
-        others = [rt.seg for rt in self.ns.values() if rt.seg is not self.seg]
+        groups = getattr(self, "group_aggs", {})
+        others = [rt.seg for rt in self.ns.values()
+                  if rt.seg is not self.seg and rt.name not in groups]
         while not self._drain_stop.is_set():
             self._drain_beat = time.monotonic()
             if self.aggregator is not None:
                 n = self.aggregator.drain(self.lo, self.hi, 1024, self._drain_beat_now)
             else:
                 n = self.seg.drain_range(self.lo, self.hi, 1024)
+            for g in groups.values():  # aggregated namespaces: their rollup group cells
+                n += g.drain(self.lo, self.hi, 1024, self._drain_beat_now)
             for seg in others:
                 n += seg.drain_range(self.lo, self.hi, 1024)
             if n:
