@@ -7,7 +7,7 @@
  * Metadata rows must point inside the input. A small `known` set exercises the lookup.
  * Inputs are capped at 64 KiB (-max_len in tests/fuzz/run.sh).
  *
- * fuzz-sources: csrc/rw_decode.c csrc/rw_series.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/aggstore.c csrc/aggwin.c
+ * fuzz-sources: csrc/rw_decode.c csrc/rw_series.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/aggstore.c csrc/aggwin.c csrc/rollup.c
  */
 #include <stdint.h>
 #include <stddef.h>

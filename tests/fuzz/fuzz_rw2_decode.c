@@ -8,7 +8,7 @@
  * apply cleanly to a small shared-memory segment. Metadata rows must point inside the input.
  * Inputs are capped at 64 KiB (-max_len in tests/fuzz/run.sh).
  *
- * fuzz-sources: csrc/rw2_decode.c csrc/rw_series.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/aggstore.c csrc/aggwin.c
+ * fuzz-sources: csrc/rw2_decode.c csrc/rw_series.c csrc/series.c csrc/lane.c csrc/segment.c csrc/codec.c csrc/arena.c csrc/epoch.c csrc/block.c csrc/aggstore.c csrc/aggwin.c csrc/rollup.c
  */
 #include <stdint.h>
 #include <stddef.h>

@@ -8,7 +8,7 @@
  * Input: the first byte picks how many block starts to skip (0-3, taken from the body's first
  * chunks' plausible starts: multiples of the block size); the rest is the body.
  *
- * fuzz-sources: csrc/snapshot.c csrc/series.c csrc/segment.c csrc/arena.c csrc/epoch.c csrc/lane.c csrc/codec.c csrc/block.c csrc/aggstore.c csrc/aggwin.c
+ * fuzz-sources: csrc/snapshot.c csrc/series.c csrc/segment.c csrc/arena.c csrc/epoch.c csrc/lane.c csrc/codec.c csrc/block.c csrc/aggstore.c csrc/aggwin.c csrc/rollup.c
  */
 #include <stdint.h>
 #include <stddef.h>
