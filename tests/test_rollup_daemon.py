@@ -5,9 +5,10 @@ subprocess: remote write in, the rolled-up counters read back over the HTTP quer
 The rolled-up counter's increase between any two of its window ends must equal the sum of the
 instances' raw increases between the same times (relative 1e-9), resets included; and so again
 when a worker is SIGKILLed while the data arrive (nothing lost or double-counted). Windows are
-1 s, so the test runs in seconds; the admission (4 s) and the forward delay (5 s) exceed a
-worker's restart, so the inputs a killed worker owns are still on time for their windows and
-for their groups' when it is back (with 1 s and 3 s the SIGKILL run loses values as late).
+1 s, so the test runs in seconds; the admission (6 s) and the forward delay (6 s) exceed a
+worker's restart and the stalls of a loaded machine, so the inputs a killed worker owns are
+still on time for their windows and for their groups' when it is back (with 1 s and 3 s the
+SIGKILL run loses values as late; a late value is counted in /metrics, and the test says so).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ GROUPS = [("api", "/a"), ("api", "/b"), ("web", "/a"), ("web", "/b")]
 
 CONFIG = """
 namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 4s, bufferFuture: 1s}
+  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 6s, bufferFuture: 1s}
 downsample:
-  admission: 4s
-  forward_delay: 5s
+  admission: 6s
+  forward_delay: 6s
   rules:
     defaultPolicies: []
     rollupRules:
@@ -122,7 +123,7 @@ def run_rollup(tmp: Path, kill_worker: bool) -> None:
     d = Daemon(tmp, workers=2, series=4096, arena="4MiB", extra=CONFIG).start()
     try:
         counters = Counters(seed=8 + kill_worker)
-        steps = 36
+        steps = 28
         t_start = now_ms()
         deadline = time.monotonic() + 90
         for k in range(steps):

@@ -129,10 +129,11 @@ class RollupSource:
 
 
 def group_cells(labels: dict[str, str], agg: Aggregator, ns_name: str,
-                forward_delay_ms: int) -> list[tuple[Any, int]]:
+                forward_delay_ms: int, rs: Any = None) -> list[tuple[Any, int]]:
     """(cell params, rule id) of the group cells a series of aggregated namespace ``ns_name``
-    needs: one per rollup rule of the current rule set whose group it is."""
-    rs = agg.compiled.rules
+    needs: one per rollup rule of rule set ``rs`` (default: the current one) whose group it
+    is."""
+    rs = agg.compiled.rules if rs is None else rs
     name = labels.get("__name__")
     out = []
     for rule in rs.rollup:
@@ -165,21 +166,34 @@ class GroupPlanner:
         agg.resolve = self.resolve  # type: ignore[method-assign]
 
     def resolve(self, shard: int, needs: list[tuple[int, int]],
-                start_ms: int | None = None) -> int:
+                only: tuple[int, int, Any] | None = None, before: Any = None) -> int:
+        """Aggregator.resolve for group series: a plan per rule-set version of the
+        Aggregator's chain, each from its activation (or only version ``only`` on top, except
+        where it makes the same group cells as ``before``)."""
         from m3shm.errors import NoSuchSeriesError
         from m3shm.shm import parse_labels
 
         a = self.agg
+        chain = [only] if only is not None else a._chain()
         n = 0
         for slot, gen in needs:
             try:
                 labels = parse_labels(a.seg.series_labels(shard, slot))
             except NoSuchSeriesError:
                 continue
-            cells = group_cells(labels, a, self.ns_name, self.forward_delay_ms)
-            a.store.install(shard, slot, gen, False, [c for c, _ in cells],
-                            [self.ns_id | KIND_OUTPUT << 16] * len(cells), [b""] * len(cells),
-                            start_ms, rules=[r for _, r in cells])
+            if only is not None and before is not None and (
+                    [r for _, r in group_cells(labels, a, self.ns_name, self.forward_delay_ms,
+                                               before.rules)] ==
+                    [r for _, r in group_cells(labels, a, self.ns_name, self.forward_delay_ms,
+                                               only[2].rules)]):
+                continue  # the same rules: the group keeps its cells across the activation
+            for i, (act, _, compiled) in enumerate(chain):
+                start = act if act > 0 and (only is not None or i > 0) else None
+                cells = group_cells(labels, a, self.ns_name, self.forward_delay_ms,
+                                    compiled.rules)
+                a.store.install(shard, slot, gen, False, [c for c, _ in cells],
+                                [self.ns_id | KIND_OUTPUT << 16] * len(cells),
+                                [b""] * len(cells), start, rules=[r for _, r in cells])
             n += 1
         a.stats["planned"] += n
         return n
