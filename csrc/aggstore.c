@@ -747,8 +747,7 @@ void m3_aggst_set_fwd_pending(uint8_t *store, uint32_t shard, uint64_t fwd, int6
 int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
                        uint64_t pos, int64_t now_ms)
 {
-    if (r->type != M3_REC_SAMPLES)
-        return m3_shard_apply_rec(base, r);  /* forwarded rollup inputs: rollup.c's cells */
+    /* (ROLLUP_IN records go to the group cell of the series' plan below: apply_rollup_in) */
     shard_view v = shard_view_of(base, r->shard);
     aggst_shard *sh = sh_of(store, r->shard);
     int64_t slot = m3_series_resolve(&v, r);
@@ -805,7 +804,8 @@ int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch
                     const m3_rec *q = (const m3_rec *)(batch + o);
                     if (m3_rec_check(q, len - o, h->p.num_shards))
                         break;
-                    if (q->shard == r->shard && q->type == M3_REC_SAMPLES &&
+                    if (q->shard == r->shard &&
+                        (q->type == M3_REC_SAMPLES || q->type == M3_REC_ROLLUP_IN) &&
                         m3_aggst_want(base, store, q, round, &need[*nneed], &need_gen[*nneed]))
                         need_shard[(*nneed)++] = q->shard;
                     o += q->len;

@@ -167,14 +167,19 @@ class Worker:
         # after the pipelines: the aggregator lays out cells only for namespaces it can
         # write to (Worker.ns_by_id[i].pipeline)
         self.aggregator = self._make_aggregator()
-        if self.aggregator is not None:
-            self.rules.attach(self.aggregator.install_rules)
-            self.aggregator.activate_now(self.lo, self.hi)
-        # rollup group cells in the aggregated namespaces' stores (m3shm/workers/rollup.py)
+        # rollup forwarding (m3shm/workers/rollup.py): the series stage hooked into the raw
+        # aggregator, group cells in each aggregated namespace's store
         self.group_aggs = self._make_group_aggregators()
-        for g in self.group_aggs.values():
-            self.rules.attach(g.install_rules)
-            g.activate_now(self.lo, self.hi)
+        if self.aggregator is not None:
+            aggs = [self.aggregator, *self.group_aggs.values()]
+
+            def install(compiled: Any, version: int, activation_ms: int) -> None:
+                for a in aggs:
+                    a.install_rules(compiled, version, activation_ms)
+
+            self.rules.attach(install)
+            for a in aggs:
+                a.activate_now(self.lo, self.hi)
         self.metadata = MetadataStore(self.data_dir, self.index)
         self._refresh_task = loop.create_task(self._refresh_metadata())
         from m3shm.net.api import Api
