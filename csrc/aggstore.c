@@ -714,6 +714,8 @@ static int apply_rollup_in(uint8_t *base, uint8_t *store, const shard_view *v, u
         return M3_OK;
     }
     spill_rows(store, r->shard, pe->block, k, out, nout);
+    if (c->due_ms < sh->min_due)
+        sh->min_due = c->due_ms;  /* the finalise must look at this shard by then */
     add_stat(rc ? &sh->rollup_applied : &sh->rollup_dup, 1);
     add_stat(&sh->applied, c->applied - a0);
     add_stat(&sh->late, c->late - l0);
