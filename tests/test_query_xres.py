@@ -95,6 +95,24 @@ def counter(start: int, end: int, resets: tuple[int, ...] = (), seed: int = 1
     return ts, vs
 
 
+class LabelsOnly:
+    """A source as one that knows no label hashes (a remote node, an older reader): its
+    answers carry none and it filters by labels, so selection falls back to labels."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def select(self, matchers, mint, maxt, ctx, want=None):
+        res = self.inner.select(matchers, mint, maxt, ctx,
+                                None if want is None else (lambda labels: want(labels)))
+        for b in res.batches:
+            b.hashes = None
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 class World:
     """raw (segment, RAW_RET), agg_1m (segment for the last 6h + filesets before, 1d) and
     agg_1h (filesets, 30d); ``write`` puts a series into the namespaces named."""
@@ -139,7 +157,11 @@ class World:
         return [all_[n] for n in which.split(",")]
 
     def storage(self, which: str = "raw,agg_1m,agg_1h") -> ResolutionStorage:
-        return ResolutionStorage(self.views(which), QueryContext(), NOW)
+        views = self.views(which)
+        if self.labels_only:
+            for v in views:
+                v.sources = [LabelsOnly(s) for s in v.sources]
+        return ResolutionStorage(views, QueryContext(), NOW)
 
     def close(self) -> None:
         self.store.close()
@@ -147,9 +169,10 @@ class World:
         self.m1.unlink()
 
 
-@pytest.fixture
-def world(tmp_path):
+@pytest.fixture(params=["hashes", "labels"])
+def world(tmp_path, request):
     w = World(tmp_path)
+    w.labels_only = request.param == "labels"
     yield w
     w.close()
 

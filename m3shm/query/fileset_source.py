@@ -42,6 +42,7 @@ Want = Callable[[list[Labels]], np.ndarray]  # as m3shm.query.local.Want (no imp
 class _Entries:
     labels: list[Labels]
     blocks: list[memoryview]
+    hashes: np.ndarray  # uint64: each series' m3_labels_hash
 
 
 class FilesetSource:
@@ -77,11 +78,12 @@ class FilesetSource:
             e = self._cache.get(fs.fid)
         if e is not None:
             return e
-        labels, blocks = [], []
-        for sid, _h, block in fs:
+        labels, blocks, hashes = [], [], []
+        for sid, h, block in fs:
             labels.append(parse_canonical(sid))
             blocks.append(block)
-        e = _Entries(labels, blocks)
+            hashes.append(h & 0xFFFFFFFFFFFFFFFF)
+        e = _Entries(labels, blocks, np.array(hashes, dtype=np.uint64))
         with self._lock:
             f = fs.fid
             for old in [k for k in self._cache if (k.shard, k.block_start) ==
@@ -106,7 +108,9 @@ class FilesetSource:
             if len(pos):
                 ent = self._entries(fs)
                 if want is not None:
-                    pos = pos[want([ent.labels[p] for p in pos.tolist()])]
+                    by_hash = getattr(want, "by_hash", None)
+                    pos = pos[by_hash(ent.hashes[pos]) if by_hash is not None else
+                              want([ent.labels[p] for p in pos.tolist()])]
                     if not len(pos):
                         continue
                 parts.append((ent, pos, fs.fid.block_start,
@@ -114,6 +118,7 @@ class FilesetSource:
         if not parts:
             return SelectResult([])
         labels: list[Labels] = []
+        hashes: list[int] = []
         index: dict[Labels, int] = {}
         blocks, sers, starts, ends = [], [], [], []
         for ent, pos, bs, be in parts:
@@ -123,6 +128,7 @@ class FilesetSource:
                 if j is None:
                     j = index[lbl] = len(labels)
                     labels.append(lbl)
+                    hashes.append(int(ent.hashes[p]))
                 blocks.append(ent.blocks[p])
                 sers.append(j)
                 starts.append(bs)
@@ -145,7 +151,8 @@ class FilesetSource:
             np.cumsum(blens, out=offsets[1:])
         st = np.array(starts, dtype=np.int64)[order]
         batch = BlockBatch(labels, data, offsets, ser[order], counts[order], st,
-                           np.array(ends, dtype=np.int64)[order])
+                           np.array(ends, dtype=np.int64)[order],
+                           hashes=np.array(hashes, dtype=np.uint64))
         return SelectResult([], batches=[batch])
 
     def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,

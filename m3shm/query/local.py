@@ -34,7 +34,17 @@ FAR = 1 << 62
 # Which of these series (label sets) a select should read: a mask, one entry per series. A
 # query across resolutions passes one so a coarser namespace reads only the series that a
 # finer one does not already answer for (m3shm/query/resolution.py).
+# A want may also have ``by_hash(hashes) -> mask`` (uint64 m3_labels_hash per series): a
+# source that knows its series' hashes asks that instead and reads no labels it does not keep.
 Want = Callable[[list[Labels]], np.ndarray]
+
+
+def _wanted(want: Want, hashes: np.ndarray | None, labels: Callable[[], list[Labels]]
+            ) -> np.ndarray:
+    by_hash = getattr(want, "by_hash", None)
+    if by_hash is not None and hashes is not None:
+        return np.asarray(by_hash(hashes), dtype=bool)
+    return np.asarray(want(labels()), dtype=bool)
 
 
 class Source(Protocol):
@@ -86,10 +96,15 @@ class ShmSource:
         sel = _select(idx, matchers)
         known: list[Labels] | None = None  # labels of sel's entries, if already read
         if want is not None and len(sel):
-            every = sel.labels()
-            keep = np.flatnonzero(want(every))
+            every: list[Labels] = []
+
+            def read() -> list[Labels]:
+                every.extend(sel.labels())
+                return every
+            keep = np.flatnonzero(_wanted(want, sel.hashes, read))
             sel = sel.take(keep)
-            known = [every[i] for i in keep.tolist()]
+            if every:
+                known = [every[i] for i in keep.tolist()]
         groups = []
         nseries = nsamples = nchunks = 0
         for shard, pos, slots, gens in sel.by_shard():
@@ -103,9 +118,10 @@ class ShmSource:
                 nchunks += int(chunks.sum())
         # charge before copying: ~1.3 bytes per sample compressed plus the chunk headers
         ctx.admit(nseries, nsamples, nsamples * 2 + nchunks * 64)
-        datas, offs, sers, counts, starts = [], [], [], [], []
+        datas, offs, sers, counts, starts, hashes = [], [], [], [], [], []
         labels: list[Labels] = []
         base = 0
+        allh = sel.hashes
         for shard, pos, slots, gens, nch in groups:
             ctx.check()
             ch = idx.chunks(shard, slots, gens, mint, maxt, nch)
@@ -116,6 +132,7 @@ class ShmSource:
             counts.append(refs["count"].astype(np.int64))
             starts.append(refs["block_start"])
             labels.extend(sel.labels(pos) if known is None else [known[i] for i in pos.tolist()])
+            hashes.append(allh[pos])
             base += len(ch.data)
         if not datas:
             return SelectResult([])
@@ -123,7 +140,7 @@ class ShmSource:
         offsets = np.concatenate(offs + [np.array([base], dtype=np.uint64)])
         start = np.concatenate(starts).astype(np.int64)
         batch = BlockBatch(labels, data, offsets, np.concatenate(sers), np.concatenate(counts),
-                           start, start + idx.block_ms - 1)
+                           start, start + idx.block_ms - 1, hashes=np.concatenate(hashes))
         return SelectResult([], batches=[batch])
 
     def series(self, matchers: list[Matcher], mint: int | None, maxt: int | None,
@@ -177,16 +194,24 @@ def merge(results: list[SelectResult]) -> SelectResult:
     index: dict[Labels, int] = {}
     labels: list[Labels] = []
     remapped = []
+    firsts = []  # per batch: its series that were new (their positions), for the hashes
     for b in batches:
         m = np.empty(len(b.labels), dtype=np.int64)
+        new = []
         for i, lbl in enumerate(b.labels):
             j = index.get(lbl)
             if j is None:
                 j = index[lbl] = len(labels)
                 labels.append(lbl)
+                new.append(i)
             m[i] = j
         remapped.append(m[b.series])
+        firsts.append(new)
     out.batches = [combine(labels, batches, remapped)]
+    if all(b.hashes is not None for b in batches):
+        out.batches[0].hashes = np.concatenate(
+            [b.hashes[np.array(f, dtype=np.int64)] for b, f in zip(batches, firsts,
+                                                                   strict=True)])
     return out
 
 

@@ -160,29 +160,40 @@ class ResolutionStorage:
             lows = np.array([max(mint, ref_lo - max(lb, ns.resolution_ms)) for ns in nss],
                             np.int64)
         starts = np.array([ns.span_start(self.now_ms, mint) for ns in nss], dtype=np.int64)
-        gid: dict[Labels, int] = {}  # every series seen, numbered
+        # every series seen, numbered: the first answer's series are 0..n-1 (its labels are
+        # unique), the label dict is built only once a second namespace answers
+        seen: list[Labels] = []
+        gids: list[dict[Labels, int]] = []
+
+        def gid() -> dict[Labels, int]:
+            if not gids:
+                gids.append({lb: i for i, lb in enumerate(seen)})
+            return gids[0]
         cover = np.zeros(0, dtype=np.int64)  # per series: earliest nominal start of a holder
+        hcover: _HashCover | None = _HashCover()  # the same by label hash, while all known
         parts: list[tuple[int, SelectResult, np.ndarray]] = []  # (k, answer, its series ids)
         for k, ns in enumerate(nss):
             lo_k = int(starts[k])
-            want = None
-            if gid:
-                def want(labels: list[Labels], lo_k: int = lo_k,
-                         cover: np.ndarray = cover) -> np.ndarray:
-                    ids = np.fromiter((gid.get(lb, -1) for lb in labels), dtype=np.int64,
-                                      count=len(labels))
-                    return (ids < 0) | (cover[ids] > lo_k)
+            want = _Want(gid, cover, hcover, lo_k) if seen else None
             res = merge([s.select(matchers, mint, maxt, self.ctx, want)
                          for s in ns.sources[::-1]][::-1])
             if not res.nseries:
                 continue
             labels = _labels(res)
-            ids = np.fromiter((gid.setdefault(lb, len(gid)) for lb in labels), dtype=np.int64,
-                              count=len(labels))
-            cover = np.concatenate([cover, np.full(len(gid) - len(cover), FAR, np.int64)])
+            if not seen:
+                seen = labels
+                ids = np.arange(len(labels), dtype=np.int64)
+            else:
+                g = gid()
+                ids = np.fromiter((g.setdefault(lb, len(g)) for lb in labels), np.int64,
+                                  count=len(labels))
+                seen = list(g)
+            cover = np.concatenate([cover, np.full(len(seen) - len(cover), FAR, np.int64)])
             cover[ids] = np.minimum(cover[ids], lo_k)
+            if hcover is not None:
+                hcover = hcover.add(res, lo_k)
             parts.append((k, res, ids))
-        out = self._stitch(nss, starts, lows, parts, list(gid), mint, maxt)
+        out = self._stitch(nss, starts, lows, parts, seen, mint, maxt)
         if self.ctx.warnings:
             out.partial = True
             out.warnings.extend(w for w in self.ctx.warnings if w not in out.warnings)
@@ -299,6 +310,49 @@ class ResolutionStorage:
         parts = [f"{n} ({fmt_resolution(u.resolution_ms)} resolution, {u.series} series)"
                  for n, u in agg]
         return "the result includes downsampled data from " + ", ".join(parts)
+
+
+class _HashCover:
+    """Series held so far by their 64-bit label hash (sorted) and earliest nominal start:
+    lets a source that knows its series' hashes skip the covered ones without reading their
+    labels. Equal hashes of different label sets (odds ~n^2 / 2^64) would hide one series."""
+
+    def __init__(self, keys: np.ndarray | None = None, lo: np.ndarray | None = None) -> None:
+        self.keys = np.zeros(0, np.uint64) if keys is None else keys
+        self.lo = np.zeros(0, np.int64) if lo is None else lo
+
+    def add(self, res: SelectResult, lo_k: int) -> _HashCover | None:
+        """With the series of ``res`` (held from ``lo_k``); None when some have no hash."""
+        if res.series or any(b.hashes is None for b in res.batches):
+            return None
+        h = np.concatenate([self.keys] + [b.hashes for b in res.batches])
+        lo = np.concatenate([self.lo, np.full(len(h) - len(self.lo), lo_k, np.int64)])
+        order = np.lexsort((lo, h))  # by hash, the earliest start first
+        h, lo = h[order], lo[order]
+        first = np.r_[True, h[1:] != h[:-1]]
+        return _HashCover(h[first], lo[first])
+
+    def wanted(self, hashes: np.ndarray, lo_k: int) -> np.ndarray:
+        if not len(self.keys):
+            return np.ones(len(hashes), dtype=bool)
+        i = np.minimum(np.searchsorted(self.keys, hashes), len(self.keys) - 1)
+        return (self.keys[i] != hashes) | (self.lo[i] > lo_k)
+
+
+class _Want:
+    """The series a coarser namespace (nominal start ``lo_k``) should read: those no finer
+    namespace holds from ``lo_k`` on (m3shm.query.local.Want), by labels or by hash."""
+
+    def __init__(self, gid: Callable[[], dict[Labels, int]], cover: np.ndarray,
+                 hcover: _HashCover | None, lo_k: int) -> None:
+        self.gid, self.cover, self.lo_k = gid, cover, lo_k
+        if hcover is not None:
+            self.by_hash = lambda hashes: hcover.wanted(np.asarray(hashes, np.uint64), lo_k)
+
+    def __call__(self, labels: list[Labels]) -> np.ndarray:
+        g = self.gid()
+        ids = np.fromiter((g.get(lb, -1) for lb in labels), dtype=np.int64, count=len(labels))
+        return (ids < 0) | (self.cover[ids] > self.lo_k)
 
 
 def _labels(res: SelectResult) -> list[Labels]:

@@ -68,6 +68,7 @@ class BlockBatch:
     end_ms: np.ndarray  # int64 per block
     clip_lo: np.ndarray | None = None  # int64 per block
     clip_hi: np.ndarray | None = None  # int64 per block
+    hashes: np.ndarray | None = None  # uint64 per series: m3_labels_hash, when known
 
     def __len__(self) -> int:
         return len(self.labels)

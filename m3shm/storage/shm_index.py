@@ -79,10 +79,12 @@ class _State:
         self.slot = np.zeros(1024, dtype=np.uint32)
         self.gen = np.zeros(1024, dtype=np.uint32)
         self.live = np.zeros(1024, dtype=bool)
+        self.hash = np.zeros(1024, dtype=np.uint64)  # m3_labels_hash of the canonical labels
         self.ndead = 0
 
-    def add(self, shard: int, slot: int, gen: int, labels: bytes | Labels) -> int:
-        """Index a series by its canonical label bytes (or its pairs, sorted by name)."""
+    def add(self, shard: int, slot: int, gen: int, labels: bytes | Labels, h: int) -> int:
+        """Index a series by its canonical label bytes (or its pairs, sorted by name) and
+        their hash."""
         i = len(self.index)
         if i >= len(self.shard):
             size = 2 * len(self.shard)
@@ -90,7 +92,9 @@ class _State:
             self.slot = np.resize(self.slot, size)
             self.gen = np.resize(self.gen, size)
             self.live = np.resize(self.live, size)
+            self.hash = np.resize(self.hash, size)
         self.shard[i], self.slot[i], self.gen[i], self.live[i] = shard, slot, gen, True
+        self.hash[i] = h
         j = self.index.add_canonical(labels) if isinstance(labels, bytes) else \
             self.index.add_labels(labels)
         assert i == j
@@ -123,6 +127,12 @@ class Selection:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """uint64 per entry: the m3_labels_hash of its canonical labels (equal label sets
+        hash equally in every segment and fileset)."""
+        return self._state.hash[self.ids]
 
     def labels(self, pos: np.ndarray | None = None) -> list[Labels]:
         """Labels of the entries at positions ``pos`` (all entries if None)."""
@@ -258,7 +268,9 @@ class ShmIndex:
             for j, (slot, gen) in enumerate(zip(sub[:k].tolist(), gens[:k].tolist(),
                                                 strict=True)):
                 if gen:
-                    ids[slot] = st.add(shard, slot, gen, raw[bounds[j]:bounds[j + 1]])
+                    canon = raw[bounds[j]:bounds[j + 1]]
+                    ids[slot] = st.add(shard, slot, gen, canon,
+                                       lib.m3_labels_hash(canon, len(canon)))
                     added += 1
             pos += k
         return added
@@ -270,7 +282,8 @@ class ShmIndex:
             ids = self._slot_id[shard]
             for slot in np.flatnonzero(ids >= 0).tolist():
                 i = int(ids[slot])
-                ids[slot] = st.add(shard, slot, int(old.gen[i]), old.index.labels(i))
+                ids[slot] = st.add(shard, slot, int(old.gen[i]), old.index.labels(i),
+                                   int(old.hash[i]))
         self._state = st
 
     # -- queries -----------------------------------------------------------------------------
