@@ -206,9 +206,14 @@ class Aggregator:
             shards.pop(0)
             if not shards:
                 self._todo.pop(0)
-                log.info("worker %d: rules version %d planned (%d series changed, %.3f s "
-                         "CPU), active from %d ms", self.w.index, version, self._replan_n,
-                         self._replan_cpu, act)
+                if self.watermark:  # a namespace's rollup group cells (workers/rollup.py)
+                    log.info("worker %d: %s: rollup groups of rule-set version %d (%d series "
+                             "changed), active from %d ms", self.w.index,
+                             self.watermark.rstrip("-"), version, self._replan_n, act)
+                else:
+                    log.info("worker %d: rules version %d planned (%d series changed, %.3f s "
+                             "CPU), active from %d ms", self.w.index, version, self._replan_n,
+                             self._replan_cpu, act)
                 self._replan_n, self._replan_cpu = 0, 0.0
         return done
 
