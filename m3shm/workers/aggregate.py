@@ -150,6 +150,21 @@ class Aggregator:
                       "rows_rejected": 0, "rollup_rows_dropped": 0, "planned": 0}
         self.replay_now_ms = 0
         self._mark_ms = 0
+        # no aggregated namespace at all (they follow the policies; a rule set needing one is
+        # refused until a restart): no plan can hold a cell
+        self._no_cells = not any(ns.aggregated for ns in cfg.namespaces)
+
+    def plain(self) -> bool:
+        """True while no plan could do anything: no aggregated namespace to write to and no
+        drop rule in any version installed or pending. Records then go straight to the
+        blocks without planning each new series (replay of a million series stays a C loop);
+        once a version with a drop rule arrives, planless series are planned as they come."""
+        if not self._no_cells:
+            return False
+        with self._lock:
+            pending = [c for _, _, c in self._pending]
+        compiled = [self.compiled, *pending, *(c for _, _, c in self.versions)]
+        return not any(m.drop for c in compiled for m in c.rules.mapping)
 
     # -- rules and plans --------------------------------------------------------------------
 
@@ -289,6 +304,8 @@ class Aggregator:
               beat: Callable[[], None] | None = None) -> int:
         """One pass over shards [lo, hi): records applied. ``beat`` is called after each
         batch of plans (matching many new series takes a while; the drain is not stuck)."""
+        if self.plain():
+            return self.seg.drain_range(lo, hi, max_records)
         replanned = self._maybe_activate(lo, hi)
         if replanned and beat is not None:
             beat()
@@ -310,6 +327,8 @@ class Aggregator:
                      cells_only: bool = False) -> int:
         """Replay one commit-log batch into shards [lo, hi) with aggregation (``cells_only``:
         a batch whose raw samples a loaded snapshot holds only feeds the cells)."""
+        if self.plain():
+            return 0 if cells_only else self.seg.apply_batch(payload, seq, lo, hi)
         off, total = 0, 0
         while True:
             n, off, needs = self.store.apply_batch(payload, seq, lo, hi, self.replay_now_ms,
