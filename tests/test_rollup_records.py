@@ -24,6 +24,8 @@ from m3shm.rules.ruleset import parse_yaml
 from m3shm.shm import REC_HEADER, canonical_labels, labels_hash
 from tests.forking import fork_call
 
+pytestmark = pytest.mark.native  # also run against the ASan+UBSan build (make test-asan)
+
 RULES = """
 rollupRules:
   - name: requests by endpoint
