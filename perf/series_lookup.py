@@ -62,6 +62,19 @@ def rate(reader, matchers, runs: int) -> tuple[float, int]:
     return len(matchers) / statistics.median(times), hits
 
 
+def selectors(reader, runs: int) -> dict[str, dict[str, float]]:
+    """Every selector's rate against ``reader``, and its first (uncached) query's time."""
+    out = {}
+    for key, ms in SELECTORS.items():
+        first = time.perf_counter()
+        reader.select(ms)
+        first_s = time.perf_counter() - first
+        r, hits = rate(reader, ms, runs)
+        out[key] = {"matchers_per_second": round(r, 1), "series_selected": hits,
+                    "first_query_seconds": round(first_s, 4)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--series", type=int, default=1_000_000)
@@ -102,13 +115,7 @@ def main() -> None:
     tracemalloc.stop()
     comp: dict[str, object] = {"build_seconds_traced": round(cbuild_s, 3),
                                "memory_bytes_per_series_before_columns": round(cheap / n, 1)}
-    for key, ms in SELECTORS.items():
-        first = time.perf_counter()
-        cidx.select(ms)
-        first_s = time.perf_counter() - first
-        r, hits = rate(cidx, ms, args.runs)
-        comp[key] = {"matchers_per_second": round(r, 1), "series_selected": hits,
-                     "first_query_seconds": round(first_s, 4)}
+    comp.update(selectors(cidx, args.runs))
     out["compact"] = comp
     del cidx
     idx = build(n)
@@ -119,15 +126,7 @@ def main() -> None:
         out["segment_write_seconds"] = round(time.perf_counter() - t0, 3)
         out["segment_bytes_per_series"] = round(path.stat().st_size / n, 1)
         with SegmentReader(path) as seg:
-            seg_out = {}
-            for key, ms in SELECTORS.items():
-                first = time.perf_counter()
-                seg.select(ms)
-                first_s = time.perf_counter() - first
-                r, hits = rate(seg, ms, args.runs)
-                seg_out[key] = {"matchers_per_second": round(r, 1), "series_selected": hits,
-                                "first_query_seconds": round(first_s, 4)}
-            out["segment"] = seg_out
+            out["segment"] = selectors(seg, args.runs)
     print(json.dumps(out))
 
 
