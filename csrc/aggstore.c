@@ -29,7 +29,13 @@
  * cell remembers the last (batch seq, record position) it took (its last_seq and the
  * descriptor's last_pos), so a record already applied to a cell is skipped there. Several
  * records of one batch share a seq, hence the position (lane byte position when draining,
- * batch offset in replay; both grow within a batch). Windows a sample forces out of a cell's
+ * batch offset in replay; both grow within a batch). An owner killed part-way through one
+ * record's samples on a cell would leave a prefix applied under the old (seq, pos), counted
+ * again when the record is re-drained; so before a record touches a cell the cell is copied
+ * to the shard's undo buffer (with its last_pos and the spill count), and m3_aggst_recover
+ * copies it back if the owner died before the apply finished: the record is then applied
+ * whole, once. One copy of each cell a record reaches (the group cells, fed by ROLLUP_IN
+ * records, use csrc/rollup.c's scratch-and-copy-back instead). Windows a sample forces out of a cell's
  * ring early (eviction) are finalised at once: their rows go to the spill, a small ring in the
  * region, and leave with the next finalise.
  *
@@ -53,7 +59,8 @@
  * Crash safety: an install writes the block, then the plan entry (flags last); a killed
  * installer leaves the entry unresolved and the block leaked (one per crash). m3_aggst_recover
  * re-checks every plan's block and cells (m3_agg_cell_check) and drops plans it cannot trust
- * (they are asked for again).
+ * (they are asked for again), after rolling back the cell an apply was interrupted on (the
+ * undo buffer above).
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -117,7 +124,17 @@ typedef struct aggst_shard {
     uint64_t rollup_applied;   /* ROLLUP_IN records applied to group cells */
     uint64_t rollup_dup;       /* ROLLUP_IN records skipped as already applied */
     uint64_t rollup_unmatched; /* ROLLUP_IN records with no group cell of their rule */
-    uint64_t pad[6];
+    /* undo of the cell a record is being applied to (apply_plan): a copy of the cell as it
+       was (arena offset undo_buf, undo_cap bytes), the cell's block and index, its last_pos
+       and the spill count before; valid while undo_state is 1 */
+    uint64_t undo_buf;
+    uint64_t undo_cap;
+    uint64_t undo_blk;
+    uint64_t undo_last_pos;
+    uint32_t undo_k;
+    uint32_t undo_state;
+    uint32_t undo_spill_n;
+    uint32_t undo_pad;
 } aggst_shard;
 
 typedef struct plan_entry {
@@ -567,6 +584,51 @@ static void spill_rows(uint8_t *store, uint32_t shard, uint64_t block, uint32_t 
     }
 }
 
+/* The shard's undo buffer, at least `bytes` long, made in the arena on first use (and again,
+   larger, for a larger cell: the old one leaks, once per size increase). NULL if the arena is
+   full: the cell is then applied without an undo, as exact as before only if its owner is
+   not killed in the middle. */
+static uint8_t *undo_buf(uint8_t *store, uint32_t shard, uint64_t bytes)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    if (sh->undo_buf && sh->undo_cap >= bytes)
+        return arena_of(store, shard) + sh->undo_buf;
+    uint64_t cap = round8(bytes < 4096 ? 4096 : bytes);
+    uint64_t off = blk_alloc(store, shard, cap);
+    if (!off)
+        return NULL;
+    sh->undo_state = 0;
+    sh->undo_cap = cap;
+    sh->undo_buf = off;
+    return arena_of(store, shard) + off;
+}
+
+/* After a killed owner: a cell left part-way through a record gets its state from before the
+   record back (so the re-drained record counts once). Idempotent: killed again in here, the
+   next recovery does it again. */
+static void undo_restore(uint8_t *store, uint32_t shard)
+{
+    aggst_shard *sh = sh_of(store, shard);
+    uint64_t cap = hdr_of(store)->arena_bytes;
+    if (sh->undo_state != 1)
+        return;
+    plan_blk *b = blk_at(store, shard, sh->undo_blk);
+    if (b && sh->undo_k < b->ncells && sh->undo_buf >= ARENA_FIRST && sh->undo_buf % 8 == 0 &&
+        sh->undo_cap <= cap && sh->undo_buf <= cap - sh->undo_cap) {
+        plan_cell *pc = &cells_of(b)[sh->undo_k];
+        if (pc->cell_bytes <= sh->undo_cap &&
+            (uint64_t)pc->cell_off + pc->cell_bytes <= b->bytes) {
+            memcpy(cell_of(b, pc), arena_of(store, shard) + sh->undo_buf, pc->cell_bytes);
+            pc->last_pos = sh->undo_last_pos;
+            if (sh->undo_spill_n <= sh->spill_n)
+                sh->spill_n = sh->undo_spill_n;  /* the rows the interrupted apply spilled */
+        }
+    }
+    /* Compiler-only ordering: the restored cell is in memory before the undo is dropped. */
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    sh->undo_state = 0;
+}
+
 static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
                        const int64_t *ts, const double *vals, uint32_t nsamples, uint64_t seq,
                        uint64_t pos, int64_t now)
@@ -584,6 +646,20 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
             continue;
         }
         uint64_t a0 = c->applied, l0 = c->late, e0 = c->evicted, o0 = c->ooo;
+        uint8_t *undo = undo_buf(store, shard, pc->cell_bytes);
+        if (undo) {
+            sh->undo_blk = off;
+            sh->undo_k = k;
+            sh->undo_last_pos = pc->last_pos;
+            sh->undo_spill_n = sh->spill_n;
+            memcpy(undo, c, pc->cell_bytes);
+            /* Compiler-only ordering (owner-private words; a SIGKILLed owner's completed
+               stores stay in the mapping): the copy and its identity are in memory before the
+               state says they are valid, and that before the cell is touched. */
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
+            sh->undo_state = 1;
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        }
         size_t start = 0;
         for (;;) {
             size_t nout = 0, done = 0;
@@ -597,6 +673,9 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
         }
         c->last_seq = seq;
         pc->last_pos = pos;
+        /* Compiler-only ordering: the whole apply is in memory before the undo is dropped. */
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        sh->undo_state = 0;
         if (c->due_ms < sh->min_due)
             sh->min_due = c->due_ms;
         applied += c->applied - a0;
@@ -1193,6 +1272,7 @@ int m3_aggst_recover(uint8_t *seg, uint8_t *store, uint32_t shard)
         sh->bump = h->arena_bytes;  /* nothing more is allocated from a damaged pointer */
     if (sh->spill_n > M3_AGGST_SPILL)
         sh->spill_n = 0;
+    undo_restore(store, shard);
     sh->min_due = INT64_MIN;  /* a killed drain may have opened a window and not lowered it */
     if ((sh->free_head % 8) || sh->free_head >= h->arena_bytes)
         sh->free_head = 0;  /* free blocks are only reused through valid links */

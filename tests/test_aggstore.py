@@ -4,8 +4,13 @@ replay, and a SIGKILLed owner that leaves its cells behind."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import signal
+import struct
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from m3shm.aggstore import CELL_AGG_LABEL, AggStore
 from m3shm.rules.aggwin import CellParams
 from m3shm.shm import Segment, SegParams, canonical_labels, make_record, parse_labels
 from m3shm.storage.records import LabelTable, build_records
+from tests.forking import fork_call
 
 pytestmark = pytest.mark.native
 
@@ -268,3 +274,69 @@ def test_an_idle_replaced_plan_is_freed_once_its_windows_are_final(seg):
     p, _ = st.prepare(0, act + MIN)
     st.commit(p)
     assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (1, 1) and len(p.rows) == 0
+
+
+def _drain_batches(st: AggStore, batches: list[tuple[int, bytes]], head: mmap.mmap,
+                   now: int, params: list) -> None:
+    """An owner: applies batches in order, installing plans when asked; word 0 of head is the
+    next batch (a lane head that moves after each whole batch, as the drain's does)."""
+    while True:
+        i = struct.unpack_from("<Q", head, 0)[0]
+        if i >= len(batches):
+            return
+        seq, batch = batches[i]
+        off = 0
+        while True:
+            _, off, need = st.apply_batch(batch, seq, 0, 1, now, off)
+            if not need:
+                break
+            for shard, slot, gen in need:
+                st.install(shard, slot, gen, True, params,  # cells only: no raw blocks
+                           [CELL_AGG_LABEL << 24] * len(params), [b""] * len(params))
+        struct.pack_into("<Q", head, 0, i + 1)
+
+
+def test_owner_sigkilled_mid_record_counts_each_sample_once(seg):
+    """Batches of long records are applied by a child SIGKILLed at random moments, most of
+    them inside the C apply (part of a record's samples on a cell); a fresh owner recovers the
+    shard and re-drains from the batch the killed one was in. Every window must hold exactly
+    the sum and count of the distinct samples (an in-place apply without an undo doubles the
+    part applied before the kill)."""
+    s, st = seg
+    rnd = random.Random(9)
+    t0 = 1_000 * MIN
+    params = [CellParams(MIN, MIN, ("Sum", "Count"), nwin=8).to_c(),
+              CellParams(20_000, MIN, ("Sum", "Count"), nwin=16).to_c()]
+    want: Counter = Counter()
+    batches: list[tuple[int, bytes]] = []
+    seq = 5000
+    for _ in range(60):
+        seq += 1
+        recs = []
+        for _ in range(24):
+            ts = [t0 + rnd.randrange(12) * 20_000 + rnd.randrange(1, 20_000)  # no window edge
+                  for _ in range(512)]
+            vals = [float(rnd.randrange(1, 100)) for _ in ts]
+            recs.append(make_record({"__name__": "c"}, ts, vals, 1))
+            for t, v in zip(ts, vals, strict=True):
+                for res in (MIN, 20_000):  # both cells' rows, summed per (agg, end)
+                    end = (t // res + 1) * res
+                    want[("sum", end)] += v
+                    want[("count", end)] += 1
+        batches.append((seq, b"".join(recs)))
+    head = mmap.mmap(-1, 8)
+    kills = 0
+    while struct.unpack_from("<Q", head, 0)[0] < len(batches):
+        pid = fork_call(_drain_batches, st, batches, head, t0, params)
+        time.sleep(rnd.random() * 0.004)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        kills += os.WIFSIGNALED(status)
+        s.recover_shard(0)  # as a restarted worker does before it drains
+        st.recover(0)
+    assert kills > 5
+    rows, _ = finalise(st, t0 + 100 * MIN)
+    got: Counter = Counter()
+    for labels, ts, value in rows:
+        got[(labels["m3_aggregation"], ts)] += value
+    assert got == want
