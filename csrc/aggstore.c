@@ -31,13 +31,14 @@
  * records of one batch share a seq, hence the position (lane byte position when draining,
  * batch offset in replay; both grow within a batch). An owner killed part-way through one
  * record's samples on a cell would leave a prefix applied under the old (seq, pos), counted
- * again when the record is re-drained; so before a record touches a cell the cell is copied
- * to the shard's undo buffer (with its last_pos and the spill count), and m3_aggst_recover
- * copies it back if the owner died before the apply finished: the record is then applied
- * whole, once. One copy of each cell a record reaches (the group cells, fed by ROLLUP_IN
- * records, use csrc/rollup.c's scratch-and-copy-back instead). Windows a sample forces out of a cell's
- * ring early (eviction) are finalised at once: their rows go to the spill, a small ring in the
- * region, and leave with the next finalise.
+ * again when the record is re-drained; so before a record touches a cell, what it can change
+ * there (the cell header and its samples' window slots, or the whole cell if it may evict:
+ * m3_agg_undo_save) is copied to the shard's undo buffer with the cell's last_pos and the
+ * spill count, and m3_aggst_recover puts it back if the owner died before the apply
+ * finished: the record is then applied whole, once. (Group cells, fed by ROLLUP_IN records,
+ * use csrc/rollup.c's scratch-and-copy-back instead.) Windows a sample forces out of a cell's
+ * ring early (eviction) are finalised at once: their rows go to the spill, a small ring in
+ * the region, and leave with the next finalise.
  *
  * Rules activations: a plan installed with start_ms keeps the plan it replaces as its prev;
  * apply_routed sends samples stamped at or before start_ms down that chain and later ones to
@@ -616,9 +617,9 @@ static void undo_restore(uint8_t *store, uint32_t shard)
     if (b && sh->undo_k < b->ncells && sh->undo_buf >= ARENA_FIRST && sh->undo_buf % 8 == 0 &&
         sh->undo_cap <= cap && sh->undo_buf <= cap - sh->undo_cap) {
         plan_cell *pc = &cells_of(b)[sh->undo_k];
-        if (pc->cell_bytes <= sh->undo_cap &&
-            (uint64_t)pc->cell_off + pc->cell_bytes <= b->bytes) {
-            memcpy(cell_of(b, pc), arena_of(store, shard) + sh->undo_buf, pc->cell_bytes);
+        if ((uint64_t)pc->cell_off + pc->cell_bytes <= b->bytes &&
+            m3_agg_undo_restore((uint8_t *)cell_of(b, pc), pc->cell_bytes,
+                                arena_of(store, shard) + sh->undo_buf, sh->undo_cap) == M3_OK) {
             pc->last_pos = sh->undo_last_pos;
             if (sh->undo_spill_n <= sh->spill_n)
                 sh->spill_n = sh->undo_spill_n;  /* the rows the interrupted apply spilled */
@@ -646,13 +647,15 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
             continue;
         }
         uint64_t a0 = c->applied, l0 = c->late, e0 = c->evicted, o0 = c->ooo;
-        uint8_t *undo = undo_buf(store, shard, pc->cell_bytes);
+        uint8_t *undo = undo_buf(store, shard, pc->cell_bytes + 64);
         if (undo) {
             sh->undo_blk = off;
             sh->undo_k = k;
             sh->undo_last_pos = pc->last_pos;
             sh->undo_spill_n = sh->spill_n;
-            memcpy(undo, c, pc->cell_bytes);
+            if (!m3_agg_undo_save((const uint8_t *)c, pc->cell_bytes, ts, nsamples, undo,
+                                  sh->undo_cap))
+                memset(undo, 0, 16);  /* cannot happen (the buffer holds the whole cell) */
             /* Compiler-only ordering (owner-private words; a SIGKILLed owner's completed
                stores stay in the mapping): the copy and its identity are in memory before the
                state says they are valid, and that before the cell is touched. */

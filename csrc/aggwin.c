@@ -681,3 +681,78 @@ int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t fi
     *next = ncells;
     return M3_OK;
 }
+
+/* ---- undo of one apply (csrc/aggstore.c: an owner killed mid-record) ---------------------
+   Layout: magic <u32> first slot <u32> slots <u32> pad <u32> | the cell header | the saved
+   window slots (first, first+1, ... mod nwin) | their sketches (if the cell has them). An
+   apply changes only the header, the slots of its samples' windows and, when it evicts, the
+   slots of the evicted windows: a record whose windows may evict (or span the ring) saves
+   every slot. */
+#define UNDO_MAGIC 0x4f444e55u /* "UNDO" */
+
+uint64_t m3_agg_undo_save(const uint8_t *cell, uint64_t cap, const int64_t *ts, size_t n,
+                          uint8_t *undo, uint64_t undo_cap)
+{
+    const m3_aggcell *c = (const m3_aggcell *)cell;
+    const uint64_t nwin = c->p.nwin, wb = sizeof(m3_aggwin);
+    const uint64_t sk = (c->flags & FLAG_SKETCH) ? sizeof(m3_sketch) : 0;
+    if (cap < sizeof(m3_aggcell) || nwin == 0 || c->p.res_ms <= 0 ||
+        sizeof(m3_aggcell) + nwin * (wb + sk) > cap)
+        return 0;
+    int64_t tmin = INT64_MAX, tmax = INT64_MIN;
+    for (size_t i = 0; i < n; i++) {
+        int64_t t = ts[i];
+        if (t > TS_LIMIT || t < -TS_LIMIT) continue;  /* skipped by the apply */
+        if (t < tmin) tmin = t;
+        if (t > tmax) tmax = t;
+    }
+    uint64_t first = 0, count = 0;
+    if (tmin <= tmax) {
+        int64_t wmin = floor_div(tmin - 1, c->p.res_ms), wmax = floor_div(tmax - 1, c->p.res_ms);
+        int evicts = c->hi_widx != WIDX_NONE && wmax - (int64_t)nwin >= c->lo_widx;
+        if (evicts || (uint64_t)(wmax - wmin) + 1 >= nwin) {
+            count = nwin;
+        } else {
+            first = (uint64_t)(((wmin % (int64_t)nwin) + (int64_t)nwin) % (int64_t)nwin);
+            count = (uint64_t)(wmax - wmin) + 1;
+        }
+    }
+    uint64_t need = 16 + sizeof(m3_aggcell) + count * (wb + sk);
+    if (need > undo_cap)
+        return 0;
+    uint32_t head[4] = {UNDO_MAGIC, (uint32_t)first, (uint32_t)count, 0};
+    memcpy(undo, head, 16);
+    uint8_t *o = undo + 16;
+    memcpy(o, cell, sizeof(m3_aggcell));
+    o += sizeof(m3_aggcell);
+    const uint8_t *w0 = cell + sizeof(m3_aggcell), *s0 = w0 + nwin * wb;
+    for (uint64_t i = 0; i < count; i++, o += wb)
+        memcpy(o, w0 + ((first + i) % nwin) * wb, wb);
+    for (uint64_t i = 0; sk && i < count; i++, o += sk)
+        memcpy(o, s0 + ((first + i) % nwin) * sk, sk);
+    return need;
+}
+
+int m3_agg_undo_restore(uint8_t *cell, uint64_t cap, const uint8_t *undo, uint64_t undo_cap)
+{
+    uint32_t head[4];
+    if (undo_cap < 16 + sizeof(m3_aggcell) || cap < sizeof(m3_aggcell))
+        return M3_ECORRUPT;
+    memcpy(head, undo, 16);
+    const m3_aggcell *saved = (const m3_aggcell *)(undo + 16);
+    const uint64_t nwin = saved->p.nwin, wb = sizeof(m3_aggwin);
+    const uint64_t sk = (saved->flags & FLAG_SKETCH) ? sizeof(m3_sketch) : 0;
+    const uint64_t first = head[1], count = head[2];
+    if (head[0] != UNDO_MAGIC || nwin == 0 || first >= nwin || count > nwin ||
+        sizeof(m3_aggcell) + nwin * (wb + sk) > cap ||
+        16 + sizeof(m3_aggcell) + count * (wb + sk) > undo_cap)
+        return M3_ECORRUPT;
+    const uint8_t *o = undo + 16 + sizeof(m3_aggcell);
+    uint8_t *w0 = cell + sizeof(m3_aggcell), *s0 = w0 + nwin * wb;
+    for (uint64_t i = 0; i < count; i++, o += wb)
+        memcpy(w0 + ((first + i) % nwin) * wb, o, wb);
+    for (uint64_t i = 0; sk && i < count; i++, o += sk)
+        memcpy(s0 + ((first + i) % nwin) * sk, o, sk);
+    memcpy(cell, saved, sizeof(m3_aggcell));
+    return M3_OK;
+}

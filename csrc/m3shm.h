@@ -609,6 +609,13 @@ const char *m3_agg_params_check(const m3_agg_params *p);
 /* After a restart: check a cell's header and repair what a killed writer may have left
    (window slots with impossible indexes are dropped). M3_ECORRUPT / M3_EVERSION if unusable. */
 int m3_agg_cell_check(uint8_t *cell, uint64_t cap);
+/* Undo of one apply: save into undo[0..undo_cap) what applying samples ts[0..n) can change in
+   the cell (its header and the window slots of their windows; the whole cell if a window may
+   be evicted). Returns the bytes written, 0 if undo_cap is too small. */
+uint64_t m3_agg_undo_save(const uint8_t *cell, uint64_t cap, const int64_t *ts, size_t n,
+                          uint8_t *undo, uint64_t undo_cap);
+/* Put a saved undo back into the cell: M3_OK, or M3_ECORRUPT if it does not fit the cell. */
+int m3_agg_undo_restore(uint8_t *cell, uint64_t cap, const uint8_t *undo, uint64_t undo_cap);
 /* Apply samples ts/v[0..n) of one series to cell `cell` of an array of cells `stride` bytes
    apart. seq > 0 is the batch's sequence number: a batch not above cell->last_seq is skipped
    as already applied (seq 0: no check). Windows that must leave the ring early are finalised
