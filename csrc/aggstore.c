@@ -907,6 +907,25 @@ int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch
 
 /* ---- finalising -------------------------------------------------------------------------- */
 
+/* Append one canonical label pair (u16 name_len, name, u16 value_len, value; both lengths
+   below 256 here) at out[*o]; -1 if it does not fit in cap. */
+static int put_label(uint8_t *out, size_t cap, size_t *o, const char *name, size_t nl,
+                     const char *val, size_t vl)
+{
+    size_t p = *o;
+    if (p + 4 + nl + vl > cap)
+        return -1;
+    out[p++] = (uint8_t)nl;
+    out[p++] = 0;
+    memcpy(out + p, name, nl);
+    p += nl;
+    out[p++] = (uint8_t)vl;
+    out[p++] = 0;
+    memcpy(out + p, val, vl);
+    *o = p + vl;
+    return 0;
+}
+
 /* Canonical labels of one output stream into out: the cell's fixed labels, or the series' own
    with m3_aggregation="<agg>" put in name order (replacing one the series has) when the cell
    keeps several aggregations. Returns the length, or -1 if it does not fit. */
@@ -949,16 +968,8 @@ static int64_t stream_labels(const shard_view *v, const plan_blk *b, const plan_
         if (cmp == 0)
             cmp = kl < nl ? -1 : kl > nl ? 1 : 0;
         if (!placed && cmp >= 0) {
-            if (o + 4 + nl + vl > cap)
+            if (put_label(out, cap, &o, name, nl, val, vl) != 0)
                 return -1;
-            out[o++] = (uint8_t)nl;
-            out[o++] = 0;
-            memcpy(out + o, name, nl);
-            o += nl;
-            out[o++] = (uint8_t)vl;
-            out[o++] = 0;
-            memcpy(out + o, val, vl);
-            o += vl;
             placed = 1;
             if (cmp == 0) {  /* the series' own m3_aggregation label is replaced */
                 i += whole;
@@ -971,18 +982,8 @@ static int64_t stream_labels(const shard_view *v, const plan_blk *b, const plan_
         o += whole;
         i += whole;
     }
-    if (!placed) {
-        if (o + 4 + nl + vl > cap)
-            return -1;
-        out[o++] = (uint8_t)nl;
-        out[o++] = 0;
-        memcpy(out + o, name, nl);
-        o += nl;
-        out[o++] = (uint8_t)vl;
-        out[o++] = 0;
-        memcpy(out + o, val, vl);
-        o += vl;
-    }
+    if (!placed && put_label(out, cap, &o, name, nl, val, vl) != 0)
+        return -1;
     return (int64_t)o;
 }
 
