@@ -18,6 +18,7 @@ from typing import Any
 from m3shm._native import ffi, lib
 from m3shm.errors import check
 from m3shm.shm import Segment
+from m3shm.shmfile import create_mapped
 
 # m3_aggst_row as a numpy dtype (built lazily)
 ROW_FIELDS = [("stream", "<u4"), ("ns", "<u2"), ("kind", "u1"), ("agg", "u1"), ("ts", "<i8"),
@@ -77,14 +78,7 @@ class AggStore:
         size = int(lib.m3_aggst_size(seg.base, arena_bytes))
         if not size:
             raise ValueError(f"aggregation store: invalid cell arena size {arena_bytes}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        mm = create_mapped(path, size)
         st = cls(seg, path, mm)
         check(lib.m3_aggst_init(st.base, size, seg.base, arena_bytes),
               f"initialising aggregation store {path}")

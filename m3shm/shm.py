@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from m3shm._native import ffi, lib
 from m3shm.errors import check
+from m3shm.shmfile import create_mapped
 
 REC_HEADER = struct.Struct("<IHHIIQQIIII")  # m3_rec, 48 bytes
 assert REC_HEADER.size == 48
@@ -148,14 +149,7 @@ class Segment:
     def create(cls, path: str, params: SegParams) -> Segment:
         """Create (replacing any old one) and initialise a segment file at ``path``."""
         size = params.size()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        mm = create_mapped(path, size)
         seg = cls(path, mm, params)
         check(lib.m3_seg_init(seg.base, size, params.to_c()), f"initialising segment {path}")
         return seg

@@ -29,6 +29,8 @@ import mmap
 import os
 import time
 
+from m3shm.shmfile import create_mapped
+
 MAGIC = int.from_bytes(b"M3STATS1", "little")
 VERSION = 1
 HEADER_SLOTS = 64            # changing this changes the format
@@ -108,15 +110,7 @@ class StatsFile:
 
     @classmethod
     def create(cls, path: str, nworkers: int) -> StatsFile:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        size = stats_size(nworkers)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        mm = create_mapped(path, stats_size(nworkers))
         s = memoryview(mm).cast("Q")
         s[H_VERSION], s[H_NWORKERS], s[H_WORKER_SLOTS] = VERSION, nworkers, WORKER_SLOTS
         s[H_SUPERVISOR_PID] = os.getpid()

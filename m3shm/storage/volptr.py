@@ -20,6 +20,7 @@ from pathlib import Path
 
 from m3shm._native import ffi, lib
 from m3shm.errors import check
+from m3shm.shmfile import create_mapped
 
 log = logging.getLogger("m3shm.volptr")
 
@@ -48,14 +49,7 @@ class VolumePointers:
         size = int(lib.m3_volptr_size(num_shards, cap))
         if not size:
             raise ValueError(f"volume table: bad size for {num_shards} shards x {cap} slots")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        mm = create_mapped(path, size)
         t = cls(path, mm)
         check(lib.m3_volptr_init(t.base, size, num_shards, cap, block_ms),
               f"initialising volume table {path}")
