@@ -397,28 +397,75 @@ int m3_aggst_install(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot
                                   loffs, NULL, ncells, start_ms);
 }
 
-int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
-                           uint32_t gen, uint32_t flags, const m3_agg_params *params,
-                           const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
-                           const uint32_t *rules, uint32_t ncells, int64_t start_ms)
+/* The bytes of a plan block for these cells (0: invalid arguments). */
+static uint64_t plan_bytes(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t flags,
+                           const m3_agg_params *params, const uint32_t *meta,
+                           const uint8_t *labels, const uint64_t *loffs, uint32_t ncells)
 {
-    if (!seg || !store || shard >= hdr_of(store)->num_shards || slot >= hdr_of(store)->slots ||
+    if (!seg || !store || shard >= hdr_of(store)->num_shards ||
         (ncells && (!params || !meta || !loffs)) || ncells > 4096 ||
         (flags & ~(uint32_t)M3_PLAN_DROP_RAW))
-        return M3_EINVAL;
+        return 0;
     uint64_t bytes = sizeof(plan_blk) + (uint64_t)ncells * sizeof(plan_cell);
     uint64_t lbytes = 0;
     for (uint32_t k = 0; k < ncells; k++) {
         uint64_t cb = m3_agg_cell_bytes(&params[k]);
         if (!cb || loffs[k + 1] < loffs[k] || loffs[k + 1] - loffs[k] > 65535 ||
             (loffs[k + 1] > loffs[k] && !labels) || ((meta[k] >> 16) & 0xff) > M3_AGGK_ROLLUP)
-            return M3_EINVAL;
+            return 0;
         lbytes += round8(loffs[k + 1] - loffs[k]);
         bytes += cb;
     }
     bytes += lbytes;
-    if (bytes > UINT32_MAX)
+    return bytes > UINT32_MAX ? 0 : bytes;
+}
+
+static int install_one(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
+                       uint32_t gen, uint32_t flags, const m3_agg_params *params,
+                       const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
+                       const uint32_t *rules, uint32_t ncells, int64_t start_ms,
+                       uint64_t bytes);
+
+int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
+                           uint32_t gen, uint32_t flags, const m3_agg_params *params,
+                           const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
+                           const uint32_t *rules, uint32_t ncells, int64_t start_ms)
+{
+    uint64_t bytes = plan_bytes(seg, store, shard, flags, params, meta, labels, loffs, ncells);
+    if (!bytes || slot >= hdr_of(store)->slots)
         return M3_EINVAL;
+    return install_one(seg, store, shard, slot, gen, flags, params, meta, labels, loffs, rules,
+                       ncells, start_ms, bytes);
+}
+
+int m3_aggst_install_many(uint8_t *seg, uint8_t *store, uint32_t shard, const uint32_t *slots,
+                          const uint32_t *gens, size_t n, uint32_t flags,
+                          const m3_agg_params *params, const uint32_t *meta,
+                          const uint8_t *labels, const uint64_t *loffs, const uint32_t *rules,
+                          uint32_t ncells, int64_t start_ms, size_t *installed)
+{
+    uint64_t bytes = plan_bytes(seg, store, shard, flags, params, meta, labels, loffs, ncells);
+    if (!bytes || (n && (!slots || !gens)) || !installed)
+        return M3_EINVAL;
+    *installed = 0;
+    for (size_t i = 0; i < n; i++)
+        if (slots[i] >= hdr_of(store)->slots)
+            return M3_EINVAL;
+    /* one plan after the other, each under the shard lock on its own (the finalise may take
+       the shard between two), each exactly what m3_aggst_install_group would make */
+    for (size_t i = 0; i < n; i++)
+        if (install_one(seg, store, shard, slots[i], gens[i], flags, params, meta, labels,
+                        loffs, rules, ncells, start_ms, bytes) == M3_OK)
+            (*installed)++;
+    return M3_OK;
+}
+
+static int install_one(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_t slot,
+                       uint32_t gen, uint32_t flags, const m3_agg_params *params,
+                       const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
+                       const uint32_t *rules, uint32_t ncells, int64_t start_ms,
+                       uint64_t bytes)
+{
     m3_shard_lock(seg, shard);
     shard_view v = shard_view_of(seg, shard);
     if (!slot_live(&v, slot, gen)) {

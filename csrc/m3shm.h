@@ -724,6 +724,15 @@ int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_
                            uint32_t gen, uint32_t flags, const m3_agg_params *params,
                            const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
                            const uint32_t *rules, uint32_t ncells, int64_t start_ms);
+/* As m3_aggst_install_group for each series (slots[i], gens[i]) of [0, n): the same plan
+   (cells, flags, start_ms) installed for every one, each as its own install (M3_ENOENT and
+   M3_ENOSPC per series as there, not errors). *installed = plans installed with M3_OK.
+   M3_EINVAL (nothing installed) for bad arguments. */
+int m3_aggst_install_many(uint8_t *seg, uint8_t *store, uint32_t shard, const uint32_t *slots,
+                          const uint32_t *gens, size_t n, uint32_t flags,
+                          const m3_agg_params *params, const uint32_t *meta,
+                          const uint8_t *labels, const uint64_t *loffs, const uint32_t *rules,
+                          uint32_t ncells, int64_t start_ms, size_t *installed);
 /* Owner, rollup source side: the shard's unfinished forward (fwd 0 = none) and the finalise
    now / first slot it was prepared with; set before its submit, cleared (fwd 0) after its
    commit, so a restarted owner resends exactly that forward first. */
@@ -772,6 +781,27 @@ int m3_aggst_commit(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_ms
                     uint32_t first, uint32_t last, uint32_t spill_n);
 /* Any process: a shard's counters. */
 void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *out);
+
+/* ---- plangroup.c: series grouped by the labels a rule set reads (docs/rules.md) ---------- */
+
+/* What m3_series_group keeps of a label not in `names`. */
+enum m3_proj_others {
+    M3_PROJ_SKIP = 0,     /* nothing */
+    M3_PROJ_NAMES = 1,    /* its name (the plan depends on which labels exist) */
+    M3_PROJ_ALL = 2       /* name and value (the plan may depend on every label) */
+};
+/* Scratch bytes m3_series_group needs for n series whose labels total label_bytes. */
+uint64_t m3_series_group_scratch(size_t n, uint64_t label_bytes);
+/* Group series (slots[i], gens[i]) of a shard by their projection: labels named in
+   names[noffs[k], noffs[k+1]) (k < nnames) with their values, the others as `others` says.
+   group[i] = group number (0 .. *ngroups - 1), UINT32_MAX for a series that is not live (or
+   another generation); reps[g] = index of group g's first series. Equal projections, equal
+   group; different, different (bytes compared, not only hashes). M3_ENOSPC: scratch too
+   small (see m3_series_group_scratch); M3_ECORRUPT: a series' labels are malformed. */
+int m3_series_group(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+                    const uint32_t *gens, size_t n, const uint8_t *names, const uint64_t *noffs,
+                    uint32_t nnames, uint32_t others, uint32_t *group, uint32_t *reps,
+                    size_t *ngroups, uint8_t *scratch, size_t scratch_cap);
 
 /* ---- lttb.c: Largest-Triangle-Three-Buckets downsampling (query_range max_points) ----- */
 

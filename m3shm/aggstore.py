@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,28 @@ CELL_AGG_LABEL: int = lib.M3_AGGC_AGG_LABEL
 PLAN_DROP_RAW: int = lib.M3_PLAN_DROP_RAW
 NEED_CAP = 4096
 SKIPPED = 0xFFFFFFFF  # Prepared.last when no cell of the shard was due
+
+
+def _u32(a: Any) -> Any:
+    return ffi.cast("uint32_t *", ffi.from_buffer(a))
+
+
+def _plan_args(params: list[Any], meta: list[int], labels: list[bytes],
+               rules: list[int] | None) -> tuple[Any, Any, bytes, Any, Any]:
+    """The C arrays of a plan's cells (see :meth:`AggStore.install`)."""
+    n = len(params)
+    cp = ffi.new("m3_agg_params[]", max(n, 1))
+    for i, p in enumerate(params):
+        cp[i] = p[0]
+    cm = ffi.new("uint32_t[]", meta or [0])
+    blob = b"".join(labels)
+    offs = [0]
+    for lab in labels:
+        offs.append(offs[-1] + len(lab))
+    co = ffi.new("uint64_t[]", offs)
+    # rules[k] != 0: cell k is a rollup group cell of that rule id (csrc/rollup.c)
+    cr = ffi.new("uint32_t[]", rules) if rules and any(rules) else ffi.NULL
+    return cp, cm, blob, co, cr
 
 
 def store_path(seg_path: str) -> str:
@@ -69,6 +92,7 @@ class AggStore:
         self._scratch_cap = 1 << 17
         self._scratch = ffi.new("uint8_t[]", self._scratch_cap)
         self._out: tuple[Any, Any, bytearray] | None = None
+        self._gscratch = bytearray()
 
     @classmethod
     def create(cls, seg: Segment, arena_bytes: int) -> AggStore:
@@ -109,23 +133,32 @@ class AggStore:
         return check(lib.m3_aggst_recover(self.seg.base, self.base, shard),
                      f"recovering the aggregation cells of shard {shard}")
 
-    def drain(self, shard: int, max_records: int, now_ms: int) -> tuple[int, list[tuple[int,
-                                                                                       int]]]:
-        """Drain one shard with aggregation: (records applied, [(slot, gen)] of series that
-        need a plan before the drain can go on)."""
+    def _needs(self, k: int, with_shard: bool = False) -> Any:
+        """The first k entries of the need buffers as one (k, 2) or (k, 3) uint32 array:
+        [slot, gen] or [shard, slot, gen] per row."""
+        import numpy as np
+
+        cols = [self._need_shard] if with_shard else []
+        cols += [self._need, self._need_gen]
+        out = np.empty((k, len(cols)), dtype=np.uint32)
+        for j, c in enumerate(cols):
+            out[:, j] = np.frombuffer(ffi.buffer(c, 4 * k), dtype=np.uint32)
+        return out
+
+    def drain(self, shard: int, max_records: int, now_ms: int) -> tuple[int, Any]:
+        """Drain one shard with aggregation: (records applied, (k, 2) uint32 array of [slot,
+        gen] of the series that need a plan before the drain can go on; k = 0 when none)."""
         n = check(lib.m3_lane_drain_agg(self.seg.base, self.base, shard, max_records, now_ms,
                                         self._need, self._need_gen, NEED_CAP, self._nneed),
                   f"draining shard {shard}")
-        k = self._nneed[0]
-        if not k:
-            return n, []
-        return n, [(self._need[i], self._need_gen[i]) for i in range(k)]
+        return n, self._needs(int(self._nneed[0]))
 
     def apply_batch(self, batch: Any, seq: int, lo: int, hi: int, now_ms: int, off: int,
-                    cells_only: bool = False) -> tuple[int, int, list[tuple[int, int, int]]]:
+                    cells_only: bool = False) -> tuple[int, int, Any]:
         """Replay: apply a commit-log batch from byte ``off``: (records applied, offset
-        reached, [(shard, slot, gen)] needing a plan; empty when the batch is done). With
-        ``cells_only`` (a batch a loaded snapshot holds) nothing goes to the open blocks."""
+        reached, (k, 3) uint32 array of [shard, slot, gen] needing a plan; k = 0 when the
+        batch is done). With ``cells_only`` (a batch a loaded snapshot holds) nothing goes to
+        the open blocks."""
         buf = ffi.from_buffer(batch)
         poff = ffi.new("size_t *", off)
         fn = lib.m3_shard_apply_batch_agg_cells if cells_only else lib.m3_shard_apply_batch_agg
@@ -133,9 +166,60 @@ class AggStore:
                                                lo, hi, now_ms, poff, self._need_shard,
                                                self._need, self._need_gen, NEED_CAP,
                                                self._nneed), f"replaying batch {seq}")
-        k = self._nneed[0]
-        return n, int(poff[0]), [(self._need_shard[i], self._need[i], self._need_gen[i])
-                                 for i in range(k)]
+        return n, int(poff[0]), self._needs(int(self._nneed[0]), with_shard=True)
+
+    def group(self, shard: int, slots: Any, gens: Any, names: Iterable[str],
+              others: int) -> tuple[Any, Any]:
+        """Group series (uint32 arrays ``slots``, ``gens``) of a shard by their labels'
+        projection (csrc/plangroup.c): (group per series, uint32 with 0xFFFFFFFF for a series
+        gone; index of each group's first series). The caller holds a read section or owns the
+        shard."""
+        import numpy as np
+
+        slots = np.ascontiguousarray(slots, dtype=np.uint32)
+        gens = np.ascontiguousarray(gens, dtype=np.uint32)
+        n = len(slots)
+        enc = [nm.encode() for nm in sorted(names)]
+        blob = b"".join(enc) or b"\0"
+        noffs = np.zeros(len(enc) + 1, dtype=np.uint64)
+        noffs[1:] = np.cumsum([len(e) for e in enc], dtype=np.uint64)
+        group = np.empty(n, dtype=np.uint32)
+        reps = np.empty(max(n, 1), dtype=np.uint32)
+        ng = ffi.new("size_t *")
+        label_bytes = n * 256
+        while True:
+            need = int(lib.m3_series_group_scratch(n, label_bytes))
+            if len(self._gscratch) < need:
+                self._gscratch = bytearray(need)
+            rc = lib.m3_series_group(self.seg.base, shard, _u32(slots), _u32(gens), n, blob,
+                                     ffi.cast("uint64_t *", ffi.from_buffer(noffs)), len(enc),
+                                     others, _u32(group), _u32(reps), ng,
+                                     ffi.from_buffer(self._gscratch), len(self._gscratch))
+            if rc != lib.M3_ENOSPC:
+                break
+            label_bytes *= 4
+        check(rc, f"grouping the new series of shard {shard}")
+        return group, reps[: ng[0]].copy()
+
+    def install_many(self, shard: int, slots: Any, gens: Any, drop_raw: bool,
+                     params: list[Any], meta: list[int], labels: list[bytes],
+                     start_ms: int | None = None, rules: list[int] | None = None) -> int:
+        """:meth:`install` of one plan for every series (uint32 arrays ``slots``, ``gens``) in
+        one C call; returns the plans installed (a series gone or refused cells by a full
+        arena is not counted, as :meth:`install` returns M3_ENOENT / M3_ENOSPC for it)."""
+        import numpy as np
+
+        slots = np.ascontiguousarray(slots, dtype=np.uint32)
+        gens = np.ascontiguousarray(gens, dtype=np.uint32)
+        cp, cm, blob, co, cr = _plan_args(params, meta, labels, rules)
+        done = ffi.new("size_t *")
+        check(lib.m3_aggst_install_many(self.seg.base, self.base, shard, _u32(slots),
+                                        _u32(gens), len(slots),
+                                        PLAN_DROP_RAW if drop_raw else 0, cp, cm,
+                                        blob or ffi.NULL, co, cr, len(params),
+                                        -(2**63) if start_ms is None else start_ms, done),
+              f"installing the plans of {len(slots)} series of shard {shard}")
+        return int(done[0])
 
     def install(self, shard: int, slot: int, gen: int, drop_raw: bool, params: list[Any],
                 meta: list[int], labels: list[bytes], start_ms: int | None = None,
@@ -145,17 +229,7 @@ class AggStore:
         at or before ``start_ms`` are final in the new cells). Returns
         M3_OK, M3_ENOENT (series gone) or M3_ENOSPC (arena full: raw only)."""
         n = len(params)
-        cp = ffi.new("m3_agg_params[]", max(n, 1))
-        for i, p in enumerate(params):
-            cp[i] = p[0]
-        cm = ffi.new("uint32_t[]", meta or [0])
-        blob = b"".join(labels)
-        offs = [0]
-        for lab in labels:
-            offs.append(offs[-1] + len(lab))
-        co = ffi.new("uint64_t[]", offs)
-        # rules[k] != 0: cell k is a rollup group cell of that rule id (csrc/rollup.c)
-        cr = ffi.new("uint32_t[]", rules) if rules and any(rules) else ffi.NULL
+        cp, cm, blob, co, cr = _plan_args(params, meta, labels, rules)
         rc = lib.m3_aggst_install_group(self.seg.base, self.base, shard, slot, gen,
                                         PLAN_DROP_RAW if drop_raw else 0, cp, cm,
                                         blob or ffi.NULL, co, cr, n,

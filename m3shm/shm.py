@@ -362,6 +362,21 @@ class Segment:
             return SeriesInfo(slot, int(info.gen), ffi.buffer(info.labels, info.labels_len)[:],
                               int(info.max_ts))
 
+    def live_slots(self, shard: int) -> Any:
+        """[slot, gen] (a (k, 2) uint32 numpy array) of every live series of a shard, in slot
+        order: one C call, no Python per series."""
+        import numpy as np
+
+        slots = np.arange(self.nseries(shard), dtype=np.uint32)
+        gens = np.zeros(len(slots), dtype=np.uint32)
+        if len(slots):
+            check(lib.m3_series_gens(self.base, shard,
+                                     ffi.cast("uint32_t *", ffi.from_buffer(slots)), len(slots),
+                                     ffi.cast("uint32_t *", ffi.from_buffer(gens))),
+                  f"listing the series of shard {shard}")
+        live = gens != 0
+        return np.stack([slots[live], gens[live]], axis=1)
+
     def live_series(self, shard: int) -> Iterator[SeriesInfo]:
         """Every live series of a shard, in slot order."""
         for slot in range(self.nseries(shard)):

@@ -47,7 +47,7 @@ def one_run(aggs: tuple[str, ...], k: int, nser: int, nbatches: int) -> float:
             c0 = time.thread_time_ns()
             while True:
                 _, off, need = st.apply_batch(batch, seq, 0, 1, t0, off)
-                if not need:
+                if not len(need):
                     break
                 for shard, slot, gen in need:
                     st.install(shard, slot, gen, True, params, [0], [b""])

@@ -55,7 +55,7 @@ def drain_all(st: AggStore, plan, now: int) -> tuple[int, int]:
     while True:
         n, need = st.drain(0, 1024, now)
         applied += n
-        if not need:
+        if not len(need):
             return applied, asked
         asked += len(need)
         for slot, gen in need:
@@ -150,7 +150,7 @@ def test_redrained_record_is_not_applied_twice_and_replay_aggregates(seg):
     drain_all(st, lambda labels: (False, params, [0]), t0)
     # the same batch replayed on top (as after a crash mid-drain): skipped per cell
     n, off, need = st.apply_batch(rec, seq, 0, 1, t0, 0)
-    assert (n, need) == (1, [])
+    assert (n, len(need)) == (1, 0)
     rows, _ = finalise(st, t0 + 2 * MIN)
     assert [r[2] for r in rows] == [7.0]
 
@@ -164,7 +164,7 @@ def test_replay_asks_for_plans_and_treats_watermark_windows_as_late(seg):
     off, asked = 0, 0
     while True:
         n, off, need = st.apply_batch(batch, 42, 0, 1, t0 + 2 * MIN, off)
-        if not need:
+        if not len(need):
             break
         asked += len(need)
         for shard, slot, gen in need:
@@ -288,7 +288,7 @@ def _drain_batches(st: AggStore, batches: list[tuple[int, bytes]], head: mmap.mm
         off = 0
         while True:
             _, off, need = st.apply_batch(batch, seq, 0, 1, now, off)
-            if not need:
+            if not len(need):
                 break
             for shard, slot, gen in need:
                 st.install(shard, slot, gen, True, params,  # cells only: no raw blocks

@@ -49,10 +49,12 @@ from typing import Any
 
 import numpy as np
 
+from m3shm._native import ffi
 from m3shm.aggstore import CELL_AGG_LABEL, KIND_OUTPUT, KIND_ROLLUP, SKIPPED, AggStore, Prepared
 from m3shm.errors import NoSuchSeriesError
 from m3shm.rules.cells import output_cell
 from m3shm.rules.matcher import CompiledRules, SeriesPlan
+from m3shm.rules.projection import ALL, Projection, rules_projection, union
 from m3shm.shm import Segment, parse_labels
 from m3shm.storage.records import LabelTable, build_records
 
@@ -67,14 +69,16 @@ WATERMARK_DIR = "downsample"
 
 @dataclass(frozen=True)
 class CellSpec:
-    """One cell of a plan: its C parameters (``m3_agg_params *``), where its rows go and under
-    which labels (b"" = the series' own)."""
+    """One cell of a plan: its C parameters (``m3_agg_params *``), where its rows go, under
+    which labels (b"" = the series' own), and ``rule``: 0, or the rollup rule id whose
+    forwarded records feed this group cell (csrc/rollup.c)."""
 
     params: Any
     ns_id: int
     kind: int = KIND_OUTPUT
     flags: int = 0
     labels: bytes = b""
+    rule: int = 0
 
     @property
     def meta(self) -> int:
@@ -107,10 +111,17 @@ def read_watermark(data_dir: str) -> int:
     return min(marks) if marks else 0
 
 
-def _cells_key(plan: SeriesPlan) -> tuple:
-    """What a plan's cells depend on (cells_for, rollup_cells): equal keys, equal cells."""
-    return (plan.store_raw, tuple((o.policy, o.aggregations) for o in plan.outputs),
-            plan.rollups)
+Cells = tuple[bool, tuple[CellSpec, ...]]   # a plan: (drop the raw samples, its cells)
+GONE = 0xFFFFFFFF   # m3_series_group: a series no longer live
+PLAN_CACHE = 65536  # plans remembered by projection (cleared when full)
+
+
+def same_cells(a: Cells, b: Cells) -> bool:
+    """Do two plans make the same cells (parameters, destinations, labels)?"""
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        (x.meta, x.labels, x.rule) == (y.meta, y.labels, y.rule)
+        and ffi.buffer(x.params)[:] == ffi.buffer(y.params)[:]
+        for x, y in zip(a[1], b[1], strict=True))
 
 
 class Aggregator:
@@ -137,11 +148,20 @@ class Aggregator:
         # the series of the first shard still to do, series changed so far
         self._todo: list[tuple[tuple[int, int, CompiledRules], CompiledRules | None,
                                list[int]]] = []
-        self._replan_needs: list[tuple[int, int]] | None = None
+        self._replan_needs: np.ndarray | None = None  # [slot, gen] rows
         self._replan_n = 0
         self._replan_cpu = 0.0
         self._lock = threading.Lock()
         self._cache: dict[Any, tuple[bool, tuple[CellSpec, ...]]] = {}
+        # plans by (versions, projection key), projections by versions; the versions are
+        # keyed by id() and held in _pinned while a key names them (no id is reused)
+        self._plans: dict[tuple, list[Cells]] = {}
+        self._proj: dict[tuple[int, ...], Projection] = {}
+        self._pinned: dict[int, CompiledRules] = {}
+        # what a series' plan under one rule-set version is (a GroupPlanner replaces both)
+        self.plan_cells: Callable[[dict[str, str], CompiledRules], Cells] = self._plan_cells
+        self.projection: Callable[[CompiledRules], Projection] = (
+            lambda compiled: rules_projection(compiled.rules))
         self._missing: set[str] = set()
         self.rollup_cells: Callable[[SeriesPlan, dict[str, str]], Iterable[CellSpec]] = (
             lambda plan, labels: ())
@@ -202,9 +222,9 @@ class Aggregator:
             shard = shards[0]
             if self._replan_needs is None:
                 if self.store.stats(shard)["rules_version"] >= version:
-                    needs: list[tuple[int, int]] = []  # planned before this worker restarted
+                    needs = np.empty((0, 2), dtype=np.uint32)  # planned before a restart
                 else:
-                    needs = [(i.slot, i.gen) for i in self.seg.live_series(shard)]
+                    needs = self.seg.live_slots(shard)
                 self._replan_needs = needs
             needs = self._replan_needs
             take = needs if budget is None else needs[:budget - done]
@@ -212,8 +232,8 @@ class Aggregator:
             self._replan_n += self.resolve(shard, take, only=entry, before=before)
             self._replan_cpu += time.thread_time() - t0
             done += len(take)
-            del needs[:len(take)]
-            if needs:
+            self._replan_needs = needs = needs[len(take):]
+            if len(needs):
                 break
             self._replan_needs = None
             if self.store.stats(shard)["rules_version"] < version:  # never lowered
@@ -268,35 +288,84 @@ class Aggregator:
         self._cache[key] = hit
         return hit
 
-    def resolve(self, shard: int, needs: list[tuple[int, int]],
+    def _plan_cells(self, labels: dict[str, str], compiled: CompiledRules) -> Cells:
+        """(drop raw, cells) of a raw series under one rule-set version: its mapping outputs
+        and, through :attr:`rollup_cells`, its rollup series-stage cells."""
+        plan = compiled.match(labels)
+        drop, cells = self.cells_for(plan)
+        extra = tuple(self.rollup_cells(plan, labels))
+        return drop, cells + extra if extra else cells
+
+    def _projection_of(self, versions: list[CompiledRules]) -> Projection:
+        key = tuple(id(c) for c in versions)
+        p = self._proj.get(key)
+        if p is None:
+            if len(self._proj) > 64 or len(self._plans) >= PLAN_CACHE:
+                self._proj.clear()
+                self._plans.clear()
+                self._pinned.clear()
+            for c in versions:
+                self._pinned[id(c)] = c
+            p = self._proj[key] = union(self.projection(c) for c in versions)
+        return p
+
+    def resolve(self, shard: int, needs: np.ndarray,
                 only: tuple[int, int, CompiledRules] | None = None,
                 before: CompiledRules | None = None) -> int:
-        """Match rules for series (slot, gen) of a shard and install their plans: one per
-        version of :meth:`_chain`, each from its activation (a planless series), or only
-        version ``only`` (activation, version, compiled) on top of each series' plan, except
-        where it makes the same cells as ``before`` (the version it follows)."""
+        """Plan series ``needs`` ([slot, gen] rows) of a shard: one plan per version of
+        :meth:`_chain`, each from its activation (planless series), or only version ``only``
+        (activation, version, compiled) on top of each series' plan, except where it makes
+        the same cells as ``before`` (the version it follows). Returns the series planned.
+
+        In batches, never per series in Python: C groups the series by the labels the
+        versions read (m3shm.rules.projection, csrc/plangroup.c); each group is matched once,
+        on one of its series, and its plan installed for all of them with one C call."""
         chain = [only] if only is not None else self._chain()
+        if not len(needs):
+            return 0
+        versions = [c for _, _, c in chain]
+        if only is not None and before is not None:
+            versions.append(before)
+        proj = self._projection_of(versions)
+        slots = np.ascontiguousarray(needs[:, 0], dtype=np.uint32)
+        gens = np.ascontiguousarray(needs[:, 1], dtype=np.uint32)
+        with self.seg.reading():
+            group, reps = self.store.group(shard, slots, gens, proj.names, proj.others)
+        order = np.argsort(group, kind="stable")
+        bounds = np.searchsorted(group[order], np.arange(len(reps) + 1))
+        vkey = tuple(id(c) for c in versions)
         n = 0
-        for slot, gen in needs:
-            try:
-                labels = parse_labels(self.seg.series_labels(shard, slot))
-            except NoSuchSeriesError:
-                continue
-            plans = [compiled.match(labels) for _, _, compiled in chain]
-            if (only is not None and before is not None
-                    and _cells_key(before.match(labels)) == _cells_key(plans[0])):
-                continue  # unchanged: the series keeps its cells across the activation
-            for i, ((act, _, _), plan) in enumerate(zip(chain, plans, strict=True)):
+        for g in range(len(reps)):
+            members = order[bounds[g]:bounds[g + 1]]
+            labels = self._labels_of(shard, slots[members])
+            if labels is None:
+                continue  # every series of the group is gone
+            key = (vkey, proj.key(labels)) if proj.others != ALL else None
+            plans = self._plans.get(key) if key is not None else None
+            if plans is None:
+                plans = [self.plan_cells(labels, c) for c in versions]
+                if key is not None and len(self._plans) < PLAN_CACHE:
+                    self._plans[key] = plans
+            if only is not None and before is not None and same_cells(plans[-1], plans[0]):
+                continue  # unchanged: the series keep their cells across the activation
+            for i, ((act, _, _), (drop, cells)) in enumerate(zip(chain, plans, strict=False)):
                 start = act if act > 0 and (only is not None or i > 0) else None
-                drop, cells = self.cells_for(plan)
-                extra = tuple(self.rollup_cells(plan, labels))
-                if extra:
-                    cells = cells + extra
-                self.store.install(shard, slot, gen, drop, [c.params for c in cells],
-                                   [c.meta for c in cells], [c.labels for c in cells], start)
-            n += 1
+                self.store.install_many(shard, slots[members], gens[members], drop,
+                                        [c.params for c in cells], [c.meta for c in cells],
+                                        [c.labels for c in cells], start,
+                                        [c.rule for c in cells])
+            n += len(members)
         self.stats["planned"] += n
         return n
+
+    def _labels_of(self, shard: int, slots: np.ndarray) -> dict[str, str] | None:
+        """The labels of the first of ``slots`` still live (one read: its group's labels)."""
+        for slot in slots.tolist():
+            try:
+                return parse_labels(self.seg.series_labels(shard, slot))
+            except NoSuchSeriesError:
+                continue
+        return None
 
     # -- drain thread -----------------------------------------------------------------------
 
@@ -315,7 +384,7 @@ class Aggregator:
             while True:
                 n, needs = self.store.drain(shard, max_records, now)
                 total += n
-                if not needs:
+                if not len(needs):
                     break
                 self.resolve(shard, needs)
                 total += 1  # progress: the caller loops again at once
@@ -334,13 +403,10 @@ class Aggregator:
             n, off, needs = self.store.apply_batch(payload, seq, lo, hi, self.replay_now_ms,
                                                    off, cells_only)
             total += n
-            if not needs:
+            if not len(needs):
                 return total
-            by_shard: dict[int, list[tuple[int, int]]] = {}
-            for shard, slot, gen in needs:
-                by_shard.setdefault(shard, []).append((slot, gen))
-            for shard, lst in by_shard.items():
-                self.resolve(shard, lst)
+            for shard in np.unique(needs[:, 0]).tolist():
+                self.resolve(shard, needs[needs[:, 0] == shard][:, 1:])
 
     # -- finalise (event loop) --------------------------------------------------------------
 

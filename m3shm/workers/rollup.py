@@ -40,6 +40,7 @@ from m3shm.aggstore import KIND_OUTPUT, KIND_ROLLUP, Prepared
 from m3shm.rules.cells import rollup_group_cell
 from m3shm.rules.forward import build_records
 from m3shm.rules.matcher import RollupInput, SeriesPlan
+from m3shm.rules.projection import group_projection
 from m3shm.rules.rollup_plan import canonical, group_plans, rule_id
 from m3shm.workers.aggregate import Aggregator, CellSpec
 
@@ -156,47 +157,24 @@ def group_cells(labels: dict[str, str], agg: Aggregator, ns_name: str,
 
 class GroupPlanner:
     """Plans for the series of one aggregated namespace: group cells for rollup groups, and
-    nothing for the rest (their points are stored as they come)."""
+    nothing for the rest (their points are stored as they come). It tells the namespace's
+    Aggregator what a series' plan is (:meth:`plan_cells`) and which labels decide it
+    (m3shm.rules.projection.group_projection: the metric name and the label names); the
+    Aggregator's resolve does the rest (batches, versions, activations)."""
 
     def __init__(self, agg: Aggregator, ns_id: int, ns_name: str, forward_delay_ms: int) -> None:
         self.agg = agg
         self.ns_id = ns_id
         self.ns_name = ns_name
         self.forward_delay_ms = forward_delay_ms
-        agg.resolve = self.resolve  # type: ignore[method-assign]
+        agg.plan_cells = self.plan_cells
+        agg.projection = lambda compiled: group_projection()
 
-    def resolve(self, shard: int, needs: list[tuple[int, int]],
-                only: tuple[int, int, Any] | None = None, before: Any = None) -> int:
-        """Aggregator.resolve for group series: a plan per rule-set version of the
-        Aggregator's chain, each from its activation (or only version ``only`` on top, except
-        where it makes the same group cells as ``before``)."""
-        from m3shm.errors import NoSuchSeriesError
-        from m3shm.shm import parse_labels
-
-        a = self.agg
-        chain = [only] if only is not None else a._chain()
-        n = 0
-        for slot, gen in needs:
-            try:
-                labels = parse_labels(a.seg.series_labels(shard, slot))
-            except NoSuchSeriesError:
-                continue
-            if only is not None and before is not None and (
-                    [r for _, r in group_cells(labels, a, self.ns_name, self.forward_delay_ms,
-                                               before.rules)] ==
-                    [r for _, r in group_cells(labels, a, self.ns_name, self.forward_delay_ms,
-                                               only[2].rules)]):
-                continue  # the same rules: the group keeps its cells across the activation
-            for i, (act, _, compiled) in enumerate(chain):
-                start = act if act > 0 and (only is not None or i > 0) else None
-                cells = group_cells(labels, a, self.ns_name, self.forward_delay_ms,
-                                    compiled.rules)
-                a.store.install(shard, slot, gen, False, [c for c, _ in cells],
-                                [self.ns_id | KIND_OUTPUT << 16] * len(cells),
-                                [b""] * len(cells), start, rules=[r for _, r in cells])
-            n += 1
-        a.stats["planned"] += n
-        return n
+    def plan_cells(self, labels: dict[str, str], compiled: Any) -> tuple[bool, tuple[CellSpec,
+                                                                                    ...]]:
+        cells = group_cells(labels, self.agg, self.ns_name, self.forward_delay_ms,
+                            compiled.rules)
+        return False, tuple(CellSpec(c, self.ns_id, KIND_OUTPUT, 0, b"", r) for c, r in cells)
 
 
 __all__ = ["RollupSource", "GroupPlanner", "cell_labels", "split_cell_labels", "group_cells",
