@@ -16,7 +16,6 @@ import pytest
 from m3shm.errors import CorruptError
 from m3shm.shm import COLD, WARM, Segment, SegParams, make_record
 from m3shm.storage import snapshot
-from m3shm.storage.fileset import Kind
 from m3shm.storage.shard_flush import flush_block
 
 pytestmark = pytest.mark.native
@@ -73,14 +72,15 @@ def fill(seg: Segment, rng: random.Random, nseries: int = 60) -> None:
             put(seg, f"m{i}", back, [-1.0 - k for k in range(len(back))])
 
 
-def snap_all(seg: Segment, root: Path, seq: int, fs_root: Path) -> None:
-    for s in range(seg.params.num_shards):
-        snapshot.write_shard(seg, root, NS, s, seq, fs_root)
+def snap_all(seg: Segment, root: Path, seq: int, fs_root: Path) -> Path:
+    info = snapshot.write_snapshot(seg, root, NS, range(seg.params.num_shards), seq, fs_root)
+    return snapshot.file_path(root, NS, seq, info.shards, empty=info.nseries == 0)
 
 
 def load_all(seg: Segment, root: Path, fs_root: Path) -> dict[int, int]:
-    return {s: snapshot.load_shard(seg, root, NS, s, fs_root)[0]
-            for s in range(seg.params.num_shards)}
+    return {s: v[0] for s, v in snapshot.load_shards(seg, root, NS,
+                                                     range(seg.params.num_shards),
+                                                     fs_root).items()}
 
 
 def test_snapshot_round_trip_and_appends_after_load(segs, tmp_path):
@@ -127,27 +127,27 @@ def test_flushed_after_snapshot_is_not_loaded(segs, tmp_path):
 
 
 def test_corrupt_snapshot_is_named_and_the_older_one_loads(segs, tmp_path, caplog):
-    a = segs(1)
+    a = segs(2)
     root, fs = tmp_path / "snap", tmp_path / "fs"
     put(a, "x", [1000], [1.0])
+    put(a, "y", [1000], [1.0])
     snap_all(a, root, 10, fs)
     put(a, "x", [2000], [2.0])
-    snap_all(a, root, 20, fs)
-    d = snapshot.shard_dir(root, NS, 0)
-    p = snapshot.content_path(d, 20)
+    p = snap_all(a, root, 20, fs)
     raw = bytearray(p.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     p.write_bytes(bytes(raw))
-    b = segs(1)
-    assert load_all(b, root, fs) == {0: 10}
+    b = segs(2)
+    assert load_all(b, root, fs) == {0: 10, 1: 10}
     assert str(p) in caplog.text and "corrupt snapshot" in caplog.text
-    assert list(contents(b).values()) == [([1000], [1.0])]
-    assert p.with_suffix(".db.corrupt").exists() and snapshot.complete(d) == [10]
+    assert sorted(contents(b).values()) == [([1000], [1.0])] * 2
+    assert p.with_name(p.name + ".corrupt").exists()
+    assert [f.seq for f in snapshot.listing(root, NS)] == [10]
     # with every snapshot bad, nothing loads (the caller replays the whole commit log)
-    p10 = snapshot.content_path(d, 10)
+    p10 = snapshot.file_path(root, NS, 10, range(2))
     p10.write_bytes(p10.read_bytes()[:-3])
-    c = segs(1)
-    assert load_all(c, root, fs) == {0: 0}
+    c = segs(2)
+    assert load_all(c, root, fs) == {0: 0, 1: 0}
     assert contents(c) == {}
 
 
@@ -155,17 +155,70 @@ def test_incomplete_snapshot_is_ignored_and_removed(segs, tmp_path):
     a = segs(1)
     root, fs = tmp_path / "snap", tmp_path / "fs"
     put(a, "x", [1000], [1.0])
-    snap_all(a, root, 10, fs)
+    p10 = snap_all(a, root, 10, fs)
     put(a, "x", [2000], [2.0])
-    snap_all(a, root, 20, fs)
-    d = snapshot.shard_dir(root, NS, 0)
-    snapshot.checkpoint_path(d, 20).unlink()  # killed before its checkpoint
+    p20 = snap_all(a, root, 20, fs)
+    p20.rename(p20.with_name(p20.name + ".tmp"))  # killed before the rename
+    other = snapshot.file_path(root, NS, 30, range(1, 2))  # another running worker's
+    other.with_name(other.name + ".tmp").write_bytes(b"x")
     b = segs(1)
     assert load_all(b, root, fs) == {0: 10}
-    snapshot.prune(d)
-    assert sorted(x.name for x in d.iterdir()) == [
-        snapshot.checkpoint_path(d, 10).name, snapshot.content_path(d, 10).name]
-    assert Kind  # filesets untouched here
+    snapshot.prune(root, NS, range(1), [range(1), range(1, 2)])
+    assert sorted(x.name for x in (root / NS).iterdir()) == sorted(
+        [p10.name, other.name + ".tmp"])
+
+
+def test_two_kept_per_shard_across_worker_layouts_and_version_1(segs, tmp_path, caplog):
+    """Files of another worker layout (and version 1's per-shard files) are read for the
+    shards they hold, and deleted once every shard they hold has two newer snapshots."""
+    a = segs(4)
+    root, fs = tmp_path / "snap", tmp_path / "fs"
+    for i in range(12):
+        put(a, f"m{i}", [1000 + i], [float(i)])
+    for s in range(4):
+        snapshot.write_shard_v1(a, root, NS, s, 5, fs)
+    b = segs(4)
+    assert load_all(b, root, fs) == {s: 5 for s in range(4)}
+    assert contents(b) == contents(a)
+    put(a, "m0", [5000], [5.0])
+    snapshot.write_snapshot(a, root, NS, range(0, 2), 10, fs)  # two workers now
+    snapshot.write_snapshot(a, root, NS, range(2, 4), 11, fs)
+    c = segs(4)
+    assert load_all(c, root, fs) == {0: 10, 1: 10, 2: 11, 3: 11}
+    assert contents(c) == contents(a)
+    ranges = [range(0, 2), range(2, 4)]
+    snapshot.prune(root, NS, ranges[0], ranges)
+    assert [f.seq for f in snapshot.listing(root, NS)] == [11, 10, 5, 5, 5, 5]
+    snapshot.write_snapshot(a, root, NS, range(0, 2), 12, fs)
+    snapshot.write_snapshot(a, root, NS, range(2, 4), 13, fs)
+    snapshot.prune(root, NS, ranges[1], ranges)
+    assert [f.seq for f in snapshot.listing(root, NS)] == [13, 12, 11, 10]
+    assert sorted(x.name for x in (root / NS).iterdir()) == sorted(
+        f.path.name for f in snapshot.listing(root, NS))  # version-1 directories gone
+    # one worker again: its file supersedes both halves once it has two newer ones
+    for seq in (20, 21):
+        snapshot.write_snapshot(a, root, NS, range(4), seq, fs)
+    snapshot.prune(root, NS, range(4), [range(4)])
+    assert [f.seq for f in snapshot.listing(root, NS)] == [21, 20]
+    d = segs(4)
+    assert load_all(d, root, fs) == {s: 21 for s in range(4)}
+    assert contents(d) == contents(a)
+
+
+def test_nothing_open_writes_an_empty_marker(segs, tmp_path):
+    a = segs(2)
+    root, fs = tmp_path / "snap", tmp_path / "fs"
+    put(a, "x", [1000], [1.0])
+    snap_all(a, root, 10, fs)
+    e = segs(2)
+    p = snap_all(e, root, 20, fs)
+    assert p.name.endswith("-empty.db") and p.stat().st_size == 0
+    b = segs(2)
+    assert load_all(b, root, fs) == {0: 20, 1: 20} and contents(b) == {}
+    p.write_bytes(b"junk")  # an "empty" snapshot with bytes is corrupt: the older one loads
+    c = segs(2)
+    assert load_all(c, root, fs) == {0: 10, 1: 10}
+    assert contents(c) == contents(a)
 
 
 def test_loader_refuses_bad_bytes_without_crashing(segs):

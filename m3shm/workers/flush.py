@@ -104,8 +104,13 @@ class Flusher:
         self._last_retention = 0.0
         self.blocks_written = 0
         # per namespace (state key): its snapshots of this worker's shards
+        from m3shm.workers.worker import shard_range
+
+        ranges = [range(*shard_range(i, w.nworkers, w.seg.params.num_shards))
+                  for i in range(w.nworkers)]
         self.snapshots = {rt.key: snapshot.Snapshots(rt.seg, Path(w.data_dir) / "snapshots",
-                                                     rt.name, self.root, range(w.lo, w.hi))
+                                                     rt.name, self.root, range(w.lo, w.hi),
+                                                     ranges)
                           for rt in w.ns.values()}
         self._last_snapshot = time.monotonic()
         os.makedirs(os.path.dirname(state_path(w.data_dir, w.index)), exist_ok=True)
