@@ -1,5 +1,5 @@
 """Filesets: round trip, lookups through bloom/summaries/index, corruption named per section
-(version 3) and per file (version 2), incomplete filesets invisible and removed."""
+(versions 3-4) and per file (version 2), incomplete filesets invisible and removed."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
 
 
 def sections(path: Path) -> dict[Kind, tuple[int, int]]:
-    """{section kind: (offset, length)} from a version-3 content file's table."""
+    """{section kind: (offset, length)} from a version-3 content or version-4 file's table."""
     raw = path.read_bytes()
     (n,) = struct.unpack_from("<I", raw, HEADER.size)
     out = {}
@@ -120,17 +120,23 @@ def read_all(root: Path, fid: FilesetId, series: list) -> None:
         store.close()
 
 
-@pytest.mark.parametrize("where", ["table", *[k.name.lower() for k in SECTIONS], "checkpoint"])
-def test_a_flipped_byte_in_any_section_is_named(tmp_path: Path, where: str) -> None:
+@pytest.mark.parametrize("version,where", [
+    *[(4, w) for w in ("table", "table_crc", *[k.name.lower() for k in SECTIONS])],
+    *[(3, w) for w in ("table", *[k.name.lower() for k in SECTIONS], "checkpoint")]])
+def test_a_flipped_byte_in_any_section_is_named(tmp_path: Path, version: int,
+                                                where: str) -> None:
     series = make_series(200)
     fid = FilesetId("default", 0, START, 0)
-    write_fileset(tmp_path, fid, BLOCK, series, summary_every=8, revindex=revindex_bytes)
-    content = fid.path(tmp_path, Kind.CONTENT)
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=8, revindex=revindex_bytes,
+                  version=version)
+    content = fid.path(tmp_path, Kind.CONTENT if version == 3 else Kind.SEALED)
     path, at = content, HEADER.size + 4 + 3  # the table: a section's reserved bytes
+    if where == "table_crc":  # version 4: right after the table
+        at = HEADER.size + 4 + SECTION.size * len(sections(content)) + 1
     if where == "checkpoint":
         path = fid.path(tmp_path, Kind.CHECKPOINT)
         at = path.stat().st_size - 2
-    elif where != "table":
+    elif where not in ("table", "table_crc"):
         off, length = sections(content)[Kind[where.upper()]]
         assert length > 0
         at = off + length // 2
@@ -140,7 +146,9 @@ def test_a_flipped_byte_in_any_section_is_named(tmp_path: Path, where: str) -> N
     with pytest.raises(CorruptFilesetError) as err:
         read_all(tmp_path, fid, series)
     msg = str(err.value)
-    if where in ("table", "checkpoint"):  # the checkpoint holds the table's CRC: both named
+    if version == 4 and where.startswith("table"):
+        assert str(content) in msg and "CRC32 of the header and section table" in msg, msg
+    elif where in ("table", "checkpoint"):  # the checkpoint holds the table's CRC: both named
         assert str(content) in msg and str(fid.path(tmp_path, Kind.CHECKPOINT)) in msg, msg
     else:
         assert f"{content} (section {where})" in msg, msg
@@ -166,13 +174,14 @@ def test_version2_a_flipped_byte_in_any_file_is_named(tmp_path: Path, kind: Kind
 
 
 def test_data_corruption_spares_other_groups(tmp_path: Path) -> None:
-    """Version 3 compresses each summary group's blocks as one zstd frame: a flipped byte costs
-    that group's series (a clear error naming the file and section), never another group's."""
+    """Versions 2-4 compress each summary group's blocks as one zstd frame: a flipped byte
+    costs that group's series (a clear error naming the file and section), never another
+    group's."""
     kind = Kind.DATA
     series = make_series(20)
     fid = FilesetId("default", 0, START, 0)
     write_fileset(tmp_path, fid, BLOCK, series, summary_every=4)
-    path = fid.path(tmp_path, Kind.CONTENT)
+    path = fid.path(tmp_path, Kind.SEALED)
     raw = bytearray(path.read_bytes())
     raw[sections(path)[kind][0] + 12] ^= 0x01  # inside the first frame (the first 4 series)
     path.write_bytes(bytes(raw))
@@ -200,15 +209,19 @@ def frames(raw: bytes) -> list[bytes]:
     return out
 
 
-def test_v3_is_two_files_with_zstd_frames_per_summary_group(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_v3_v4_files_with_zstd_frames_per_summary_group(tmp_path: Path, version: int) -> None:
     series = make_series(10)
     fid = FilesetId("default", 0, START, 0)
-    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4, revindex=revindex_bytes)
-    assert sorted(p.name for p in (tmp_path / "default" / "0000").iterdir()) == [
-        f"fileset-{START}-0-checkpoint.db", f"fileset-{START}-0-content.db"]
-    content = fid.path(tmp_path, Kind.CONTENT).read_bytes()
-    assert content[:8] == b"M3FS\x08\x03\x00\x00"
-    where = sections(fid.path(tmp_path, Kind.CONTENT))
+    write_fileset(tmp_path, fid, BLOCK, series, summary_every=4, revindex=revindex_bytes,
+                  version=version)
+    kind = Kind.CONTENT if version == 3 else Kind.SEALED
+    assert sorted(p.name for p in (tmp_path / "default" / "0000").iterdir()) == (
+        [f"fileset-{START}-0-checkpoint.db", f"fileset-{START}-0-content.db"] if version == 3
+        else [f"fileset-{START}-0-sealed.db"])
+    content = fid.path(tmp_path, kind).read_bytes()
+    assert content[:8] == b"M3FS" + bytes([kind, version, 0, 0])
+    where = sections(fid.path(tmp_path, kind))
     assert list(where) == list(SECTIONS)
     blocks = [b for _, _, b in sorted(series)]
     off, length = where[Kind.DATA]
@@ -231,12 +244,17 @@ def test_v2_data_is_one_zstd_frame_per_summary_group(tmp_path: Path) -> None:
     assert frames(data[8:]) == [b"".join(blocks[i:i + 4]) for i in (0, 4, 8)]
 
 
-def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path, version: int) -> None:
     a = FilesetId("default", 0, START, 0)
     b = FilesetId("default", 0, START + BLOCK, 0)
-    write_fileset(tmp_path, a, BLOCK, make_series(5))
-    write_fileset(tmp_path, b, BLOCK, make_series(5))
-    b.path(tmp_path, Kind.CHECKPOINT).unlink()  # as if the flush died before its checkpoint
+    write_fileset(tmp_path, a, BLOCK, make_series(5), version=version)
+    write_fileset(tmp_path, b, BLOCK, make_series(5), version=version)
+    if version == 3:
+        b.path(tmp_path, Kind.CHECKPOINT).unlink()  # the flush died before its checkpoint
+    else:  # the flush died before the rename
+        p = b.path(tmp_path, Kind.SEALED)
+        p.rename(p.with_name(p.name + ".tmp"))
     assert list_filesets(tmp_path) == [a]
     removed = remove_incomplete(tmp_path)
     assert len(removed) == 1 and all(f"-{START + BLOCK}-" in p.name for p in removed)
@@ -245,7 +263,7 @@ def test_incomplete_fileset_is_invisible_and_removed(tmp_path: Path) -> None:
 
 @settings(max_examples=30)
 @given(st.lists(st.binary(min_size=0, max_size=30), unique=True, max_size=80),
-       st.integers(1, 9), st.sampled_from([1, 2, 3]))
+       st.integers(1, 9), st.sampled_from([1, 2, 3, 4]))
 def test_any_ids_any_summary_spacing(tmp_path_factory, ids: list[bytes], every: int,
                                      version: int) -> None:
     root = tmp_path_factory.mktemp("fs")
@@ -259,10 +277,10 @@ def test_any_ids_any_summary_spacing(tmp_path_factory, ids: list[bytes], every: 
         assert [s for s, _, _ in fs] == sorted(ids)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_deleting_a_volume_removes_every_file_of_its_version(tmp_path: Path,
                                                              version: int) -> None:
-    """A cold-write flush deletes volume N (any version) after writing volume N+1 (version 3):
+    """A cold-write flush deletes volume N (any version) after writing volume N+1 (version 4):
     nothing of volume N may stay behind, its reverse index included."""
     from m3shm.storage.shard_flush import delete_volume, write_block
 
@@ -273,5 +291,5 @@ def test_deleting_a_volume_removes_every_file_of_its_version(tmp_path: Path,
         write_block(tmp_path, new, BLOCK, [(s, h, bytes(b)) for s, h, b in fs])
     delete_volume(tmp_path, old)
     assert sorted(p.name for p in (tmp_path / "default" / "0000").iterdir()) == [
-        f"fileset-{START}-1-checkpoint.db", f"fileset-{START}-1-content.db"]
+        f"fileset-{START}-1-sealed.db"]
     read_all(tmp_path, new, series)

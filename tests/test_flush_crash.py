@@ -10,7 +10,7 @@ import threading
 
 from test_daemon_harness import Daemon, now_ms
 
-from m3shm.storage.fileset import Fileset, list_filesets
+from m3shm.storage.fileset import COMPLETE_KINDS, Fileset, list_filesets
 
 BLOCK = 2000
 CFG = """
@@ -62,9 +62,11 @@ def test_sigkill_during_flush_loses_nothing(tmp_path):
             for fid in list_filesets(root):
                 with Fileset(root, fid) as fs:
                     fs.verify()
-            ckpts = {p.name.rsplit("-", 1)[0] for p in root.glob("*/*/*-checkpoint.db")}
+            # complete: version 4's renamed file (or versions 1-3's checkpoint)
+            done_names = {p.name.rsplit("-", 1)[0] for p in root.glob("*/*/fileset-*.db")
+                          if p.name.rsplit("-", 1)[1][:-3] in COMPLETE_KINDS}
             stray = [p for p in root.glob("*/*/fileset-*")
-                     if p.name.rsplit("-", 1)[0] not in ckpts]
+                     if p.name.rsplit("-", 1)[0] not in done_names or p.suffix == ".tmp"]
             assert not stray, stray
         code, body = d.post("/api/v1/admin/flush", b"")[:2]
         assert code == 200, body

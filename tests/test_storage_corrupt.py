@@ -1,5 +1,5 @@
-"""Flip a byte in each section of a version-3 fileset (the section table, info, summaries,
-bloom, index, data, reverse index) and in its checkpoint, each in another fileset, and read
+"""Flip a byte in each section of a version-4 fileset (the section table and its CRC, info,
+summaries, bloom, index, data, reverse index), each in another fileset, and read
 through a daemon: the export names every corrupt file and section (and the daemon logs it),
 and everything else — other blocks, other shards, the other summary groups of a fileset whose
 data has one bad zstd frame — reads back exactly; new writes still work."""
@@ -47,22 +47,21 @@ def test_flipped_byte_in_each_file_is_named_and_the_rest_reads(tmp_path):
     root = d.data / "filesets"
     fids = list_filesets(root)
     assert len(fids) >= 9
-    kinds = ["table", *SECTIONS, Kind.CHECKPOINT]
+    kinds = ["table", "table_crc", *SECTIONS]
     bad: list[tuple[str, str]] = []  # (file, section or "") each export error must name
     lost = set()  # (series labels, block start)
     for kind, fid in zip(kinds, fids[:: len(fids) // len(kinds)], strict=False):
         with Fileset(root, fid) as fs:
-            assert fs.version == 3
+            assert fs.version == 4
             ids = [sid for sid, _h, _b in fs]
             table = {Kind(k): (off, n) for k, _f, _r, _c, off, n in (
-                SECTION.unpack_from(fs._maps[Kind.CONTENT], HEADER.size + 4 + SECTION.size * i)
+                SECTION.unpack_from(fs._maps[Kind.SEALED], HEADER.size + 4 + SECTION.size * i)
                 for i in range(len(SECTIONS)))}
-        path = fid.path(root, Kind.CONTENT)
+        path = fid.path(root, Kind.SEALED)
         if kind == "table":
             off, section = HEADER.size + 4 + 2, ""  # a section entry's reserved bytes
-        elif kind == Kind.CHECKPOINT:
-            path, section = fid.path(root, kind), ""
-            off = path.stat().st_size - 2
+        elif kind == "table_crc":  # right after the table
+            off, section = HEADER.size + 4 + SECTION.size * len(table) + 1, ""
         else:
             section = kind.name.lower()
             start, n = table[kind]

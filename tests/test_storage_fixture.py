@@ -20,7 +20,7 @@ from m3shm.storage.fileset import Fileset, FilesetId, list_filesets
 from m3shm.storage.flushed import FlushedStore
 
 FIX = Path(__file__).resolve().parent / "fixtures"
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 
 
 def doc(version: int) -> dict:

@@ -12,7 +12,7 @@ import time
 import pytest
 from test_daemon_harness import Daemon, now_ms
 
-from m3shm.storage.fileset import NAME
+from m3shm.storage.fileset import COMPLETE_KINDS, NAME
 from m3shm.storage.flushed import FlushedStore
 from m3shm.storage.volptr import VolumePointers, capacity, table_path
 
@@ -38,9 +38,11 @@ def test_set_list_remove_and_ready(table, tmp_path):
     assert table.volumes(0) is None  # not built: readers list the directory
     d = tmp_path / "0000"
     d.mkdir()
-    for bs, vol in ((0, 0), (BLOCK, 0), (BLOCK, 1), (-BLOCK, 3)):
+    for bs, vol in ((0, 0), (BLOCK, 0), (-BLOCK, 3)):
         (d / f"fileset-{bs}-{vol}-checkpoint.db").write_bytes(b"")
+    (d / f"fileset-{BLOCK}-1-sealed.db").write_bytes(b"")  # version 4: the file is enough
     (d / f"fileset-{2 * BLOCK}-0-content.db").write_bytes(b"")  # no checkpoint: not there
+    (d / f"fileset-{3 * BLOCK}-0-sealed.db.tmp").write_bytes(b"")  # not renamed: not there
     table.rebuild(0, d)
     assert table.volumes(0) == {0: 0, BLOCK: 1, -BLOCK: 3}
     assert table.set(0, BLOCK, 2) and table.volumes(0)[BLOCK] == 2
@@ -115,10 +117,11 @@ def test_readers_never_see_a_torn_pair(table):
 
 def disk_newest(root, ns: str, shard: int) -> dict[int, int]:
     best: dict[int, int] = {}
-    for p in (root / ns / f"{shard:04d}").glob("*-checkpoint.db"):
+    for p in (root / ns / f"{shard:04d}").glob("fileset-*.db"):
         m = NAME.match(p.name)
-        bs, vol = int(m.group(1)), int(m.group(2))
-        best[bs] = max(vol, best.get(bs, -1))
+        if m.group(3) in COMPLETE_KINDS:  # version 4's file, versions 1-3's checkpoint
+            bs, vol = int(m.group(1)), int(m.group(2))
+            best[bs] = max(vol, best.get(bs, -1))
     return best
 
 

@@ -1,17 +1,18 @@
 """Immutable filesets: one flushed block of one shard of one namespace (docs/formats/fileset.md).
 
-Version 3 (written now) is two files in ``<root>/<namespace>/<shard>/``:
-``fileset-<block start>-<volume>-content.db`` holds every section (info, summaries, bloom,
-index, data, reverse index) behind a section table of offsets, lengths and CRCs, and
-``...-checkpoint.db`` (the CRC of the content file's header and table, and its size) is written
-last, after the content file is fsync'd; a fileset without a valid checkpoint does not exist:
-readers skip it and :func:`remove_incomplete` deletes it. Versions 1-2 (seven files and a
-companion reverse index file) stay readable, and writable for the fixtures.
+Version 4 (written now) is one file in ``<root>/<namespace>/<shard>/``:
+``fileset-<block start>-<volume>-sealed.db`` holds every section (info, summaries, bloom,
+index, data, reverse index) behind a section table of offsets, lengths and CRCs and the CRC of
+that table; it is written as ``….db.tmp``, fsync'd and renamed into place, so a fileset exists
+once its name does, whole. Version 3 was the same sections in ``…-content.db`` plus a
+``…-checkpoint.db`` written last (a fileset without a valid checkpoint does not exist: readers
+skip it and :func:`remove_incomplete` deletes it). Versions 1-3 stay readable, and writable
+for the fixtures.
 
 Writing happens once per block at flush; nothing rewrites a fileset. Readers mmap the files; a
 lookup of one series goes bloom filter -> summaries (in memory) -> index (one zstd frame of at
-most ``summary_every`` entries in version 3, decompressed) -> data (one zstd frame per summary
-group in versions 2-3), and checks the series' own CRC before handing out its block. Blocks
+most ``summary_every`` entries in versions 3-4, decompressed) -> data (one zstd frame per
+summary group in versions 2-4), and checks the series' own CRC before handing out its block. Blocks
 stay compressed (TSZ, docs/formats/tsz.md); decoding is the caller's business.
 """
 
@@ -41,8 +42,8 @@ from m3shm.errors import CorruptError
 log = logging.getLogger("m3shm.fileset")
 
 MAGIC = b"M3FS"
-VERSION = 3  # written by default; every version in READABLE is read (and can be written)
-READABLE = (1, 2, 3)
+VERSION = 4  # written by default; every version in READABLE is read (and can be written)
+READABLE = (1, 2, 3, 4)
 ZSTD_LEVEL = 3  # docs/formats/fileset.md: the level sweep behind this choice
 HEADER = struct.Struct("<4sBBH")  # magic, kind, version, reserved
 INFO = struct.Struct("<qqIIQQQIIQ")
@@ -71,14 +72,21 @@ class Kind(IntEnum):
     DIGESTS = 6  # versions 1-2 only
     CHECKPOINT = 7
     CONTENT = 8  # version 3: the one file holding every section
-    REVINDEX = 9  # version 3: a section; versions 1-2: the companion file (no M3FS header)
+    REVINDEX = 9  # versions 3-4: a section; versions 1-2: the companion file (no M3FS header)
+    SEALED = 10  # version 4: every section and the table's CRC, renamed into place whole
+
+
+# the file kinds whose presence makes a fileset exist: version 4's only file, versions 1-3's
+# checkpoint (written last)
+COMPLETE_KINDS = ("sealed", "checkpoint")
 
 
 DIGESTED = (Kind.INFO, Kind.INDEX, Kind.SUMMARIES, Kind.BLOOM, Kind.DATA)
 SECTIONS = (Kind.INFO, Kind.SUMMARIES, Kind.BLOOM, Kind.INDEX, Kind.DATA, Kind.REVINDEX)
 FILES = {1: (*DIGESTED, Kind.DIGESTS, Kind.CHECKPOINT, Kind.REVINDEX),
          2: (*DIGESTED, Kind.DIGESTS, Kind.CHECKPOINT, Kind.REVINDEX),
-         3: (Kind.CONTENT, Kind.CHECKPOINT)}
+         3: (Kind.CONTENT, Kind.CHECKPOINT),
+         4: (Kind.SEALED,)}
 
 
 class CorruptFilesetError(CorruptError):
@@ -259,8 +267,17 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
         Kind.INFO: [INFO.pack(*info.__dict__.values())], Kind.SUMMARIES: [bytes(summaries)],
         Kind.BLOOM: [bloom], Kind.INDEX: list(index), Kind.DATA: data}
     rev = revindex([e[0] for e in entries]) if revindex is not None else None
+    if version == 4:
+        # the file appears whole or not at all (fsync'd before the rename, the directory
+        # after it): its name is its checkpoint
+        path = fid.path(root, Kind.SEALED)
+        tmp = path.with_name(path.name + ".tmp")
+        _write_content(tmp, sections, rev, version)
+        os.rename(tmp, path)
+        _fsync_dir(directory)
+        return info
     if version == 3:
-        ckpt_body = _write_content(fid.path(root, Kind.CONTENT), sections, rev)
+        ckpt_body = _write_content(fid.path(root, Kind.CONTENT), sections, rev, version)
     else:
         crcs = {k: _write_file(fid.path(root, k), k, sections[k], version) for k in DIGESTED}
         if rev is not None:
@@ -280,9 +297,10 @@ def write_fileset(root: Path, fid: FilesetId, block_size: int,
 
 
 def _write_content(path: Path, sections: dict[Kind, list[bytes | memoryview]],
-                   rev: bytes | None) -> bytes:
-    """Write the version-3 content file (header, section table, sections), fsync it, and
-    return the checkpoint's body (CRC32 of header + table, file size)."""
+                   rev: bytes | None, version: int) -> bytes:
+    """Write the version-3 content file (header, section table, sections) or the version-4
+    sealed file (the same with the CRC32 of header + table after the table), fsync it, and
+    return version 3's checkpoint body (CRC32 of header + table, file size)."""
     flags = {k: 0 for k in sections}
     if rev is not None:
         packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(rev)
@@ -292,8 +310,9 @@ def _write_content(path: Path, sections: dict[Kind, list[bytes | memoryview]],
             flags[Kind.REVINDEX] = 0
         sections[Kind.REVINDEX] = [rev]
     kinds = [k for k in SECTIONS if k in sections]
-    head = HEADER.pack(MAGIC, Kind.CONTENT, 3, 0) + U32.pack(len(kinds))
-    pos = len(head) + SECTION.size * len(kinds)
+    kind = Kind.SEALED if version == 4 else Kind.CONTENT
+    head = HEADER.pack(MAGIC, kind, version, 0) + U32.pack(len(kinds))
+    pos = len(head) + SECTION.size * len(kinds) + (U32.size if version == 4 else 0)
     table = bytearray()
     for k in kinds:
         crc = length = 0
@@ -303,6 +322,8 @@ def _write_content(path: Path, sections: dict[Kind, list[bytes | memoryview]],
         table += SECTION.pack(k, flags[k], 0, crc, pos, length)
         pos += length
     head += table
+    if version == 4:
+        head += U32.pack(zlib.crc32(head))
     with open(path, "wb") as f:
         f.write(head)
         for k in kinds:
@@ -347,7 +368,7 @@ class Fileset:
                                       f"{magic!r} kind {k}")
         if version not in READABLE:
             raise CorruptFilesetError(path, 5, f"a version in {READABLE}", str(version))
-        if kind == Kind.CHECKPOINT:
+        if kind in (Kind.CHECKPOINT, Kind.SEALED):
             self.version = version
         elif version != self.version:
             raise CorruptFilesetError(path, 5, f"version {self.version} (as its checkpoint)",
@@ -357,10 +378,20 @@ class Fileset:
     def _open(self, root: Path) -> None:
         self._base: dict[Kind, int] = {}
         self.paths = {k: self.fid.path(root, k) for k in Kind}
-        ckpt = self._map(root, Kind.CHECKPOINT)
+        try:
+            sealed = self._map(root, Kind.SEALED)
+        except FileNotFoundError:
+            ckpt = self._map(root, Kind.CHECKPOINT)
+        else:
+            if self.version != 4:
+                raise CorruptFilesetError(self.paths[Kind.SEALED], 5, "version 4",
+                                          str(self.version))
         self.paths[Kind.REVINDEX] = companion_path(root, self.fid, "revindex")
-        if self.version >= 3:
+        if self.version == 4:
             self._rev: bytes | memoryview | None = None
+            views = self._open_sealed(sealed)
+        elif self.version == 3:
+            self._rev = None
             views = self._open_content(root, ckpt)
         else:
             views = self._open_files(root, ckpt)
@@ -410,8 +441,6 @@ class Fileset:
         """Version 3: one content file; the checkpoint holds the CRC of its header and section
         table and its size; the table holds each section's offset, length and CRC."""
         cpath, kpath = self.paths[Kind.CONTENT], self.paths[Kind.CHECKPOINT]
-        for k in SECTIONS:
-            self.paths[k] = cpath
         if len(ckpt) != HEADER.size + CKPT3.size:
             raise CorruptFilesetError(kpath, HEADER.size, f"{CKPT3.size} bytes",
                                       f"{len(ckpt) - HEADER.size} bytes")
@@ -421,19 +450,43 @@ class Fileset:
             raise CorruptFilesetError(cpath, len(content), f"{want_size} bytes (as checkpoint "
                                       f"{kpath} says; one of the two files is corrupt)",
                                       f"{len(content)} bytes")
-        (n,) = U32.unpack_from(content, HEADER.size) if len(content) >= 12 else (-1,)
-        end = HEADER.size + 4 + SECTION.size * n
-        if not 0 <= n <= len(SECTIONS) or end > len(content):
-            raise CorruptFilesetError(cpath, HEADER.size, f"a section count <= {len(SECTIONS)}",
-                                      str(n))
+        end = self._table_end(cpath, content, 0)
         got = zlib.crc32(content[:end])
         if got != want_crc:  # one of the two is corrupt: name both
             raise CorruptFilesetError(
                 kpath, HEADER.size, f"the CRC32 of the header and section table of {cpath}, "
                 f"{want_crc:#010x}", f"{got:#010x} (one of the two files is corrupt)")
+        return self._sections(cpath, content, end)
+
+    def _open_sealed(self, content: memoryview) -> dict[Kind, memoryview]:
+        """Version 4: one file; the CRC of its header and section table follows the table."""
+        cpath = self.paths[Kind.CONTENT] = self.paths[Kind.SEALED]
+        end = self._table_end(cpath, content, U32.size)
+        (want,) = U32.unpack_from(content, end)
+        got = zlib.crc32(content[:end])
+        if got != want:
+            raise CorruptFilesetError(cpath, end, f"the CRC32 of the header and section table, "
+                                      f"{want:#010x}", f"{got:#010x}")
+        return self._sections(cpath, content, end + U32.size)
+
+    @staticmethod
+    def _table_end(cpath: Path, content: memoryview, extra: int) -> int:
+        """Where the section table ends (checked to fit, with ``extra`` bytes after it)."""
+        (n,) = U32.unpack_from(content, HEADER.size) if len(content) >= 12 else (-1,)
+        end = HEADER.size + 4 + SECTION.size * n
+        if not 0 <= n <= len(SECTIONS) or end + extra > len(content):
+            raise CorruptFilesetError(cpath, HEADER.size, f"a section count <= {len(SECTIONS)}",
+                                      str(n))
+        return end
+
+    def _sections(self, cpath: Path, content: memoryview, pos: int) -> dict[Kind, memoryview]:
+        """Versions 3-4: the sections the table lists, the first at ``pos``, back to back to
+        the end of the file."""
+        for k in SECTIONS:
+            self.paths[k] = cpath
+        (n,) = U32.unpack_from(content, HEADER.size)
         views: dict[Kind, memoryview] = {}
         self._digest, self._flags = {}, {}
-        pos = end
         for i in range(n):
             kind, flags, _r, crc, off, length = SECTION.unpack_from(content, HEADER.size + 4 +
                                                                    SECTION.size * i)
@@ -642,23 +695,45 @@ class Fileset:
         self.close()
 
 
+def complete_volumes(d: Path, block_start: int | None = None) -> list[tuple[int, int]]:
+    """(block start, volume) of every complete fileset in shard directory ``d`` (of one block
+    if given): those whose version-4 file or version 1-3 checkpoint exists, sorted."""
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    out = set()
+    for n in names:
+        m = NAME.match(n)
+        if m and m.group(3) in COMPLETE_KINDS and (block_start is None or
+                                                   int(m.group(1)) == block_start):
+            out.add((int(m.group(1)), int(m.group(2))))
+    return sorted(out)
+
+
+def is_complete(root: Path, fid: FilesetId) -> bool:
+    return fid.path(root, Kind.SEALED).exists() or fid.path(root, Kind.CHECKPOINT).exists()
+
+
 def list_filesets(root: Path) -> list[FilesetId]:
-    """Every fileset under root whose checkpoint file exists, sorted."""
-    out = []
-    for ckpt in Path(root).glob("*/*/fileset-*-checkpoint.db"):
-        m = NAME.match(ckpt.name)
-        if m and ckpt.parent.name.isdigit():
-            out.append(FilesetId(ckpt.parent.parent.name, int(ckpt.parent.name),
-                                 int(m.group(1)), int(m.group(2))))
+    """Every complete fileset under root (its version-4 file or its checkpoint exists),
+    sorted."""
+    out = set()
+    for p in Path(root).glob("*/*/fileset-*.db"):
+        m = NAME.match(p.name)
+        if m and m.group(3) in COMPLETE_KINDS and p.parent.name.isdigit():
+            out.add(FilesetId(p.parent.parent.name, int(p.parent.name), int(m.group(1)),
+                              int(m.group(2))))
     return sorted(out)
 
 
 def remove_incomplete(root: Path, shards: range | None = None) -> list[Path]:
-    """Delete the files of filesets that have no checkpoint (a flush that did not finish),
-    and temporary files a killed writer left, in the given shards (default: all).
+    """Delete the files of filesets that have no checkpoint (versions 1-3: a flush that did not
+    finish), and temporary files a killed writer left (version 4's ``….db.tmp`` among them), in
+    the given shards (default: all).
 
     For start-up only, before any flush of those shards runs: a fileset being written has no
-    checkpoint yet.
+    checkpoint (version 4: no final name) yet.
     """
     complete = {(f.namespace, f.shard, f.block_start, f.volume) for f in list_filesets(root)}
     removed = []

@@ -29,7 +29,13 @@ from pathlib import Path
 
 from m3shm.errors import CorruptError
 from m3shm.shm import parse_labels
-from m3shm.storage.fileset import NAME, CorruptFilesetError, Fileset, FilesetId, Kind
+from m3shm.storage.fileset import (
+    CorruptFilesetError,
+    Fileset,
+    FilesetId,
+    Kind,
+    complete_volumes,
+)
 from m3shm.storage.index_segment import SegmentReader
 from m3shm.storage.volptr import VolumePointers
 
@@ -52,20 +58,8 @@ class FlushedStore:
         best = table.volumes(shard) if table is not None else None
         if best is not None:
             return best
-        best = {}
-        try:
-            names = os.listdir(self.root / namespace / f"{shard:04d}")
-        except FileNotFoundError:
-            return best
-        for n in names:
-            if not n.endswith("-checkpoint.db"):
-                continue
-            m = NAME.match(n)
-            if m:
-                bs, vol = int(m.group(1)), int(m.group(2))
-                if vol >= best.get(bs, -1):
-                    best[bs] = vol
-        return best
+        # sorted: the newest volume of each block comes last
+        return dict(complete_volumes(self.root / namespace / f"{shard:04d}"))
 
     def volumes(self, namespace: str, shard: int, mint: int = -(1 << 62),
                 maxt: int = 1 << 62, errors: list[str] | None = None) -> list[FilesetId]:
@@ -134,13 +128,8 @@ class FlushedStore:
             return [] if vol is None else [FilesetId(fid.namespace, fid.shard,
                                                      fid.block_start, vol)]
         d = self.root / fid.namespace / f"{fid.shard:04d}"
-        out = []
-        for ckpt in d.glob(f"fileset-{fid.block_start}-*-checkpoint.db"):
-            m = NAME.match(ckpt.name)
-            if m:
-                out.append(FilesetId(fid.namespace, fid.shard, fid.block_start,
-                                     int(m.group(2))))
-        return sorted(out)
+        return [FilesetId(fid.namespace, fid.shard, bs, vol)
+                for bs, vol in complete_volumes(d, fid.block_start)]
 
     def forget(self, fid: FilesetId) -> None:
         """Close a cached fileset (retention deleted it)."""

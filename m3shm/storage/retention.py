@@ -1,10 +1,10 @@
 """Retention: delete whole filesets whose block ended before now - retention.
 
 No compaction ever rewrites data, so retention is the only way data leaves the disk: every
-file of an expired block's filesets is removed, all volumes and every format version (v3: the
-content file and its checkpoint; v1/v2: one file per section, the reverse-index companion and
-the digests included). The checkpoint goes first, so a deletion cut short by a crash leaves a
-fileset without a checkpoint, which readers ignore and start-up removes
+file of an expired block's filesets is removed, all volumes and every format version (v4: its
+one file; v3: the content file and its checkpoint; v1/v2: one file per section, the
+reverse-index companion and the digests included). A checkpoint goes first, so a deletion cut
+short by a crash leaves a fileset without a checkpoint, which readers ignore and start-up removes
 (:func:`m3shm.storage.fileset.remove_incomplete`). Readers that still map a deleted fileset
 keep reading it until they close it (unlinked files live while mapped).
 """

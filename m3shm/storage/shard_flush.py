@@ -29,6 +29,8 @@ from m3shm.storage.fileset import (
     FilesetId,
     Info,
     Kind,
+    complete_volumes,
+    is_complete,
     write_fileset,
 )
 from m3shm.storage.index_segment import segment_bytes
@@ -65,9 +67,8 @@ def _merge(old: Any, new: Any) -> bytes:
 
 
 def newest_volume(root: Path, namespace: str, shard: int, block_start: int) -> int | None:
-    d = root / namespace / f"{shard:04d}"
-    vols = [int(p.name.split("-")[2]) for p in d.glob(f"fileset-{block_start}-*-checkpoint.db")]
-    return max(vols) if vols else None
+    vols = complete_volumes(root / namespace / f"{shard:04d}", block_start)
+    return vols[-1][1] if vols else None
 
 
 def write_block(root: Path, fid: FilesetId, block_size: int,
@@ -123,7 +124,7 @@ def flush_block(seg: Segment, root: Path, namespace: str, block_size: int, shard
             # disk full (or another I/O error): remove what was written of the new volume
             # unless its checkpoint made it; the chunks stay sealed in memory and the next
             # pass writes the block again
-            if not fid.path(root, Kind.CHECKPOINT).exists():
+            if not is_complete(root, fid):
                 delete_volume(root, fid)
                 for k in Kind:
                     p = fid.path(root, k)

@@ -78,16 +78,11 @@ class VolumePointers:
     def rebuild(self, shard: int, shard_dir: Path) -> None:
         """Point every block of the shard at its newest checkpointed volume on disk, then
         mark the shard ready (start-up, before the shard's first flush)."""
-        from m3shm.storage.fileset import NAME  # not at import: the supervisor imports us
+        # not at import: the supervisor imports us
+        from m3shm.storage.fileset import complete_volumes
 
         lib.m3_volptr_reset(self.base, shard)
-        best: dict[int, int] = {}
-        with contextlib.suppress(FileNotFoundError):
-            for n in os.listdir(shard_dir):
-                m = NAME.match(n)
-                if m and m.group(3) == "checkpoint":
-                    bs, vol = int(m.group(1)), int(m.group(2))
-                    best[bs] = max(vol, best.get(bs, -1))
+        best = dict(complete_volumes(shard_dir))  # sorted: a block's newest volume last
         for bs, vol in best.items():
             if not self.set(shard, bs, vol):
                 return  # overflowed: readers list the directory

@@ -54,7 +54,7 @@ from m3shm import stats
 from m3shm._native import lib
 from m3shm.storage import commitlog, retention, snapshot
 from m3shm.storage.commitlog import PassState
-from m3shm.storage.fileset import remove_incomplete, remove_superseded
+from m3shm.storage.fileset import complete_volumes, remove_incomplete, remove_superseded
 from m3shm.storage.shard_flush import WARM, flush_block
 
 if TYPE_CHECKING:
@@ -131,8 +131,7 @@ class Flusher:
                 table.rebuild(s, self.root / rt.name / f"{s:04d}")
         for rt in self.w.ns.values():
             for s in shards if replaying else ():
-                d = self.root / rt.name / f"{s:04d}"
-                starts = [int(p.name.split("-")[1]) for p in d.glob("fileset-*-checkpoint.db")]
+                starts = [bs for bs, _ in complete_volumes(self.root / rt.name / f"{s:04d}")]
                 if starts:
                     rt.seg.set_warm_floor(s, max(starts) + rt.cfg.block_size_ms)
 
