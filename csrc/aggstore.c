@@ -135,7 +135,9 @@ typedef struct aggst_shard {
     uint32_t undo_k;
     uint32_t undo_state;
     uint32_t undo_spill_n;
-    uint32_t undo_pad;
+    uint32_t prep_next;      /* slots below it were prepared at now_floor (m3_aggst_prepare's
+                                last `next`): a window final at now_floor that an eviction
+                                spills from such a slot is in that prepare's rows already */
 } aggst_shard;
 
 typedef struct plan_entry {
@@ -174,7 +176,8 @@ typedef struct spill_row {
     uint64_t block;
     uint16_t cell;
     uint16_t agg;
-    uint32_t pad;
+    uint32_t prepared;       /* 1: evicted after a prepare that emitted it (dropped at its
+                                commit, never emitted again) */
     int64_t ts;
     double value;
 } spill_row;
@@ -616,6 +619,13 @@ static void spill_rows(uint8_t *store, uint32_t shard, uint64_t block, uint32_t 
 {
     aggst_shard *sh = sh_of(store, shard);
     spill_row *sp = spill_of(store, shard);
+    /* A window final at now_floor in a slot the pending prepare covered is in that prepare's
+       rows (it was in the ring then, and no sample entered it since): the eviction only
+       moved it out of the ring before the commit. Its spilled copy is marked, and the commit
+       of those rows drops it, so it is written (or forwarded) once. */
+    plan_blk *b = blk_at(store, shard, block);
+    int64_t adm = b && k < b->ncells ? cell_of(b, &cells_of(b)[k])->p.admission_ms : 0;
+    int covered = b && b->slot < sh->prep_next;
     for (size_t i = 0; i < n; i++) {
         if (sh->spill_n >= M3_AGGST_SPILL) {
             add_stat(&sh->spill_lost, n - i);
@@ -625,7 +635,7 @@ static void spill_rows(uint8_t *store, uint32_t shard, uint64_t block, uint32_t 
         o->block = block;
         o->cell = (uint16_t)k;
         o->agg = (uint16_t)rows[i].agg;
-        o->pad = 0;
+        o->prepared = covered && rows[i].ts + adm <= sh->now_floor;
         o->ts = rows[i].ts;
         o->value = rows[i].value;
         sh->spill_n++;
@@ -807,15 +817,89 @@ static uint8_t *fwd_table(uint8_t *store, uint32_t shard, uint32_t num_sources)
     return t;
 }
 
+/* Replay after a full restart, on the replaying thread (m3_aggst_replay_mode): `on`, and the
+   last input window end a replayed ROLLUP_IN row may have (later ones are forwarded again by
+   their sources, which re-aggregate them from the replayed raw samples). */
+static _Thread_local int replay_on;
+static _Thread_local int64_t replay_max_end = INT64_MAX;
+
+void m3_aggst_replay_mode(int on, int64_t rollup_max_end)
+{
+    replay_on = on;
+    replay_max_end = on ? rollup_max_end : INT64_MAX;
+    m3_agg_replay_late(on);
+}
+
+/* The block of a plan chain that takes a sample (or window end) stamped ts: the newest whose
+   activation is before ts (apply_routed's rule, one timestamp). */
+static plan_blk *blk_for_ts(uint8_t *store, uint32_t shard, uint64_t *off, int64_t ts)
+{
+    plan_blk *b = *off ? blk_at(store, shard, *off) : NULL;
+    for (int depth = 0; b && b->prev && ts <= b->from_ms && depth < 64; depth++) {
+        plan_blk *p = blk_at(store, shard, b->prev);
+        if (!p)
+            break;
+        *off = b->prev;
+        b = p;
+    }
+    return b;
+}
+
+/* Replay: ROLLUP_IN record r without the rows whose window ends after replay_max_end, in buf
+   (same identity); NULL if none is left. */
+static const m3_rec *replay_rows(const m3_rec *r, uint8_t *buf, size_t cap)
+{
+    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    const double *v = (const double *)(ts + r->nsamples);
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < r->nsamples; i++)
+        n += ts[i] <= replay_max_end;
+    if (n == r->nsamples)
+        return r;
+    uint64_t bytes = m3_rollup_rec_bytes(r->labels_len, n);
+    if (n == 0 || bytes > cap)
+        return NULL;
+    m3_rec *o = (m3_rec *)buf;
+    size_t head = sizeof *r + round8(r->labels_len);
+    memcpy(o, r, head);
+    o->len = (uint32_t)bytes;
+    o->nsamples = n;
+    int64_t *ots = (int64_t *)(buf + head);
+    double *ov = (double *)(ots + n);
+    for (uint32_t i = 0, j = 0; i < r->nsamples; i++)
+        if (ts[i] <= replay_max_end) {
+            ots[j] = ts[i];
+            ov[j++] = v[i];
+        }
+    memcpy(buf + bytes - M3_ROLLUP_TAIL_BYTES, m3_rollup_tail_of(r), M3_ROLLUP_TAIL_BYTES);
+    return o;
+}
+
 /* A ROLLUP_IN record: to the group cell of its rule in the group series' plan, exactly once;
-   never to the blocks. */
+   never to the blocks. After a rules activation the group's plan is a chain (a group whose
+   rules changed keeps its old plan as prev): the record goes to the block of its windows,
+   like a sample (its source splits its records at every activation it knows, so one record's
+   windows are on one side). */
 static int apply_rollup_in(uint8_t *base, uint8_t *store, const shard_view *v, uint32_t slot,
                            const plan_entry *pe, const m3_rec *r, int64_t now)
 {
     (void)slot;
     aggst_shard *sh = sh_of(store, r->shard);
     const m3_rollup_tail *tl = m3_rollup_tail_of(r);
-    plan_blk *b = pe->block ? blk_at(store, r->shard, pe->block) : NULL;
+    if (replay_on && replay_max_end != INT64_MAX) {
+        static _Thread_local uint64_t rbuf[(sizeof(m3_rec) + 65536 + 16 * M3_REC_MAX_SAMPLES +
+                                            M3_ROLLUP_TAIL_BYTES) / 8 + 1];
+        if (m3_rollup_check(r, r->len, v->h->p.num_shards, v->h->p.num_producers)) {
+            add_stat(&sh->rollup_unmatched, 1);
+            return M3_OK;
+        }
+        r = replay_rows(r, (uint8_t *)rbuf, sizeof rbuf);
+        if (!r)
+            return M3_OK;  /* every row is forwarded again */
+    }
+    const int64_t *rts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    uint64_t boff = pe->block;
+    plan_blk *b = blk_for_ts(store, r->shard, &boff, r->nsamples ? rts[0] : INT64_MAX);
     uint32_t k = 0;
     for (; b && k < b->ncells; k++)
         if (cells_of(b)[k].rule == tl->rule &&
@@ -842,7 +926,7 @@ static int apply_rollup_in(uint8_t *base, uint8_t *store, const shard_view *v, u
         add_stat(&sh->rollup_unmatched, 1);
         return M3_OK;
     }
-    spill_rows(store, r->shard, pe->block, k, out, nout);
+    spill_rows(store, r->shard, boff, k, out, nout);
     if (c->due_ms < sh->min_due)
         sh->min_due = c->due_ms;  /* the finalise must look at this shard by then */
     add_stat(rc ? &sh->rollup_applied : &sh->rollup_dup, 1);
@@ -875,6 +959,27 @@ void m3_aggst_set_fwd_pending(uint8_t *store, uint32_t shard, uint64_t fwd, int6
     sh->fwd_id = fwd;
 }
 
+/* Replay: a point of a rollup group series (its group cells' own output, written before the
+   crash) seals its group cell: windows up to it were written, and an Add total continues from
+   its value (m3_agg_seal). So a group window finalised before a full restart is not emitted
+   again with another value, and the counter goes on where it was instead of restarting. */
+static void seal_groups(uint8_t *store, uint32_t shard, uint64_t off, const m3_rec *r)
+{
+    const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
+    const double *v = (const double *)(ts + r->nsamples);
+    uint32_t last = 0;
+    for (uint32_t i = 1; i < r->nsamples; i++)
+        if (ts[i] >= ts[last])
+            last = i;
+    plan_blk *b = blk_for_ts(store, shard, &off, ts[last]);
+    for (uint32_t k = 0; b && k < b->ncells; k++) {
+        plan_cell *pc = &cells_of(b)[k];
+        if (pc->rule && pc->kind == M3_AGGK_OUTPUT && !pc->labels_off &&
+            !(pc->flags & M3_AGGC_AGG_LABEL))
+            m3_agg_seal((uint8_t *)cell_of(b, pc), pc->cell_bytes, ts[last], v[last]);
+    }
+}
+
 int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t seq,
                        uint64_t pos, int64_t now_ms)
 {
@@ -904,6 +1009,8 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
         if (b)
             apply_routed(store, r->shard, pe->block, b, r, seq, pos,
                          now_ms > sh->now_floor ? now_ms : sh->now_floor);
+        if (replay_on && r->nsamples)
+            seal_groups(store, r->shard, pe->block, r);
     }
     return rc;
 }
@@ -1200,6 +1307,19 @@ static int finalise_pass(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t n
             points += n;
         }
     }
+    if (commit) {
+        /* rows of this commit's windows that an eviction spilled after their prepare */
+        spill_row *sp = spill_of(store, shard);
+        uint32_t keep = 0;
+        for (uint32_t j = 0; j < sh->spill_n; j++) {
+            plan_blk *b = sp[j].prepared ? blk_at(store, shard, sp[j].block) : NULL;
+            if (b && b->slot >= first && b->slot < last && sp[j].cell < b->ncells &&
+                sp[j].ts + cell_of(b, &cells_of(b)[sp[j].cell])->p.admission_ms <= now_ms)
+                continue;
+            sp[keep++] = sp[j];
+        }
+        sh->spill_n = keep;
+    }
     uint32_t i = first;
     for (; i < last && i <= h->slots; i++) {
         if (i == h->slots) {
@@ -1284,6 +1404,7 @@ int m3_aggst_prepare(uint8_t *seg, uint8_t *store, uint32_t shard, int64_t now_m
         *spill_n = 0;
     int rc = finalise_pass(seg, store, shard, now_ms, 0, first, UINT32_MAX, next, spill_n,
                            scratch, scratch_cap, &o);
+    sh_of(store, shard)->prep_next = *next == UINT32_MAX ? 0 : *next;
     m3_shard_unlock(seg, shard);
     *nstreams = o.nstreams;
     *nrows = o.nrows;

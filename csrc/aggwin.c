@@ -513,6 +513,50 @@ static int finalise_upto(m3_aggcell *c, uint32_t cell, int64_t upto, m3_agg_out 
     return rc;
 }
 
+/* Replay after a full restart (set on the replaying thread by csrc/aggstore.c): a sample for
+   a window final at the replay's `now` was counted in that window before the crash, so it
+   still moves an ordered pre chain's state (the next on-time sample's increase starts from
+   it, as it did live), without being applied. */
+static _Thread_local int late_moves_pre;
+
+void m3_agg_replay_late(int on) { late_moves_pre = on; }
+
+static void pre_state_only(m3_aggcell *c, int64_t t, double x)
+{
+    int64_t from = t;
+    c->pre_seen = 1;
+    c->pre_last_ts = t;
+    for (int k = 0; k < M3_AGG_MAX_OPS && c->p.pre[k]; k++) {
+        uint8_t op = c->p.pre[k] == M3_XF_PERSECOND ? M3_XF_INCREASE : c->p.pre[k];
+        if (!xf_step(op, &c->pre_st[k], t, &x, &from)) break;
+    }
+}
+
+int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v)
+{
+    m3_aggcell *c = (m3_aggcell *)cell;
+    if (!cell || cap < sizeof(m3_aggcell) || c->magic != CELL_MAGIC || c->p.res_ms <= 0 ||
+        c->p.nwin < 1 || c->p.nwin > M3_AGG_MAX_WINDOWS ||
+        sizeof(m3_aggcell) + (uint64_t)c->p.nwin * win_bytes(c->flags) > cap ||
+        end % c->p.res_ms || end > TS_LIMIT || end < -TS_LIMIT || isnan(v))
+        return M3_EINVAL;
+    int64_t widx = end / c->p.res_ms - 1;
+    if (c->done_widx != WIDX_NONE && widx < c->done_widx) return 0;  /* an older point */
+    for (uint32_t k = 0; k < c->p.nwin; k++) {
+        m3_aggwin *w = cell_win(c, k);
+        if (w->widx != WIDX_NONE && w->widx <= widx) w->widx = WIDX_NONE;  /* written */
+    }
+    c->done_widx = widx;
+    if (c->hi_widx != WIDX_NONE && c->lo_widx <= widx) c->lo_widx = widx + 1;
+    set_due(c);
+    if (c->p.post[0] == M3_XF_ADD && c->p.post[1] == M3_XF_NONE &&
+        popcount32(c->p.aggmask) == 1) {
+        c->post_st[0].acc = v;  /* the running total the written point holds */
+        c->post_st[0].have = 1;
+    }
+    return 1;
+}
+
 static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const double *v,
                       size_t n, int64_t now, m3_agg_out *out, size_t cap, size_t *nout,
                       size_t *done)
@@ -531,8 +575,11 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
         if (isnan(x) || t > TS_LIMIT || t < -TS_LIMIT) { c->invalid++; continue; }
         int64_t widx = (t > cur_lo && t <= cur_hi) ? cur : floor_div(t - 1, res);
         if (widx <= c->done_widx || (widx + 1) * res + adm <= now) {
-            /* the window is final: count the sample, never apply it (transform state too) */
+            /* the window is final: count the sample, never apply it (transform state too,
+               except in replay: see m3_agg_replay_late) */
             c->late++;
+            if (late_moves_pre && has_pre && ordered && !(c->pre_seen && t <= c->pre_last_ts))
+                pre_state_only(c, t, x);
             continue;
         }
         if (c->hi_widx != WIDX_NONE && widx - (int64_t)nwin >= c->lo_widx) {

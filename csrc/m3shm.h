@@ -635,6 +635,14 @@ int m3_agg_apply_runs(uint8_t *base, uint64_t stride, uint32_t ncells, const uin
    M3_ENOSPC when out is full: resume from cell *next (its remaining windows stay open). */
 int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t first,
                     int64_t now_ms, m3_agg_out *out, size_t cap, size_t *nout, uint32_t *next);
+/* Replay after a full restart, on the calling thread (set by m3_aggst_replay_mode): a sample
+   for a window already final still moves an ordered pre chain's state (not applied). */
+void m3_agg_replay_late(int on);
+/* Replay: the cell's point for the window ending at `end` (a multiple of its resolution) was
+   written before the restart with value v: every window up to it becomes final without a
+   row, and a lone Add post transform's running total becomes v. 1 = sealed, 0 = older than a
+   window the cell has final already (nothing changed), M3_EINVAL. */
+int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v);
 /* Quantile q (0 < q <= 1) of the samples a sketch holds, clamped to [lo, hi]; NaN if empty. */
 double m3_sketch_quantile(const m3_sketch *s, double q, double lo, double hi);
 /* Empty a sketch; add one value (NaN is ignored). Exposed for tests of the sketch alone. */
@@ -740,6 +748,11 @@ void m3_aggst_fwd_pending(uint8_t *store, uint32_t shard, uint64_t *fwd, int64_t
                           uint32_t *first);
 void m3_aggst_set_fwd_pending(uint8_t *store, uint32_t shard, uint64_t fwd, int64_t now_ms,
                               uint32_t first);
+/* Replay after a full restart, on the calling thread (on = 1 before, 0 after): late samples
+   move ordered pre-transform state (m3_agg_replay_late); ROLLUP_IN rows of windows ending
+   after rollup_max_end are skipped (their sources forward them again); a replayed point of
+   a rollup group series seals its group cells (m3_agg_seal). */
+void m3_aggst_replay_mode(int on, int64_t rollup_max_end);
 /* Owner: the rule-set version the shard's plans are made with (kept across a worker kill). */
 void m3_aggst_set_rules_version(uint8_t *store, uint32_t shard, uint64_t version);
 /* The plan entry of a slot: generation, flags (1 resolved, 2 drop raw), cells. */

@@ -52,6 +52,7 @@ from m3shm.storage import commitlog
 from m3shm.storage.volptr import VolumePointers, table_path
 from m3shm.systemd import Notifier
 from m3shm.workers import nsruntime
+from m3shm.workers.watermark import fix_replay_watermark
 
 log = logging.getLogger("m3shm.supervisor")
 
@@ -251,6 +252,8 @@ class Supervisor:
                             "it, or remove the directory)", d)
         self.boot = max(commitlog.next_boot(d)
                         for d in dirs | set(nsruntime.all_commitlog_dirs(self.data)))
+        # the downsampling replay's `now`, once for every worker of this boot
+        fix_replay_watermark(self.data, self.boot)
         c = self.cfg
         self._create_segments()
         path = self.seg.path

@@ -57,6 +57,7 @@ from m3shm.rules.matcher import CompiledRules, SeriesPlan
 from m3shm.rules.projection import ALL, Projection, rules_projection, union
 from m3shm.shm import Segment, parse_labels
 from m3shm.storage.records import LabelTable, build_records
+from m3shm.workers.watermark import watermark_path
 
 log = logging.getLogger("m3shm.aggregate")
 
@@ -64,7 +65,6 @@ FINALISE_S = 1.0
 REPLAN_BATCH = 2000   # series planned again per drain pass after a rules change
 FINALISE_BATCH_ROWS = 200_000   # finalised rows held before they are submitted
 WATERMARK_EVERY_MS = 10_000     # the replay watermark moves at least this often when idle
-WATERMARK_DIR = "downsample"
 
 
 @dataclass(frozen=True)
@@ -87,28 +87,6 @@ class CellSpec:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def watermark_path(data_dir: str, index: int, prefix: str = "") -> str:
-    return os.path.join(data_dir, WATERMARK_DIR, f"finalised-{prefix}w{index}.json")
-
-
-def read_watermark(data_dir: str) -> int:
-    """The oldest finalise watermark of any worker (0 if none was written)."""
-    d = os.path.join(data_dir, WATERMARK_DIR)
-    marks = []
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        if name.startswith("finalised-") and name.endswith(".json"):
-            try:
-                with open(os.path.join(d, name)) as f:
-                    marks.append(int(json.load(f)["now_ms"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                return 0  # unreadable: re-aggregate everything replayed (repeats, loses none)
-    return min(marks) if marks else 0
 
 
 Cells = tuple[bool, tuple[CellSpec, ...]]   # a plan: (drop the raw samples, its cells)

@@ -389,12 +389,12 @@ class Worker:
                else getattr(self, "group_aggs", {}).get(rt.name))
         apply, cells = rt.seg.apply_batch, None
         if agg is not None:
-            from m3shm.workers.aggregate import read_watermark
+            from m3shm.workers.watermark import replay_watermark
 
             # windows final at the last complete finalise round were written before the
             # crash: their raw samples count as late, every later window is re-aggregated --
             # also from raw samples a snapshot holds: those batches feed the cells only
-            agg.replay_now_ms = read_watermark(self.data_dir)
+            agg.replay_now_ms = replay_watermark(self.data_dir, self.boot)
             apply = agg.replay_batch
             if self._rules_aggregate(agg):
                 floors = floors.with_start(snapshot.first_seq_since(
@@ -416,9 +416,20 @@ class Worker:
             log.info("worker %d: and %d into aggregation cells only (their raw samples are in "
                      "snapshots): %s", self.index, len(read) - len(raw),
                      names([p for p in read if p not in raw]))
-        for b in commitlog.replay(rt.cl_dir, self.boot, repair=self.index == 0,
-                                  skip=lambda p: skip(p) or floors.skips_file(p)):
-            n += floors.apply(apply, b.payload, b.seq, cells)
+        # replay mode (m3_aggst_replay_mode, this thread): a group owner keeps only the
+        # ROLLUP_IN rows of input windows final at the watermark (the sources forward every
+        # later one again), and its group series' replayed points seal their cells
+        if agg is not None:
+            log.info("worker %d: namespace %s: aggregation replayed as of the finalise "
+                     "watermark %d", self.index, rt.name, agg.replay_now_ms)
+            lib.m3_aggst_replay_mode(1, agg.replay_now_ms - agg.admission_ms
+                                     if rt.seg is not self.seg else 2**63 - 1)
+        try:
+            for b in commitlog.replay(rt.cl_dir, self.boot, repair=self.index == 0,
+                                      skip=lambda p: skip(p) or floors.skips_file(p)):
+                n += floors.apply(apply, b.payload, b.seq, cells)
+        finally:
+            lib.m3_aggst_replay_mode(0, 0)
         if self.index == 0:
             # files of earlier boots left without an index (a crash): every worker of this
             # boot replays them before its first flush pass, so they are closed as of this
