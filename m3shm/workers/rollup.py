@@ -85,6 +85,14 @@ class RollupSource:
                                     cell_labels(gp.canon, gp.rule)))
         return out
 
+    def _activations(self) -> np.ndarray | None:
+        """Activation times of the rule-set versions this worker knows (None: none)."""
+        a = self.agg
+        with a._lock:
+            pending = [act for act, _, _ in a._pending]
+        acts = sorted({act for act, _, _ in a.versions if act > 0} | {x for x in pending if x > 0})
+        return np.array(acts, dtype=np.int64) if acts else None
+
     async def forward(self, p: Prepared, rows: np.ndarray) -> bool:
         """Submit one prepared chunk's rollup rows; True once every record is durable."""
         a = self.agg
@@ -103,7 +111,14 @@ class RollupSource:
             if pipe is None:
                 ok = False
                 continue
-            streams, row_group = np.unique(sel["stream"], return_inverse=True)
+            # a record never holds windows of both sides of a rules activation: the group
+            # owner routes each record to the plan (rule-set version) of its windows
+            acts = self._activations()
+            key = sel["stream"].astype(np.int64)
+            if acts is not None:
+                key = key * (len(acts) + 1) + np.searchsorted(acts, sel["ts"], side="left")
+            keys, row_group = np.unique(key, return_inverse=True)
+            streams = keys if acts is None else keys // (len(acts) + 1)
             canon, rules = [], []
             for s in streams.tolist():
                 c, r = split_cell_labels(p.labels[int(p.loffs[s]):int(p.loffs[s + 1])])
