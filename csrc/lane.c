@@ -187,23 +187,40 @@ int m3_lane_reserve_next(uint8_t *base, uint32_t producer, const uint8_t *batch,
     return M3_OK;
 }
 
-void m3_lane_publish(uint8_t *base, uint32_t producer)
+void m3_lane_publish_bells(uint8_t *base, uint32_t producer, uint8_t *bells)
 {
     seg_hdr *h = seg_of(base);
-    if (producer >= h->p.num_producers)
+    if (producer >= h->p.num_producers || !bells)
         return;
-    for (uint32_t s = 0; s < h->p.num_shards; s++) {
+    uint32_t np = h->p.num_producers, ns = h->p.num_shards;
+    uint64_t owners[M3_MAX_PRODUCERS / 64] = {0};
+    for (uint32_t s = 0; s < ns; s++) {
         lane_hdr *l = lane_at(base, s, producer);
-        if (l->wpos != l->tail)
+        if (l->wpos != l->tail) {
             /* Release: the record bytes copied below wpos are visible before the tail that
                lets the owner read them. */
             __atomic_store_n(&l->tail, l->wpos, __ATOMIC_RELEASE);
+            uint32_t o = shard_owner(s, ns, np);
+            owners[o / 64] |= UINT64_C(1) << (o % 64);
+        }
     }
     uint64_t *pend = pending_at(base, producer);
     if (__atomic_load_n(pend, __ATOMIC_RELAXED))
         /* Release: the tail stores above happen before an owner's acquire load that reads
            "nothing pending", so its reload of our tails sees them. */
         __atomic_store_n(pend, 0, __ATOMIC_RELEASE);
+    /* SeqCst fence: the tail stores above are ordered before the bell loads below, as an
+       owner's setting of its sleeping bit is before its backlog loads (bell.c): either we see
+       the bit and wake it, or its backlog check sees our tails. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (uint32_t o = 0; o < np; o++)
+        if (owners[o / 64] >> (o % 64) & 1)
+            bell_ring_word(bell_at(bells, o), 0);
+}
+
+void m3_lane_publish(uint8_t *base, uint32_t producer)
+{
+    m3_lane_publish_bells(base, producer, base);
 }
 
 void m3_lane_recover_producer(uint8_t *base, uint32_t producer)

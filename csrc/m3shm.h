@@ -94,7 +94,7 @@ int tsz_decode_many(const uint8_t *buf, const uint64_t *offs, size_t nblocks,
 
 /* ---- segment.c: the shared-memory segment's header and layout (docs/formats/shm.md) ---- */
 
-#define M3_SEG_LAYOUT_VERSION 5
+#define M3_SEG_LAYOUT_VERSION 6
 #define M3_CACHE_LINE 64
 /* Bytes of one chunk of an open block (header + tsz stream); changing it changes the layout. */
 #define M3_CHUNK_BYTES 512
@@ -177,8 +177,10 @@ int m3_lane_reserve(uint8_t *base, uint32_t producer, const uint8_t *batch, size
 int m3_lane_reserve_next(uint8_t *base, uint32_t producer, const uint8_t *batch, size_t len,
                          uint64_t *seq);
 /* Publish everything this producer reserved (release store of each lane's tail), then clear
-   its pending seq. */
+   its pending seq and ring the doorbell (bell.c) of every sleeping owner it published to. */
 void m3_lane_publish(uint8_t *base, uint32_t producer);
+/* The same, ringing the doorbells kept in segment `bells` (the daemon's raw segment). */
+void m3_lane_publish_bells(uint8_t *base, uint32_t producer, uint8_t *bells);
 /* Forget reserved but unpublished bytes (a restarted producer calls this first). */
 void m3_lane_recover_producer(uint8_t *base, uint32_t producer);
 /* Owner: apply published records of one shard, smallest seq first, up to max_records.
@@ -194,6 +196,19 @@ void m3_lane_tails(const uint8_t *base, uint64_t *tails);
 int m3_lane_caught_up(const uint8_t *base, const uint64_t *tails);
 /* Bytes published but not yet consumed in all lanes of one shard. */
 uint64_t m3_lane_backlog(const uint8_t *base, uint32_t shard);
+
+/* ---- bell.c: owner doorbells, so an idle drain thread sleeps instead of polling ------- */
+
+/* Owner: sleep up to timeout_ms on its doorbell in segment `bells` unless a lane of shards
+   [lo, hi) in one of segs[0..nsegs) holds published records. Returns 1 (did not sleep: work
+   waits), 0 (slept: woken by a ring, or timed out), or an error. */
+int m3_bell_wait(uint8_t *bells, uint32_t owner, uint8_t **segs, uint32_t nsegs, uint32_t lo,
+                 uint32_t hi, uint32_t timeout_ms);
+/* Wake owner if it sleeps in m3_bell_wait (anything the caller stored before is visible). */
+void m3_bell_ring(uint8_t *bells, uint32_t owner);
+/* The worker that drains shard of num_shards split among num_producers contiguous ranges
+   (UINT32_MAX for bad arguments); publish rings exactly these owners. */
+uint32_t m3_shard_owner(uint32_t shard, uint32_t num_shards, uint32_t num_producers);
 
 /* ---- series.c: per-shard series table and open blocks in shared memory -------------- */
 

@@ -11,6 +11,10 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include "m3shm.h"
 #include "m3_int.h"
 
@@ -42,7 +46,9 @@ typedef struct seg_hdr {
                                 reserved; else 1 + the smallest seq the producer has reserved
                                 and not yet published (1 alone: drawing one right now) */
 #define SEG_READERS_OFF 4096 /* reader_slot[M3_MAX_READERS], one cache line each */
-#define SEG_HDR_BYTES (SEG_READERS_OFF + M3_MAX_READERS * 64)
+#define SEG_BELLS_OFF (SEG_READERS_OFF + M3_MAX_READERS * 64) /* 20480: owner doorbells */
+#define SEG_BELL_STRIDE 16   /* one u32 word per owner (bell.c), 16 bytes apart */
+#define SEG_HDR_BYTES (SEG_BELLS_OFF + M3_MAX_PRODUCERS * SEG_BELL_STRIDE)
 
 /* A reader slot (epoch.c). tag = pid << 32 | low 32 bits of the process start time (0 = free,
    1 = being reaped); epoch = the global epoch the holder entered its read section at (0 =
@@ -188,6 +194,37 @@ static inline lane_hdr *lane_at(uint8_t *base, uint32_t shard, uint32_t producer
                         ((uint64_t)shard * h->p.num_producers + producer) * h->lane_stride);
 }
 static inline uint8_t *lane_data(lane_hdr *l) { return (uint8_t *)l + LANE_HDR; }
+
+/* The worker that owns (drains) shard s of S when P workers split the shards into contiguous
+   ranges [i*S/P, (i+1)*S/P) (m3shm/workers/worker.py shard_range): the largest i with
+   i*S/P <= s. */
+static inline uint32_t shard_owner(uint32_t s, uint32_t S, uint32_t P)
+{
+    return (uint32_t)(((uint64_t)s + 1) * P - 1) / S;
+}
+
+/* Owner p's doorbell word (bell.c): bit 0 = the owner is (about to be) asleep in
+   m3_bell_wait, bits 1..31 a counter bumped by every ring. */
+static inline uint32_t *bell_at(uint8_t *bells, uint32_t owner)
+{
+    return (uint32_t *)(bells + SEG_BELLS_OFF + (uint64_t)owner * SEG_BELL_STRIDE);
+}
+
+/* Ring a doorbell (bell.c has the protocol): bump its counter and wake its sleeper, if the
+   sleeping bit is set or `always`. A producer calls it after its tail stores and a seq_cst
+   fence, so either it sees the bit or the owner's backlog check sees its tails. */
+static inline void bell_ring_word(uint32_t *w, int always)
+{
+    /* Relaxed: the caller's seq_cst fence orders this load after its tail stores. */
+    uint32_t v = __atomic_load_n(w, __ATOMIC_RELAXED);
+    if (!(v & 1) && !always)
+        return;
+    /* Relaxed read-modify-write: only the value matters (it makes a futex wait on the old
+       value return at once); the data it announces was published before the fence. */
+    v = __atomic_fetch_add(w, 2, __ATOMIC_RELAXED);
+    if (v & 1)
+        syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
 
 static inline uint8_t *shard_at(uint8_t *base, uint32_t shard)
 {

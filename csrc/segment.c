@@ -10,6 +10,7 @@
  *                    global batch sequence (its own cache line); at 320 the producers'
  *                    shutdown flags; at 1408 the global reclamation epoch (epoch.c).
  *   [4096, 20480)    reader slots, one cache line each (epoch.c)
+ *   [20480, 24576)   owner doorbells, one u32 per producer 16 bytes apart (bell.c)
  *   lanes            num_shards * num_producers lanes, shard-major (lane.c)
  *   shards           num_shards regions: header, series hash table, series slots, arena
  *                    (series.c)

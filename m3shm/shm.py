@@ -209,8 +209,28 @@ class Segment:
         check(rc, "reserving lane space for a batch")
         return int(seq[0])
 
-    def publish(self, producer: int) -> None:
-        lib.m3_lane_publish(self.base, producer)
+    def publish(self, producer: int, bells: Segment | None = None) -> None:
+        """Publish the producer's reserved batches and wake the owners they went to, whose
+        doorbells are in ``bells`` (default: this segment; the daemon's owners sleep on the
+        raw namespace's segment, csrc/bell.c)."""
+        lib.m3_lane_publish_bells(self.base, producer, (bells or self).base)
+
+    def wait_for_work(self, owner: int, segs: Any, nsegs: int, lo: int, hi: int,
+                      timeout_ms: int) -> bool:
+        """Owner: sleep on this segment's doorbell ``owner`` up to ``timeout_ms`` unless a
+        lane of shards [lo, hi) in one of ``segs`` (a ``uint8_t *[]`` of segment bases:
+        :meth:`bases`) holds published records; True = work waits (did not sleep)."""
+        return bool(check(lib.m3_bell_wait(self.base, owner, segs, nsegs, lo, hi, timeout_ms),
+                          "waiting on a doorbell"))
+
+    def ring(self, owner: int) -> None:
+        """Wake owner ``owner`` if it sleeps on this segment's doorbell."""
+        lib.m3_bell_ring(self.base, owner)
+
+    @staticmethod
+    def bases(segs: list[Segment]) -> Any:
+        """A C array of the segments' bases for :meth:`wait_for_work` (keep the segments)."""
+        return ffi.new("uint8_t *[]", [s.base for s in segs])
 
     def recover_producer(self, producer: int) -> None:
         lib.m3_lane_recover_producer(self.base, producer)

@@ -75,8 +75,9 @@ def split_batch(batch: bytearray, length: int, limit: int) -> list[tuple[bytearr
 
 class IngestPipeline:
     def __init__(self, seg: Segment, producer: int, clog: CommitLog, pool: Executor,
-                 reserve_wait_ms: int, max_pending: int) -> None:
+                 reserve_wait_ms: int, max_pending: int, bells: Segment | None = None) -> None:
         self.seg = seg
+        self.bells = bells  # the segment whose doorbells the owners sleep on (csrc/bell.c)
         self.producer = producer
         self.clog = clog
         self.pool = pool
@@ -197,7 +198,7 @@ class IngestPipeline:
                 if not it.fut.done():
                     it.fut.set_exception(err)
             return
-        self.seg.publish(self.producer)
+        self.seg.publish(self.producer, self.bells)
         self.batches += len(ok)
         for it, _, adm in ok:
             if not it.fut.done():

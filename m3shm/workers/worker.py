@@ -15,6 +15,10 @@ applies its shards' lanes of every segment. HTTP is served from the beginning
 
 C calls that take real time (snappy, decoding, commit-log writes, export reads) run on a
 fixed ThreadPoolExecutor; the drain loop is one long-lived thread. All release the GIL in C.
+With nothing to drain, the drain thread sleeps on its doorbell in the raw segment (csrc/bell.c)
+until a producer publishes to one of its shards in any namespace (every pipeline rings the raw
+segment's doorbells), a rule set is installed, or DRAIN_IDLE_MS pass: an idle worker costs
+a few passes a second, not a poll every few milliseconds.
 
 Health and reload: a task on the event loop beats into the worker's block of the stats file
 (m3shm/stats.py) every HEARTBEAT_S, but only while the drain thread has made a pass within
@@ -59,6 +63,7 @@ log = logging.getLogger("m3shm.worker")
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_S = 0.25
 DRAIN_STALL_S = 1.0
+DRAIN_IDLE_MS = 250  # longest doorbell sleep of an idle drain thread (< DRAIN_STALL_S)
 
 
 def shard_range(index: int, nworkers: int, nshards: int) -> tuple[int, int]:
@@ -160,7 +165,8 @@ class Worker:
                 cl.fsync_interval_ms, cl.max_segment_bytes, observer=ws,
                 seq_sync=lambda base=base: int(lib.m3_seq_sync(base)))
             rt.pipeline = IngestPipeline(rt.seg, self.index, rt.clog, self.pool,
-                                         ing.reserve_wait_ms, ing.max_pending_batches)
+                                         ing.reserve_wait_ms, ing.max_pending_batches,
+                                         bells=self.seg)
             rt.pipeline.start()
         raw = self.ns[self.cfg.raw_namespace.name]
         self.clog, self.pipeline = raw.clog, raw.pipeline
@@ -176,6 +182,7 @@ class Worker:
             def install(compiled: Any, version: int, activation_ms: int) -> None:
                 for a in aggs:
                     a.install_rules(compiled, version, activation_ms)
+                self.wake_drain()  # it plans the series again with the new version
 
             self.rules.attach(install)
             for a in aggs:
@@ -455,12 +462,18 @@ class Worker:
         res = max((ns.resolution_ms for ns in self.cfg.namespaces if ns.aggregated), default=0)
         return 2 * (adm + res)
 
+    def wake_drain(self) -> None:
+        """Wake the drain thread if it sleeps on its doorbell (csrc/bell.c)."""
+        self.seg.ring(self.index)
+
     def _drain_loop(self) -> None:
         idle = 0
         # the raw segment through the aggregator (its cells), the aggregated ones as they are
         groups = getattr(self, "group_aggs", {})
         others = [rt.seg for rt in self.ns.values()
                   if rt.seg is not self.seg and rt.name not in groups]
+        segs = [rt.seg for rt in self.ns.values()]
+        bases = Segment.bases(segs)
         while not self._drain_stop.is_set():
             self._drain_beat = time.monotonic()
             if self.aggregator is not None:
@@ -474,8 +487,13 @@ class Worker:
             if n:
                 idle = 0
                 continue
-            idle += 1
-            time.sleep(0.0002 if idle < 100 else 0.002)
+            # nothing applied: sleep on the doorbell until a producer publishes to one of our
+            # shards (at most DRAIN_IDLE_MS, so the beat above stays fresh); if records wait
+            # (for another producer's pending seq, lane.c), poll as before
+            if self.seg.wait_for_work(self.index, bases, len(segs), self.lo, self.hi,
+                                      DRAIN_IDLE_MS):
+                idle += 1
+                time.sleep(0.0002 if idle < 100 else 0.002)
 
     async def _shutdown(self, server: asyncio.base_events.Server) -> None:
         self.stopping = True
@@ -503,6 +521,7 @@ class Worker:
                 break
             await asyncio.sleep(0.005)
         self._drain_stop.set()
+        self.wake_drain()
         if self._drain_thread is not None:
             self._drain_thread.join()
         self.pool.shutdown(wait=True)
