@@ -306,6 +306,8 @@ static uint64_t blk_alloc(uint8_t *store, uint32_t shard, uint64_t bytes)
     }
     if (sh->bump + bytes > cap)
         return 0;
+    if (arena_commit(arena, ARENA_FIRST, sh->bump, bytes, cap))
+        return 0;  /* /dev/shm is full: as if the cell arena were (not a SIGBUS later) */
     uint64_t off = sh->bump;
     sh->bump += bytes;
     return off;

@@ -38,6 +38,8 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/mman.h>
 
 #include "seg_int.h"
 
@@ -84,11 +86,38 @@ static void add_free_bytes(const shard_view *v, int64_t d)
     __atomic_store_n(&v->sh->free_bytes, v->sh->free_bytes + (uint64_t)d, __ATOMIC_RELAXED);
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+
+int arena_commit(uint8_t *arena, uint64_t first, uint64_t used, uint64_t n, uint64_t cap)
+{
+    uint64_t from = used <= first ? 0 : align_up64(used, ARENA_COMMIT_STEP);
+    uint64_t to = align_up64(used + n, ARENA_COMMIT_STEP);
+    if (to <= from)
+        return 0; /* inside a step that an earlier allocation committed */
+    uintptr_t lo = (uintptr_t)(arena + from) & ~(uintptr_t)4095;
+    uintptr_t end = ((uintptr_t)(arena + cap) + 4095) & ~(uintptr_t)4095; /* region padding */
+    uintptr_t hi = (uintptr_t)(arena + to) < end ? (uintptr_t)(arena + to) : end;
+    if (hi <= lo)
+        return 0;
+    if (madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE) == 0 || errno == EINVAL)
+        return 0; /* EINVAL: a kernel without it; pages then come as they are touched */
+    return -1;
+}
+
 static uint64_t bump(const shard_view *v, uint64_t n)
 {
     uint64_t used = v->sh->arena_used;
     if (used + n > v->h->p.arena_bytes)
         return 0;
+    if (arena_commit(v->arena, M3_CACHE_LINE, used, n, v->h->p.arena_bytes)) {
+        /* Relaxed: an admission hint (m3_batch_admit); only the owner writes it. */
+        __atomic_store_n(&v->sh->arena_cap, used, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (v->sh->arena_cap)
+        __atomic_store_n(&v->sh->arena_cap, 0, __ATOMIC_RELAXED); /* /dev/shm has room again */
     /* Relaxed: only the owner allocates; readers load it for statistics only. */
     __atomic_store_n(&v->sh->arena_used, used + n, __ATOMIC_RELAXED);
     return used;

@@ -100,7 +100,8 @@ typedef struct shard_hdr {
     uint32_t owner_lock;     /* mutual exclusion of the owner process's threads */
     uint32_t reclaim_skip;   /* allocations to wait before trying a blocked reclaim again */
     uint64_t chunk_free_small; /* free first chunks (CHUNK_FIRST_BYTES), through retire_next */
-    uint64_t pad1;
+    uint64_t arena_cap;      /* 0, or arena_used when /dev/shm could not give the arena more
+                                pages (arena_commit): admission counts the arena full there */
     /* line 3: allocator */
     uint64_t chunk_free;     /* free chunks, linked through retire_next */
     uint64_t chunk_limbo;    /* released chunks, oldest first, linked through retire_next */
@@ -209,6 +210,18 @@ static inline uint32_t *bell_at(uint8_t *bells, uint32_t owner)
 {
     return (uint32_t *)(bells + SEG_BELLS_OFF + (uint64_t)owner * SEG_BELL_STRIDE);
 }
+
+/* Arena memory is committed (its pages allocated) in steps of this many bytes, as the bump
+   pointer reaches them (arena_commit in arena.c). */
+#define ARENA_COMMIT_STEP (UINT64_C(1) << 20)
+
+static inline uint64_t align_up64(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+/* A bump allocator of a shared-memory file's arena moves its pointer from `used` to
+   `used + n` (the pointer starts at `first`; `cap` = the arena's bytes): allocate the pages of
+   every commit step the move enters, now, with MADV_POPULATE_WRITE, so that a full /dev/shm
+   is an error here (-1: treat the arena as full) instead of a SIGBUS at the first touch. */
+int arena_commit(uint8_t *arena, uint64_t first, uint64_t used, uint64_t n, uint64_t cap);
 
 /* Ring a doorbell (bell.c has the protocol): bump its counter and wake its sleeper, if the
    sleeping bit is set or `always`. A producer calls it after its tail stores and a seq_cst

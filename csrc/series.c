@@ -669,6 +669,10 @@ size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t 
         uint64_t fb = __atomic_load_n(&v.sh->free_bytes, __ATOMIC_RELAXED);
         used = used > fb ? used - fb : 0;
         uint64_t ab = h->p.arena_bytes;
+        /* Relaxed: a hint, as above; non-zero while /dev/shm cannot give the arena pages. */
+        uint64_t shm_cap = __atomic_load_n(&v.sh->arena_cap, __ATOMIC_RELAXED);
+        if (shm_cap && shm_cap < ab)
+            ab = shm_cap;
         int reject = 0;
         if (used >= ab - ab / 16) {
             reject = 1;
@@ -681,7 +685,12 @@ size_t m3_batch_admit(const uint8_t *base, uint8_t *batch, size_t len, uint32_t 
             if (!nrej && msg && msg_cap) {
                 char lab[256];
                 m3_labels_format((const uint8_t *)(r + 1), r->labels_len, lab, sizeof lab);
-                if (reject == 1)
+                if (reject == 1 && ab < h->p.arena_bytes)
+                    snprintf(msg, msg_cap,
+                             "series %s: shard %u is out of memory: /dev/shm is full (its "
+                             "arena got %llu of arena_bytes=%llu)", lab, r->shard,
+                             (unsigned long long)ab, (unsigned long long)h->p.arena_bytes);
+                else if (reject == 1)
                     snprintf(msg, msg_cap,
                              "series %s: shard %u is out of memory (arena_bytes=%llu per "
                              "shard, %llu used)", lab, r->shard, (unsigned long long)ab,

@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 
+from m3shm import shmbudget
 from m3shm import stats as sf
 from m3shm.aggstore import AggStore
 from m3shm.config import Config, ConfigError, NamespaceConfig, live_update, load
@@ -197,25 +198,25 @@ class Supervisor:
         for p in glob.glob(nsruntime.aggregated_segment_glob(self.data)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)  # also those of namespaces no longer configured
+        from m3shm.aggstore import store_path
+
         plan = [(nsruntime.segment_path(self.data, ns), self.seg_params(i, ns), ns)
                 for i, ns in enumerate(c.namespaces)]
-        need = sum(p.size() for _, p, _ in plan)
         path = segment_path(self.data)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        st = os.statvfs(os.path.dirname(path))
-        if st.f_bavail * st.f_frsize < need:
-            raise ConfigError(
-                f"shm.arena_bytes: the segments need {need >> 20} MiB "
-                f"(per namespace: shards x (arena_bytes + series tables) + lanes) but "
-                f"{os.path.dirname(path)} has {st.f_bavail * st.f_frsize >> 20} MiB free; "
-                "lower shm.arena_bytes / shm.series_per_shard / shm.agg_arena_bytes / "
-                "shm.agg_series_per_shard / shm.lane_bytes or enlarge it")
+        for p in [path] + [store_path(p) for p, _, _ in plan]:  # their space counts as free
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
         self.segs: dict[str, Segment] = {}
         self.volptrs: list[VolumePointers] = []
         try:
-            for p, params, ns in plan:
+            for p, params, ns in plan:  # sparse: creating one touches only its header pages
                 self.segs[ns.name] = Segment.create(p, params)
+            # what /dev/shm must hold (m3shm/shmbudget.py): refuse below the working set
+            budget = shmbudget.of_segments(list(self.segs.values()), c.shm.cell_arena())
+            warning = shmbudget.check(budget, os.path.dirname(path))
+            if warning:
+                log.warning("%s", warning)
+            for p, _, ns in plan:
                 # readers find the newest fileset volumes here (m3shm/storage/volptr.py)
                 self.volptrs.append(VolumePointers.create(
                     table_path(p), c.shards, ns.retention_ms, ns.block_size_ms))
@@ -223,7 +224,7 @@ class Supervisor:
             self._unlink_segments()
             raise
         self.seg = self.segs[c.raw_namespace.name]
-        self.seg_bytes = need
+        self.seg_bytes = budget.reserved
 
     def _unlink_segments(self) -> None:
         from m3shm.aggstore import store_path
@@ -274,8 +275,9 @@ class Supervisor:
             raise
         versions.publish(self.stats, self.rules_chain, changed=False)
         log.info("m3shm supervisor pid %d: boot %d, %d workers, %d shards, segment %s and %d "
-                 "aggregated (%d MiB in all)", os.getpid(), self.boot, self.nworkers, c.shards,
-                 self.seg.path, len(self.segs) - 1, self.seg_bytes >> 20)
+                 "aggregated (%d MiB reserved in all, segments and stores)", os.getpid(),
+                 self.boot, self.nworkers, c.shards, self.seg.path, len(self.segs) - 1,
+                 self.seg_bytes >> 20)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)

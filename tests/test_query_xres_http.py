@@ -75,12 +75,14 @@ def test_stitched_query_over_http(tmp_path):
                    for w in r.get("warnings", [])), r
         # remote read answers the same samples, also streamed (decoded a group at a time)
         query = q(t0 - 3 * HOUR, t0, (0, "__name__", "xc"))
-        code, body, _ = read(d, [query], [rr.ReadRequest.SAMPLES])
+        code, body, h = read(d, [query], [rr.ReadRequest.SAMPLES])
         assert code == 200, body
         resp = rr.ReadResponse.FromString(snappy.uncompress(body))
         assert [s.timestamp for s in resp.results[0].timeseries[0].samples] == want.tolist()
-        code, body, _ = read(d, [query], [rr.ReadRequest.STREAMED_XOR_CHUNKS])
+        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m_30d=1m"
+        code, body, h = read(d, [query], [rr.ReadRequest.STREAMED_XOR_CHUNKS])
         assert code == 200, body
+        assert h["X-M3shm-Namespaces"] == "default=raw,agg_1m_30d=1m"
         (cs,) = [cs for fr in read_frames(body) for cs in fr.chunked_series]
         assert [t for c in cs.chunks for t, _ in decode_xor(c.data)] == want.tolist()
 
@@ -89,6 +91,9 @@ def test_stitched_query_over_http(tmp_path):
                    end=t0 / 1000, step=60)
         assert h["X-M3shm-Namespaces"] == "default=raw" and "warnings" not in r, r
         assert len(r["data"]["result"][0]["values"]) == 21
+        code, body, h = read(d, [q(t0 - 20 * MIN, t0, (0, "__name__", "xc"))],
+                             [rr.ReadRequest.STREAMED_XOR_CHUNKS])
+        assert code == 200 and h["X-M3shm-Namespaces"] == "default=raw", (code, h)
 
         # a series that exists only downsampled (a rollup) is found in the raw retention too
         r, h = get(d, "/api/v1/query", query="xr", time=t0 / 1000)

@@ -272,14 +272,18 @@ async def remote_read(api: PromApi, req: Request) -> Response:
                              "(SAMPLES, STREAMED_XOR_CHUNKS)")
     ctx: QueryContext = api._ctx({}, f"remote read ({len(rq.queries)} queries)")
 
+    from m3shm.net.promapi import NAMESPACES_HEADER
+
     def work(ctx: QueryContext) -> Response:
         st = api.storage(ctx)
+        # the namespaces that answered (chosen by the selection, before any byte is sent)
         if streamed:  # select (and charge the limits) now; decode and send frame by frame
             selected = [_select(st, q) for q in rq.queries]
-            return Response(200, b"", STREAM_CTYPE,
+            return Response(200, b"", STREAM_CTYPE, {NAMESPACES_HEADER: st.header()},
                             stream=_pump(api, streamed_frames(selected, rq, ctx)))
-        return Response(200, samples_response(st, rq), "application/x-protobuf",
-                        {"Content-Encoding": "snappy"})
+        body = samples_response(st, rq)
+        return Response(200, body, "application/x-protobuf",
+                        {"Content-Encoding": "snappy", NAMESPACES_HEADER: st.header()})
 
     resp = await api.run(req, ctx, work)
     if resp.status != 200:  # remote read answers errors as plain text, as Prometheus does
