@@ -22,8 +22,10 @@
  * Drain (m3_aggst_apply_rec, from m3_lane_drain_agg / m3_shard_apply_batch_agg): the record's
  * series is looked up (created if new). No plan for this generation: return
  * M3_AGG_NEEDS_PLAN without touching the record, and the caller lists every planless series
- * among the published records (m3_aggst_want), so Python matches rules once per series, in
- * batches, and installs the plans (m3_aggst_install); the record is then drained normally.
+ * among the published records (m3_aggst_want); Python groups them by the labels the rules
+ * read (csrc/plangroup.c), matches rules once per group and installs each group's plan for
+ * all its series at once (m3_aggst_install_many: per series exactly m3_aggst_install_group);
+ * the record is then drained normally.
  * With a plan: the raw samples go to the open blocks unless the plan drops them, then to
  * every cell (m3_agg_apply). A record may be applied again after its owner was killed: each
  * cell remembers the last (batch seq, record position) it took (its last_seq and the

@@ -7,9 +7,13 @@ The worker creates one :class:`Aggregator` over its raw segment's aggregation st
 - **drain** (the worker's drain thread): :meth:`Aggregator.drain` drains the worker's shards in
   C, applying every record's samples to the open blocks and to its series' cells. A record
   whose series has no plan stops the shard's drain; C lists every planless series among the
-  published records, Python matches the rules once per series (m3shm.rules.matcher), lays out
-  its cells (m3shm.rules.cells) and installs the plan (one C call per series); the drain then
-  goes on. Replay after a full restart goes the same way (:meth:`Aggregator.replay_batch`).
+  published records (up to 4,096) and groups them by the labels the rules read
+  (m3shm.rules.projection, csrc/plangroup.c); Python matches the rules once per group, on one
+  of its series (m3shm.rules.matcher), lays out the cells (m3shm.rules.cells) and installs
+  that plan for every series of the group with one C call (m3_aggst_install_many); the drain
+  then goes on. With the default rules (they read no label) a whole batch is one match and
+  one install call. Replay after a full restart goes the same way
+  (:meth:`Aggregator.replay_batch`), and so does the replan after a rules change.
 - **finalise** (a task on the event loop, every FINALISE_S): per shard, phase 1 in C computes
   the rows of every window final now, with the labels of their output series; they become
   lane records (m3shm.storage.records, C) submitted to each aggregated namespace's pipeline;
@@ -27,7 +31,11 @@ The worker creates one :class:`Aggregator` over its raw segment's aggregation st
 
 Hooks for the rollup forwarding: :attr:`Aggregator.rollup_cells` adds cells to a series'
 plan (default: none) and :attr:`Aggregator.on_rollup_rows` receives the finalised rows of
-cells of kind M3_AGGK_ROLLUP (default: counted and dropped, with a warning).
+cells of kind M3_AGGK_ROLLUP (default: counted and dropped, with a warning). An aggregated
+namespace's Aggregator plans group series instead: m3shm/workers/rollup.py's GroupPlanner
+sets :attr:`Aggregator.plan_cells` (a series' cells under one rule-set version) and
+:attr:`Aggregator.projection` (the labels they depend on); :meth:`Aggregator.resolve` is the
+one loop over batches, groups, versions and activations for both.
 
 After a full restart, replay applies raw samples with ``now`` = the oldest worker watermark:
 windows already final then were written before the crash (their points come back from the

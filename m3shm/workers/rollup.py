@@ -18,7 +18,8 @@ paths are (m3shm/workers/aggregate.py), never per sample in Python:
 - **group** (:class:`GroupPlanner`, hooked into an aggregated namespace's Aggregator): a series
   of that namespace whose labels are a rollup rule's group (``__name__`` = the rule's
   metricName, exactly its groupBy labels) gets one group cell per such rule with this
-  namespace's policy (rollup_group_cell, tagged with the rule id); the drain applies ROLLUP_IN
+  namespace's policy (rollup_group_cell, tagged with the rule id; planned in batches by the
+  Aggregator's resolve, grouped by metric name and label names); the drain applies ROLLUP_IN
   records to it in C, exactly once (m3_rollup_apply), and its finalised rows are ordinary
   points of the group series in the same namespace.
 
