@@ -445,23 +445,23 @@ int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_
                        ncells, start_ms, bytes);
 }
 
-int m3_aggst_install_many(uint8_t *seg, uint8_t *store, uint32_t shard, const uint32_t *slots,
-                          const uint32_t *gens, size_t n, uint32_t flags,
+int m3_aggst_install_many(uint8_t *seg, uint8_t *store, const uint32_t *shards,
+                          const uint32_t *slots, const uint32_t *gens, size_t n, uint32_t flags,
                           const m3_agg_params *params, const uint32_t *meta,
                           const uint8_t *labels, const uint64_t *loffs, const uint32_t *rules,
                           uint32_t ncells, int64_t start_ms, size_t *installed)
 {
-    uint64_t bytes = plan_bytes(seg, store, shard, flags, params, meta, labels, loffs, ncells);
-    if (!bytes || (n && (!slots || !gens)) || !installed)
+    uint64_t bytes = plan_bytes(seg, store, 0, flags, params, meta, labels, loffs, ncells);
+    if (!bytes || (n && (!shards || !slots || !gens)) || !installed)
         return M3_EINVAL;
     *installed = 0;
     for (size_t i = 0; i < n; i++)
-        if (slots[i] >= hdr_of(store)->slots)
+        if (shards[i] >= hdr_of(store)->num_shards || slots[i] >= hdr_of(store)->slots)
             return M3_EINVAL;
-    /* one plan after the other, each under the shard lock on its own (the finalise may take
+    /* one plan after the other, each under its shard's lock on its own (the finalise may take
        the shard between two), each exactly what m3_aggst_install_group would make */
     for (size_t i = 0; i < n; i++)
-        if (install_one(seg, store, shard, slots[i], gens[i], flags, params, meta, labels,
+        if (install_one(seg, store, shards[i], slots[i], gens[i], flags, params, meta, labels,
                         loffs, rules, ncells, start_ms, bytes) == M3_OK)
             (*installed)++;
     return M3_OK;
@@ -1019,6 +1019,40 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
     return rc;
 }
 
+/* The planless series of the batch's records from byte `from` in shard `first`, then in every
+   other shard of [lo, hi) that has records there (one pass over the records per shard, each
+   under that shard's lock: m3_aggst_want may create the series). */
+static void list_need(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
+                      size_t from, uint32_t first, uint32_t lo, uint32_t hi,
+                      uint32_t *need_shard, uint32_t *need, uint32_t *need_gen,
+                      size_t need_cap, size_t *nneed)
+{
+    const seg_hdr *h = cseg_of(base);
+    for (uint64_t k = 0; k < (uint64_t)(hi - lo) && *nneed < need_cap; k++) {
+        uint32_t shard = lo + (uint32_t)((first - lo + k) % (hi - lo));
+        int locked = 0;
+        uint32_t round = 0;
+        for (size_t o = from; o < len && *nneed < need_cap;) {
+            const m3_rec *q = (const m3_rec *)(batch + o);
+            if (m3_rec_check(q, len - o, h->p.num_shards))
+                break;
+            if (q->shard == shard &&
+                (q->type == M3_REC_SAMPLES || q->type == M3_REC_ROLLUP_IN)) {
+                if (!locked) {
+                    m3_shard_lock(base, shard);
+                    round = m3_aggst_next_round(store, shard);
+                    locked = 1;
+                }
+                if (m3_aggst_want(base, store, q, round, &need[*nneed], &need_gen[*nneed]))
+                    need_shard[(*nneed)++] = shard;
+            }
+            o += q->len;
+        }
+        if (locked)
+            m3_shard_unlock(base, shard);
+    }
+}
+
 int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
                              uint64_t seq, uint32_t lo, uint32_t hi, int64_t now_ms,
                              size_t *off, uint32_t *need_shard, uint32_t *need,
@@ -1040,19 +1074,13 @@ int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch
             m3_shard_lock(base, r->shard);
             rc = m3_aggst_apply_rec(base, store, r, seq, *off, now_ms);
             if (rc == M3_AGG_NEEDS_PLAN) {
-                /* list every planless series of the rest of the batch, then stop here */
-                uint32_t round = m3_aggst_next_round(store, r->shard);
-                for (size_t o = *off; o < len && *nneed < need_cap;) {
-                    const m3_rec *q = (const m3_rec *)(batch + o);
-                    if (m3_rec_check(q, len - o, h->p.num_shards))
-                        break;
-                    if (q->shard == r->shard &&
-                        (q->type == M3_REC_SAMPLES || q->type == M3_REC_ROLLUP_IN) &&
-                        m3_aggst_want(base, store, q, round, &need[*nneed], &need_gen[*nneed]))
-                        need_shard[(*nneed)++] = q->shard;
-                    o += q->len;
-                }
+                /* list every planless series of the rest of the batch in every shard of
+                   [lo, hi), this shard's first, each shard under its own lock, then stop
+                   here: Python plans them all in one go (the batch's series are spread over
+                   every shard; stopping once per shard would cost a Python round each) */
                 m3_shard_unlock(base, r->shard);
+                list_need(base, store, batch, len, *off, r->shard, lo, hi, need_shard, need,
+                          need_gen, need_cap, nneed);
                 return n;
             }
             m3_shard_unlock(base, r->shard);

@@ -747,12 +747,12 @@ int m3_aggst_install_group(uint8_t *seg, uint8_t *store, uint32_t shard, uint32_
                            uint32_t gen, uint32_t flags, const m3_agg_params *params,
                            const uint32_t *meta, const uint8_t *labels, const uint64_t *loffs,
                            const uint32_t *rules, uint32_t ncells, int64_t start_ms);
-/* As m3_aggst_install_group for each series (slots[i], gens[i]) of [0, n): the same plan
-   (cells, flags, start_ms) installed for every one, each as its own install (M3_ENOENT and
-   M3_ENOSPC per series as there, not errors). *installed = plans installed with M3_OK.
-   M3_EINVAL (nothing installed) for bad arguments. */
-int m3_aggst_install_many(uint8_t *seg, uint8_t *store, uint32_t shard, const uint32_t *slots,
-                          const uint32_t *gens, size_t n, uint32_t flags,
+/* As m3_aggst_install_group for each series (shards[i], slots[i], gens[i]) of [0, n): the
+   same plan (cells, flags, start_ms) installed for every one, each as its own install
+   (M3_ENOENT and M3_ENOSPC per series as there, not errors). *installed = plans installed
+   with M3_OK. M3_EINVAL (nothing installed) for bad arguments. */
+int m3_aggst_install_many(uint8_t *seg, uint8_t *store, const uint32_t *shards,
+                          const uint32_t *slots, const uint32_t *gens, size_t n, uint32_t flags,
                           const m3_agg_params *params, const uint32_t *meta,
                           const uint8_t *labels, const uint64_t *loffs, const uint32_t *rules,
                           uint32_t ncells, int64_t start_ms, size_t *installed);
@@ -781,7 +781,8 @@ int m3_lane_drain_agg(uint8_t *base, uint8_t *store, uint32_t shard, uint32_t ma
                       size_t *nneed);
 /* Owner, replay: m3_shard_apply_batch with aggregation, from byte *off of the batch; stops
    (returning records applied, *off at the record) at a series without a plan, listing the
-   planless series of the rest of the batch (*nneed > 0). */
+   planless series of the rest of the batch in every shard of [lo, hi) (*nneed > 0; that
+   record's shard first). */
 int m3_shard_apply_batch_agg(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
                              uint64_t seq, uint32_t lo, uint32_t hi, int64_t now_ms,
                              size_t *off, uint32_t *need_shard, uint32_t *need,
@@ -820,13 +821,13 @@ enum m3_proj_others {
 };
 /* Scratch bytes m3_series_group needs for n series whose labels total label_bytes. */
 uint64_t m3_series_group_scratch(size_t n, uint64_t label_bytes);
-/* Group series (slots[i], gens[i]) of a shard by their projection: labels named in
+/* Group series (shards[i], slots[i], gens[i]) by their projection: labels named in
    names[noffs[k], noffs[k+1]) (k < nnames) with their values, the others as `others` says.
    group[i] = group number (0 .. *ngroups - 1), UINT32_MAX for a series that is not live (or
    another generation); reps[g] = index of group g's first series. Equal projections, equal
    group; different, different (bytes compared, not only hashes). M3_ENOSPC: scratch too
    small (see m3_series_group_scratch); M3_ECORRUPT: a series' labels are malformed. */
-int m3_series_group(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+int m3_series_group(const uint8_t *base, const uint32_t *shards, const uint32_t *slots,
                     const uint32_t *gens, size_t n, const uint8_t *names, const uint64_t *noffs,
                     uint32_t nnames, uint32_t others, uint32_t *group, uint32_t *reps,
                     size_t *ngroups, uint8_t *scratch, size_t scratch_cap);

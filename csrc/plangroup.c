@@ -4,7 +4,7 @@
  *
  * A series' plan (which cells it feeds) depends only on the values of the labels the rule
  * set's filters and rollups name: its *projection*. m3_series_group takes a batch of series
- * (slot, gen) of one shard and a projection, and gives every live series a group number such
+ * (shard, slot, gen) and a projection, and gives every live series a group number such
  * that two series share a group exactly when their projected label bytes are equal; Python
  * then matches the rules once per group, on one representative, and installs the plan for the
  * whole group with one call (m3_aggst_install_many).
@@ -105,15 +105,17 @@ static int64_t project(const uint8_t *lab, uint32_t len, const uint8_t *names,
     return (int64_t)o;
 }
 
-int m3_series_group(const uint8_t *base, uint32_t shard, const uint32_t *slots,
+int m3_series_group(const uint8_t *base, const uint32_t *shards, const uint32_t *slots,
                     const uint32_t *gens, size_t n, const uint8_t *names, const uint64_t *noffs,
                     uint32_t nnames, uint32_t others, uint32_t *group, uint32_t *reps,
                     size_t *ngroups, uint8_t *scratch, size_t scratch_cap)
 {
-    if (!base || (n && (!slots || !gens || !group || !reps)) || !ngroups || !scratch ||
-        (nnames && (!names || !noffs)) || others > M3_PROJ_ALL || n >= UINT32_MAX ||
-        shard >= cseg_of(base)->p.num_shards)
+    if (!base || (n && (!shards || !slots || !gens || !group || !reps)) || !ngroups ||
+        !scratch || (nnames && (!names || !noffs)) || others > M3_PROJ_ALL || n >= UINT32_MAX)
         return M3_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (shards[i] >= cseg_of(base)->p.num_shards)
+            return M3_EINVAL;
     *ngroups = 0;
     uint64_t tsize = pow2_at_least(2 * (uint64_t)n);
     uint64_t fixed = table_bytes(n) + (uint64_t)n * 20;
@@ -125,11 +127,11 @@ int m3_series_group(const uint8_t *base, uint32_t shard, const uint32_t *slots,
     uint8_t *area = gmeta + (uint64_t)n * 20;
     uint64_t acap = scratch_cap - fixed, used = 0;
     size_t ng = 0;
-    shard_view v = shard_view_of(base, shard);
-    /* Acquire: pairs with the owner's release of the slot high-water mark */
-    uint32_t live_n = __atomic_load_n(&v.sh->nseries, __ATOMIC_ACQUIRE);
     for (size_t i = 0; i < n; i++) {
         group[i] = UINT32_MAX;
+        shard_view v = shard_view_of(base, shards[i]);
+        /* Acquire: pairs with the owner's release of the slot high-water mark */
+        uint32_t live_n = __atomic_load_n(&v.sh->nseries, __ATOMIC_ACQUIRE);
         uint32_t s = slots[i];
         if (s >= v.h->slot_cap || s >= live_n)
             continue;

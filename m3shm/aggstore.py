@@ -168,14 +168,15 @@ class AggStore:
                                                self._nneed), f"replaying batch {seq}")
         return n, int(poff[0]), self._needs(int(self._nneed[0]), with_shard=True)
 
-    def group(self, shard: int, slots: Any, gens: Any, names: Iterable[str],
+    def group(self, shards: Any, slots: Any, gens: Any, names: Iterable[str],
               others: int) -> tuple[Any, Any]:
-        """Group series (uint32 arrays ``slots``, ``gens``) of a shard by their labels'
+        """Group series (uint32 arrays ``shards``, ``slots``, ``gens``) by their labels'
         projection (csrc/plangroup.c): (group per series, uint32 with 0xFFFFFFFF for a series
         gone; index of each group's first series). The caller holds a read section or owns the
-        shard."""
+        shards."""
         import numpy as np
 
+        shards = np.ascontiguousarray(shards, dtype=np.uint32)
         slots = np.ascontiguousarray(slots, dtype=np.uint32)
         gens = np.ascontiguousarray(gens, dtype=np.uint32)
         n = len(slots)
@@ -191,34 +192,37 @@ class AggStore:
             need = int(lib.m3_series_group_scratch(n, label_bytes))
             if len(self._gscratch) < need:
                 self._gscratch = bytearray(need)
-            rc = lib.m3_series_group(self.seg.base, shard, _u32(slots), _u32(gens), n, blob,
+            rc = lib.m3_series_group(self.seg.base, _u32(shards), _u32(slots), _u32(gens), n,
+                                     blob,
                                      ffi.cast("uint64_t *", ffi.from_buffer(noffs)), len(enc),
                                      others, _u32(group), _u32(reps), ng,
                                      ffi.from_buffer(self._gscratch), len(self._gscratch))
             if rc != lib.M3_ENOSPC:
                 break
             label_bytes *= 4
-        check(rc, f"grouping the new series of shard {shard}")
+        check(rc, f"grouping {n} new series")
         return group, reps[: ng[0]].copy()
 
-    def install_many(self, shard: int, slots: Any, gens: Any, drop_raw: bool,
+    def install_many(self, shards: Any, slots: Any, gens: Any, drop_raw: bool,
                      params: list[Any], meta: list[int], labels: list[bytes],
                      start_ms: int | None = None, rules: list[int] | None = None) -> int:
-        """:meth:`install` of one plan for every series (uint32 arrays ``slots``, ``gens``) in
-        one C call; returns the plans installed (a series gone or refused cells by a full
-        arena is not counted, as :meth:`install` returns M3_ENOENT / M3_ENOSPC for it)."""
+        """:meth:`install` of one plan for every series (uint32 arrays ``shards``, ``slots``,
+        ``gens``) in one C call; returns the plans installed (a series gone or refused cells
+        by a full arena is not counted, as :meth:`install` returns M3_ENOENT / M3_ENOSPC for
+        it)."""
         import numpy as np
 
+        shards = np.ascontiguousarray(shards, dtype=np.uint32)
         slots = np.ascontiguousarray(slots, dtype=np.uint32)
         gens = np.ascontiguousarray(gens, dtype=np.uint32)
         cp, cm, blob, co, cr = _plan_args(params, meta, labels, rules)
         done = ffi.new("size_t *")
-        check(lib.m3_aggst_install_many(self.seg.base, self.base, shard, _u32(slots),
+        check(lib.m3_aggst_install_many(self.seg.base, self.base, _u32(shards), _u32(slots),
                                         _u32(gens), len(slots),
                                         PLAN_DROP_RAW if drop_raw else 0, cp, cm,
                                         blob or ffi.NULL, co, cr, len(params),
                                         -(2**63) if start_ms is None else start_ms, done),
-              f"installing the plans of {len(slots)} series of shard {shard}")
+              f"installing the plans of {len(slots)} series")
         return int(done[0])
 
     def install(self, shard: int, slot: int, gen: int, drop_raw: bool, params: list[Any],

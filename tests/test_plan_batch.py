@@ -89,7 +89,7 @@ def test_group_equal_projections_share_a_group(seg):
     slots, gens = need[idx, 0], need[idx, 1]
 
     def groups(names: set[str], others: int) -> list[int]:
-        g, reps = st.group(0, slots, gens, names, others)
+        g, reps = st.group(0 * slots, slots, gens, names, others)
         assert sorted(g[reps].tolist()) == list(range(len(reps)))  # reps name their groups
         return g.tolist()
 
@@ -100,7 +100,7 @@ def test_group_equal_projections_share_a_group(seg):
     assert len(set(groups({"x"}, ALL))) == 6
     assert len(set(groups(set(), SKIP))) == 1  # the default rules read nothing: one plan
     # a series of another generation (or gone) is in no group
-    g, _ = st.group(0, slots, gens + np.uint32(1), {"x"}, SKIP)
+    g, _ = st.group(0 * slots, slots, gens + np.uint32(1), {"x"}, SKIP)
     assert set(g.tolist()) == {GONE}
 
 
@@ -126,7 +126,7 @@ def test_group_agrees_with_the_python_projection(seg):
     for _ in range(20):
         proj = Projection(frozenset(rnd.sample(names, rnd.randint(0, 3))),
                           rnd.choice([SKIP, NAMES, ALL]))
-        g, reps = st.group(0, need[:, 0], need[:, 1], proj.names, proj.others)
+        g, reps = st.group(0 * need[:, 0], need[:, 0], need[:, 1], proj.names, proj.others)
         keys = [proj.key(lab) for lab in labels]
         for i in range(len(labels)):
             j = int(reps[g[i]])
@@ -142,13 +142,13 @@ def test_install_many_installs_one_plan_per_series(seg):
     slots, gens = need[:, 0].copy(), need[:, 1].copy()
     gens[4] += 1  # not this generation: not installed
     params = [CellParams(MIN, MIN, ("Sum",), nwin=4).to_c()]
-    assert st.install_many(0, slots, gens, False, params, [0], [b""]) == 4
+    assert st.install_many(0 * slots, slots, gens, False, params, [0], [b""]) == 4
     for slot in slots[:4].tolist():
         assert st.plan(0, slot)[1:] == (1, 1)
     assert st.plan(0, int(slots[4]))[1] == 0
     n, need = st.drain(0, 1 << 16, T0)  # the fifth series is asked for again
     assert n == 4 and need[:, 0].tolist() == [slots[4]]
-    st.install_many(0, need[:, 0], need[:, 1], False, params, [0], [b""])
+    st.install_many(0 * need[:, 0], need[:, 0], need[:, 1], False, params, [0], [b""])
     assert st.drain(0, 1 << 16, T0)[0] == 1
     # each series' cell took its own sample: one row each under its own labels
     p, _ = st.prepare(0, T0 + 3 * MIN)
@@ -156,8 +156,8 @@ def test_install_many_installs_one_plan_per_series(seg):
     got = sorted(parse_labels(table.labels(int(r["stream"])))["i"] for r in p.rows)
     assert got == [str(i) for i in range(5)]
     with pytest.raises(Exception, match="installing the plans"):
-        st.install_many(0, np.array([1 << 30], dtype=np.uint32), gens[:1], False, params,
-                        [0], [b""])
+        st.install_many(0 * gens[:1], np.array([1 << 30], dtype=np.uint32), gens[:1], False,
+                        params, [0], [b""])
 
 
 RULES = {
@@ -275,3 +275,41 @@ def test_rules_change_replans_only_series_whose_cells_change(seg):
     after = plan_cells_of(agg, s)
     assert {dict(lab)["dc"]: n for lab, (_, n) in after.items()} == {"eu": 2, "us": 3,
                                                                        "ap": 2}
+
+
+def test_replay_and_drain_plan_every_shard_in_one_go():
+    """A batch spreads its series over every shard: replay lists the planless series of all
+    the worker's shards at the first stop, and the drain plans all its shards' at once, so
+    the default rules (which read no label) make one match for the whole batch."""
+    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
+    s = Segment.create(path, SegParams(num_shards=4, num_producers=1, lane_bytes=1 << 18,
+                                       series_per_shard=256, arena_bytes=1 << 20,
+                                       block_ms=7_200_000, seq_base=1000))
+    st = AggStore.create(s, 1 << 20)
+    try:
+        agg = aggregator(s, st, None)
+        series = [{"__name__": "m", "i": str(i)} for i in range(200)]
+        batch = b"".join(make_record(lab, [T0 + 1], [1.0], 4) for lab in series)
+        calls = counted(agg)
+        rounds = [0]
+        inner = agg.resolve
+
+        def resolve(needs, **kw):
+            rounds[0] += 1
+            return inner(needs, **kw)
+
+        agg.resolve = resolve
+        assert agg.replay_batch(batch, 7, 0, 4) == 200
+        assert (rounds[0], calls[0]) == (1, 1)
+        assert sum(st.stats(sh)["plans"] for sh in range(4)) == 200
+        assert all(st.stats(sh)["plans"] for sh in range(4))  # every shard had some
+        more = [{"__name__": "m", "j": str(i)} for i in range(200)]
+        assert s.reserve_next(0, b"".join(make_record(lab, [T0 + 2], [1.0], 4)
+                                          for lab in more)) is not None
+        s.publish(0)
+        assert agg.drain(0, 4) == 200 + 1  # every record, one planning round
+        assert (rounds[0], calls[0]) == (2, 1)  # the plan of that projection was remembered
+        assert sum(st.stats(sh)["plans"] for sh in range(4)) == 400
+    finally:
+        st.unlink()
+        s.unlink()

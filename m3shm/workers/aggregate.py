@@ -134,7 +134,7 @@ class Aggregator:
         # the series of the first shard still to do, series changed so far
         self._todo: list[tuple[tuple[int, int, CompiledRules], CompiledRules | None,
                                list[int]]] = []
-        self._replan_needs: np.ndarray | None = None  # [slot, gen] rows
+        self._replan_needs: np.ndarray | None = None  # [shard, slot, gen] rows
         self._replan_n = 0
         self._replan_cpu = 0.0
         self._lock = threading.Lock()
@@ -208,14 +208,16 @@ class Aggregator:
             shard = shards[0]
             if self._replan_needs is None:
                 if self.store.stats(shard)["rules_version"] >= version:
-                    needs = np.empty((0, 2), dtype=np.uint32)  # planned before a restart
+                    needs = np.empty((0, 3), dtype=np.uint32)  # planned before a restart
                 else:
-                    needs = self.seg.live_slots(shard)
+                    live = self.seg.live_slots(shard)
+                    needs = np.column_stack([np.full(len(live), shard, dtype=np.uint32),
+                                             live])
                 self._replan_needs = needs
             needs = self._replan_needs
             take = needs if budget is None else needs[:budget - done]
             t0 = time.thread_time()
-            self._replan_n += self.resolve(shard, take, only=entry, before=before)
+            self._replan_n += self.resolve(take, only=entry, before=before)
             self._replan_cpu += time.thread_time() - t0
             done += len(take)
             self._replan_needs = needs = needs[len(take):]
@@ -295,10 +297,10 @@ class Aggregator:
             p = self._proj[key] = union(self.projection(c) for c in versions)
         return p
 
-    def resolve(self, shard: int, needs: np.ndarray,
+    def resolve(self, needs: np.ndarray,
                 only: tuple[int, int, CompiledRules] | None = None,
                 before: CompiledRules | None = None) -> int:
-        """Plan series ``needs`` ([slot, gen] rows) of a shard: one plan per version of
+        """Plan series ``needs`` ([shard, slot, gen] rows, uint32): one plan per version of
         :meth:`_chain`, each from its activation (planless series), or only version ``only``
         (activation, version, compiled) on top of each series' plan, except where it makes
         the same cells as ``before`` (the version it follows). Returns the series planned.
@@ -313,17 +315,18 @@ class Aggregator:
         if only is not None and before is not None:
             versions.append(before)
         proj = self._projection_of(versions)
-        slots = np.ascontiguousarray(needs[:, 0], dtype=np.uint32)
-        gens = np.ascontiguousarray(needs[:, 1], dtype=np.uint32)
+        shards = np.ascontiguousarray(needs[:, 0], dtype=np.uint32)
+        slots = np.ascontiguousarray(needs[:, 1], dtype=np.uint32)
+        gens = np.ascontiguousarray(needs[:, 2], dtype=np.uint32)
         with self.seg.reading():
-            group, reps = self.store.group(shard, slots, gens, proj.names, proj.others)
+            group, reps = self.store.group(shards, slots, gens, proj.names, proj.others)
         order = np.argsort(group, kind="stable")
         bounds = np.searchsorted(group[order], np.arange(len(reps) + 1))
         vkey = tuple(id(c) for c in versions)
         n = 0
         for g in range(len(reps)):
             members = order[bounds[g]:bounds[g + 1]]
-            labels = self._labels_of(shard, slots[members])
+            labels = self._labels_of(shards[members], slots[members])
             if labels is None:
                 continue  # every series of the group is gone
             key = (vkey, proj.key(labels)) if proj.others != ALL else None
@@ -336,7 +339,7 @@ class Aggregator:
                 continue  # unchanged: the series keep their cells across the activation
             for i, ((act, _, _), (drop, cells)) in enumerate(zip(chain, plans, strict=False)):
                 start = act if act > 0 and (only is not None or i > 0) else None
-                self.store.install_many(shard, slots[members], gens[members], drop,
+                self.store.install_many(shards[members], slots[members], gens[members], drop,
                                         [c.params for c in cells], [c.meta for c in cells],
                                         [c.labels for c in cells], start,
                                         [c.rule for c in cells])
@@ -344,9 +347,9 @@ class Aggregator:
         self.stats["planned"] += n
         return n
 
-    def _labels_of(self, shard: int, slots: np.ndarray) -> dict[str, str] | None:
-        """The labels of the first of ``slots`` still live (one read: its group's labels)."""
-        for slot in slots.tolist():
+    def _labels_of(self, shards: np.ndarray, slots: np.ndarray) -> dict[str, str] | None:
+        """The labels of the first series still live (one read: its group's labels)."""
+        for shard, slot in zip(shards.tolist(), slots.tolist(), strict=True):
             try:
                 return parse_labels(self.seg.series_labels(shard, slot))
             except NoSuchSeriesError:
@@ -366,16 +369,24 @@ class Aggregator:
             beat()
         total = replanned  # progress: the caller loops again at once
         now = now_ms()
-        for shard in range(lo, hi):
-            while True:
-                n, needs = self.store.drain(shard, max_records, now)
+        shards = list(range(lo, hi))
+        while shards:
+            # drain every shard until it stops at a planless series; plan all those series
+            # in one go (one resolve for the worker, not one per shard), then go on
+            waiting, needs = [], []
+            for shard in shards:
+                n, need = self.store.drain(shard, max_records, now)
                 total += n
-                if not len(needs):
-                    break
-                self.resolve(shard, needs)
+                if len(need):
+                    waiting.append(shard)
+                    needs.append(np.column_stack(
+                        [np.full(len(need), shard, dtype=np.uint32), need]))
+            if needs:
+                self.resolve(np.concatenate(needs))
                 total += 1  # progress: the caller loops again at once
                 if beat is not None:
                     beat()
+            shards = waiting
         return total
 
     def replay_batch(self, payload: Any, seq: int, lo: int, hi: int,
@@ -391,8 +402,7 @@ class Aggregator:
             total += n
             if not len(needs):
                 return total
-            for shard in np.unique(needs[:, 0]).tolist():
-                self.resolve(shard, needs[needs[:, 0] == shard][:, 1:])
+            self.resolve(needs)
 
     # -- finalise (event loop) --------------------------------------------------------------
 
