@@ -253,3 +253,37 @@ def test_loader_refuses_bad_bytes_without_crashing(segs):
                 contents(c)  # whatever loaded reads back, or fails with an error
         finally:
             c.unlink()
+
+
+def test_any_damaged_file_is_set_aside_and_the_older_one_loads(segs, tmp_path, caplog):
+    """Flip bytes anywhere in a version-2 file (header, bodies, shard table, trailer) or cut
+    it short: the file is named, set aside, and every shard loads the older snapshot."""
+    rng = random.Random(3)
+    a = segs(3)
+    root, fs = tmp_path / "snap", tmp_path / "fs"
+    for i in range(30):
+        put(a, f"m{i}", [1000 + i], [float(i)])
+    snap_all(a, root, 10, fs)
+    older = contents(a)
+    for i in range(30):
+        put(a, f"m{i}", [2000 + i], [float(-i)])
+    p = snap_all(a, root, 20, fs)
+    good = p.read_bytes()
+    table_off = len(good) - snapshot.TRAILER2.size - 3 * snapshot.ENTRY.size
+    spots = [0, 9, 30, 70, len(good) // 2, table_off - 8, table_off + 4, table_off + 60,
+             len(good) - 30, len(good) - 8, len(good) - 2]
+    for trial, at in enumerate(spots + [None]):
+        raw = bytearray(good)
+        if at is None:
+            raw = raw[:rng.randrange(len(raw))]
+        else:
+            raw[at] ^= 1 << rng.randrange(8)
+        p.write_bytes(bytes(raw))
+        caplog.clear()
+        b = segs(3)
+        assert load_all(b, root, fs) == {0: 10, 1: 10, 2: 10}, trial
+        assert contents(b) == older, trial
+        assert f"corrupt snapshot file {p}" in caplog.text, trial
+        aside = p.with_name(p.name + ".corrupt")
+        assert aside.exists() and not p.exists()
+        aside.unlink()
