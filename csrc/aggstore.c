@@ -45,7 +45,9 @@
  * Rules activations: a plan installed with start_ms keeps the plan it replaces as its prev;
  * apply_routed sends samples stamped at or before start_ms down that chain and later ones to
  * the new cells, whatever the order in which they arrive, so the switch happens at a sample
- * time every worker shares (the activation) rather than at a wall-clock moment. A prev is
+ * time every worker shares (the activation) rather than at a wall-clock moment. The oldest
+ * plan's samples are applied first, and a new cell whose pre chain has seen nothing takes its
+ * predecessor's pre-transform state (take_pre: Increase goes on across the switch). A prev is
  * finalised with its successor (one slot, one unit) and freed once its windows are final and
  * written (release_prev).
  *
@@ -691,6 +693,38 @@ static void undo_restore(uint8_t *store, uint32_t shard)
     sh->undo_state = 0;
 }
 
+/* Rules activation: cell k of plan b has an ordered pre chain that has taken no sample yet
+   and b replaced older plans (prev): it takes the pre-transform state of the cell with the
+   same pre chain down that chain that saw the latest sample (m3_agg_take_pre), so the
+   series' increment across the activation is counted once, by the new cell. Older plans take
+   only samples stamped at or before the activation and are applied first (apply_routed). */
+static void take_pre(uint8_t *store, uint32_t shard, plan_blk *b, m3_aggcell *c,
+                     uint64_t cap)
+{
+    if (!b->prev || c->pre_seen || c->p.pre[0] == M3_XF_NONE)
+        return;
+    m3_aggcell *best = NULL;
+    uint64_t best_cap = 0;
+    plan_blk *p = b;
+    for (int depth = 0; p->prev && depth < 64; depth++) {
+        p = blk_at(store, shard, p->prev);
+        if (!p)
+            break;
+        for (uint32_t k = 0; k < p->ncells; k++) {
+            plan_cell *pc = &cells_of(p)[k];
+            m3_aggcell *o = cell_of(p, pc);
+            if (pc->rule || !o->pre_seen || memcmp(o->p.pre, c->p.pre, sizeof c->p.pre))
+                continue;
+            if (!best || o->pre_last_ts > best->pre_last_ts) {
+                best = o;
+                best_cap = pc->cell_bytes;
+            }
+        }
+    }
+    if (best)
+        m3_agg_take_pre((uint8_t *)c, cap, (const uint8_t *)best, best_cap);
+}
+
 static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
                        const int64_t *ts, const double *vals, uint32_t nsamples, uint64_t seq,
                        uint64_t pos, int64_t now)
@@ -724,6 +758,7 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
             sh->undo_state = 1;
             __atomic_signal_fence(__ATOMIC_SEQ_CST);
         }
+        take_pre(store, shard, b, c, pc->cell_bytes);  /* under the undo: part of the apply */
         size_t start = 0;
         for (;;) {
             size_t nout = 0, done = 0;
@@ -758,38 +793,50 @@ static void apply_plan(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b
    same rule down its chain. So every worker switches at the activation whatever the order in
    which samples arrive: a sample stamped before it and arriving late still reaches the old
    cells (its window is open there), one stamped after it and arriving early reaches the new
-   cells only. Samples stay in record order within each part. */
+   cells only. The oldest plan's part is applied first, so a new cell that takes over its
+   predecessor's pre-transform state (take_pre) finds the record's earlier samples in it.
+   Samples stay in record order within each part. */
 static void apply_routed(uint8_t *store, uint32_t shard, uint64_t off, plan_blk *b,
                          const m3_rec *r, uint64_t seq, uint64_t pos, int64_t now)
 {
     const int64_t *ts = (const int64_t *)((const uint8_t *)(r + 1) + round8(r->labels_len));
     const double *vals = (const double *)(ts + r->nsamples);
     uint32_t n = r->nsamples;
-    int64_t hi_ts[M3_REC_MAX_SAMPLES], lo_ts[M3_REC_MAX_SAMPLES];
-    double hi_v[M3_REC_MAX_SAMPLES], lo_v[M3_REC_MAX_SAMPLES];
-    for (int depth = 0; b && n && depth < 64; depth++) {
-        plan_blk *p = b->prev ? blk_at(store, shard, b->prev) : NULL;
-        if (!p || n > M3_REC_MAX_SAMPLES) {
-            apply_plan(store, shard, off, b, ts, vals, n, seq, pos, now);
-            return;
-        }
-        uint32_t nh = 0, nl = 0;
-        for (uint32_t i = 0; i < n; i++) {
-            if (ts[i] > b->from_ms) {
-                hi_ts[nh] = ts[i];
-                hi_v[nh++] = vals[i];
-            } else {
-                lo_ts[nl] = ts[i];  /* in place when ts is lo_ts: nl <= i */
-                lo_v[nl++] = vals[i];
+    enum { DEPTH = 64 };
+    plan_blk *blks[DEPTH];
+    uint64_t offs[DEPTH];
+    uint32_t nb = 0;
+    for (plan_blk *x = b; x && nb < DEPTH;) {
+        blks[nb] = x;
+        offs[nb++] = off;
+        if (!x->prev)
+            break;
+        off = x->prev;
+        x = blk_at(store, shard, off);
+    }
+    if (nb <= 1 || n > M3_REC_MAX_SAMPLES) {
+        if (n)
+            apply_plan(store, shard, offs[0], b, ts, vals, n, seq, pos, now);
+        return;
+    }
+    uint8_t at[M3_REC_MAX_SAMPLES];
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t j = 0;
+        while (j + 1 < nb && ts[i] <= blks[j]->from_ms)
+            j++;
+        at[i] = (uint8_t)j;
+    }
+    int64_t pts[M3_REC_MAX_SAMPLES];
+    double pv[M3_REC_MAX_SAMPLES];
+    for (uint32_t j = nb; j-- > 0;) {
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < n; i++)
+            if (at[i] == j) {
+                pts[m] = ts[i];
+                pv[m++] = vals[i];
             }
-        }
-        if (nh)
-            apply_plan(store, shard, off, b, hi_ts, hi_v, nh, seq, pos, now);
-        off = b->prev;
-        b = p;
-        ts = lo_ts;
-        vals = lo_v;
-        n = nl;
+        if (m)
+            apply_plan(store, shard, offs[j], blks[j], pts, pv, m, seq, pos, now);
     }
 }
 

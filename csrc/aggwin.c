@@ -557,6 +557,22 @@ int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v)
     return 1;
 }
 
+int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap)
+{
+    m3_aggcell *c = (m3_aggcell *)cell;
+    const m3_aggcell *f = (const m3_aggcell *)from;
+    if (!cell || !from || cap < sizeof(m3_aggcell) || from_cap < sizeof(m3_aggcell) ||
+        c->magic != CELL_MAGIC || f->magic != CELL_MAGIC)
+        return M3_EINVAL;
+    if (!chain_ordered(c->p.pre) || c->pre_seen || !f->pre_seen ||
+        memcmp(c->p.pre, f->p.pre, sizeof c->p.pre) != 0)
+        return 0;
+    memcpy(c->pre_st, f->pre_st, sizeof c->pre_st);
+    c->pre_last_ts = f->pre_last_ts;
+    c->pre_seen = 1;
+    return 1;
+}
+
 static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const double *v,
                       size_t n, int64_t now, m3_agg_out *out, size_t cap, size_t *nout,
                       size_t *done)

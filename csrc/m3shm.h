@@ -658,6 +658,11 @@ void m3_agg_replay_late(int on);
    row, and a lone Add post transform's running total becomes v. 1 = sealed, 0 = older than a
    window the cell has final already (nothing changed), M3_EINVAL. */
 int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v);
+/* Rules activation: a cell whose ordered pre chain (Increase, PerSecond, Add) has taken no
+   sample yet takes over the pre-transform state of cell `from`, the same series' cell with the
+   same pre chain in the plan it replaced, so the series' first increment after the activation
+   (from its last sample before it) is counted. 1 = taken, 0 = not applicable, M3_EINVAL. */
+int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap);
 /* Quantile q (0 < q <= 1) of the samples a sketch holds, clamped to [lo, hi]; NaN if empty. */
 double m3_sketch_quantile(const m3_sketch *s, double q, double lo, double hi);
 /* Empty a sketch; add one value (NaN is ignored). Exposed for tests of the sketch alone. */

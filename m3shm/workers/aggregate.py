@@ -26,7 +26,8 @@ The worker creates one :class:`Aggregator` over its raw segment's aggregation st
   new plan keeps the old one as its prev (csrc/aggstore.c), and the drain sends samples
   stamped at or before the activation to the old cells, later ones to the new, so every
   worker switches at the same sample time however late or early samples arrive. A series
-  first seen while versions are pending gets the whole chain. Old cells are finalised at
+  first seen while versions are pending gets the whole chain (a version whose cells equal
+  the one before adds nothing: those cells go on across it). Old cells are finalised at
   their normal time, then freed.
 
 Hooks for the rollup forwarding: :attr:`Aggregator.rollup_cells` adds cells to a series'
@@ -338,6 +339,8 @@ class Aggregator:
             if only is not None and before is not None and same_cells(plans[-1], plans[0]):
                 continue  # unchanged: the series keep their cells across the activation
             for i, ((act, _, _), (drop, cells)) in enumerate(zip(chain, plans, strict=False)):
+                if only is None and i > 0 and same_cells(plans[i], plans[i - 1]):
+                    continue  # the same cells under the next version: they go on across it
                 start = act if act > 0 and (only is not None or i > 0) else None
                 self.store.install_many(shards[members], slots[members], gens[members], drop,
                                         [c.params for c in cells], [c.meta for c in cells],
