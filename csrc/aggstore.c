@@ -701,7 +701,8 @@ static void undo_restore(uint8_t *store, uint32_t shard)
 static void take_pre(uint8_t *store, uint32_t shard, plan_blk *b, m3_aggcell *c,
                      uint64_t cap)
 {
-    if (!b->prev || c->pre_seen || c->p.pre[0] == M3_XF_NONE)
+    int64_t seen_ts, best_ts = 0;
+    if (!b->prev || c->p.pre[0] == M3_XF_NONE || m3_agg_pre_last((uint8_t *)c, cap, &seen_ts))
         return;
     m3_aggcell *best = NULL;
     uint64_t best_cap = 0;
@@ -713,10 +714,12 @@ static void take_pre(uint8_t *store, uint32_t shard, plan_blk *b, m3_aggcell *c,
         for (uint32_t k = 0; k < p->ncells; k++) {
             plan_cell *pc = &cells_of(p)[k];
             m3_aggcell *o = cell_of(p, pc);
-            if (pc->rule || !o->pre_seen || memcmp(o->p.pre, c->p.pre, sizeof c->p.pre))
+            if (pc->rule || memcmp(o->p.pre, c->p.pre, sizeof c->p.pre) ||
+                !m3_agg_pre_last((uint8_t *)o, pc->cell_bytes, &seen_ts))
                 continue;
-            if (!best || o->pre_last_ts > best->pre_last_ts) {
+            if (!best || seen_ts > best_ts) {
                 best = o;
+                best_ts = seen_ts;
                 best_cap = pc->cell_bytes;
             }
         }

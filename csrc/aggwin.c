@@ -4,7 +4,15 @@
  * A cell (m3_aggcell, docs/formats/aggwin.md) holds everything one (series or rollup group,
  * storage policy, rule) needs to turn raw samples into one aggregated point per window:
  *
- *   header | nwin windows (m3_aggwin, a ring indexed by widx mod nwin) | nwin sketches (opt.)
+ *   header | transform state (opt.) | nwin windows (a ring indexed by widx mod nwin) |
+ *   nwin sketches (opt.)
+ *
+ * Compact layout. A cell holds only what its parameters need: the transform state only when it
+ * has transforms (one xstate per op), and a window only the 8-byte fields its aggregations read
+ * (enum wfield; a Last window is (last_ts, last), 16 bytes). `layout_of` derives where every
+ * part is from the parameters alone, so nothing about the layout is stored and a cell read
+ * back after a crash is laid out by its own header. A window stores no index: last_ts, the
+ * time of its latest sample, lies inside it and so names it; INT64_MIN marks an unused slot.
  *
  * Windows. Window widx covers (widx*res, (widx+1)*res] and its point is stamped at its end,
  * (widx+1)*res: a Last-downsampled series then has, at every window end T, the last raw value
@@ -69,10 +77,6 @@
 #define ALL_AGGS 0x3FFFFFu
 
 #define SK_ALPHA 0.02
-
-_Static_assert(sizeof(m3_aggwin) % 8 == 0, "windows are 8-byte aligned");
-_Static_assert(sizeof(m3_sketch) % 8 == 0, "sketches are 8-byte aligned");
-_Static_assert(sizeof(m3_aggcell) % 8 == 0, "cells are 8-byte aligned");
 
 /* ---- sketch ------------------------------------------------------------------------------ */
 
@@ -230,11 +234,6 @@ const char *m3_agg_params_check(const m3_agg_params *p)
     return 0;
 }
 
-static uint64_t win_bytes(uint32_t flags)
-{
-    return sizeof(m3_aggwin) + ((flags & FLAG_SKETCH) ? sizeof(m3_sketch) : 0);
-}
-
 static uint32_t flags_for(const m3_agg_params *p)
 {
     uint32_t f = 0;
@@ -244,21 +243,132 @@ static uint32_t flags_for(const m3_agg_params *p)
     return f;
 }
 
+/* Window fields (8 bytes each), in the order a window lays out those it has. last_ts is always
+   there: INT64_MIN marks an unused slot, and since it is the time of a sample of the window it
+   also names the window (widx = floor((last_ts - 1) / res)), so a window stores no index. */
+enum wfield {
+    F_LAST_TS, F_LAST, F_COUNT, F_MIN, F_MAX, F_SUM, F_SUM_C, F_FIRST_TS, F_MEAN, F_M2, F_SUMSQ,
+    NFIELDS
+};
+
+#define BIT(a) (1u << (a))
+
+/* One 8-byte word of a window: i64 times, u64 counts, f64 values. */
+typedef union wword {
+    int64_t i;
+    uint64_t u;
+    double d;
+} wword;
+
+/* Transform state after the header, present only in a cell with transforms: the ordered pre
+   chain's last sample (when there is a pre chain), then an xstate per pre op, then per post op. */
+typedef struct xhead {
+    int64_t pre_last_ts;   /* timestamp of the last sample an ordered pre chain took */
+    uint64_t pre_seen;     /* 1 once pre_last_ts is set */
+} xhead;
+
+/* Where a cell's parts are: computed from its parameters alone (never stored). */
+typedef struct layout {
+    uint32_t head;         /* bytes before window 0: header + transform state */
+    uint32_t post_at;      /* offset of the post xstates */
+    uint32_t wb;           /* bytes of one window */
+    uint32_t sk;           /* bytes of one sketch (0 = none) */
+    uint32_t rate;         /* a rate cell (flags & FLAG_RATE) */
+    int8_t at[NFIELDS];    /* word of each field in a window; -1 = not kept */
+} layout;
+
+_Static_assert(sizeof(xhead) == 16 && sizeof(m3_xstate) == 32, "transform state layout");
+_Static_assert(sizeof(m3_sketch) % 8 == 0, "sketches are 8-byte aligned");
+_Static_assert(sizeof(m3_aggcell) % 8 == 0, "cells are 8-byte aligned");
+
+/* Any params (even garbage read back from memory) give a layout within bounds of nwin: chain
+   lengths are capped at M3_AGG_MAX_OPS and every field is one word. */
+static void layout_of(const m3_agg_params *p, layout *L)
+{
+    const uint32_t m = p->aggmask, f = flags_for(p);
+    const int npre = chain_len(p->pre), npost = chain_len(p->post);
+    uint32_t want = BIT(F_LAST_TS);
+    if (m & BIT(M3_AGG_LAST)) want |= BIT(F_LAST);
+    if (m & (BIT(M3_AGG_MEAN) | BIT(M3_AGG_COUNT) | BIT(M3_AGG_STDEV))) want |= BIT(F_COUNT);
+    if ((m & BIT(M3_AGG_MIN)) || (f & FLAG_SKETCH)) want |= BIT(F_MIN);  /* sketch clamps */
+    if ((m & BIT(M3_AGG_MAX)) || (f & FLAG_SKETCH)) want |= BIT(F_MAX);
+    if (m & (BIT(M3_AGG_SUM) | BIT(M3_AGG_MEAN))) want |= BIT(F_SUM) | BIT(F_SUM_C);
+    if (f & FLAG_RATE) want |= BIT(F_FIRST_TS);
+    if (m & BIT(M3_AGG_STDEV)) want |= BIT(F_MEAN) | BIT(F_M2);
+    if (m & BIT(M3_AGG_SUMSQ)) want |= BIT(F_SUMSQ);
+    int8_t n = 0;
+    for (int k = 0; k < NFIELDS; k++) L->at[k] = (want & BIT(k)) ? n++ : -1;
+    L->wb = (uint32_t)n * 8;
+    L->sk = (f & FLAG_SKETCH) ? (uint32_t)sizeof(m3_sketch) : 0;
+    L->rate = (f & FLAG_RATE) != 0;
+    L->post_at = (uint32_t)sizeof(m3_aggcell) +
+                 (npre ? (uint32_t)(sizeof(xhead) + npre * sizeof(m3_xstate)) : 0);
+    L->head = L->post_at + (uint32_t)(npost * sizeof(m3_xstate));
+}
+
+static uint64_t layout_bytes(const layout *L, uint32_t nwin)
+{
+    return L->head + (uint64_t)nwin * (L->wb + L->sk);
+}
+
 uint64_t m3_agg_cell_bytes(const m3_agg_params *p)
 {
     if (m3_agg_params_check(p)) return 0;
-    return sizeof(m3_aggcell) + (uint64_t)p->nwin * win_bytes(flags_for(p));
+    layout L;
+    layout_of(p, &L);
+    return layout_bytes(&L, p->nwin);
 }
 
-static m3_aggwin *cell_win(m3_aggcell *c, uint32_t slot)
+int m3_agg_cell_layout(const m3_agg_params *p, uint32_t *head_bytes, uint32_t *win_bytes,
+                       uint32_t *sketch_bytes)
 {
-    return (m3_aggwin *)((uint8_t *)c + sizeof(m3_aggcell)) + slot;
+    if (m3_agg_params_check(p) || !head_bytes || !win_bytes || !sketch_bytes) return M3_EINVAL;
+    layout L;
+    layout_of(p, &L);
+    *head_bytes = L.head;
+    *win_bytes = L.wb;
+    *sketch_bytes = L.sk;
+    return M3_OK;
 }
 
-static m3_sketch *cell_sketch(m3_aggcell *c, uint32_t slot)
+static wword *cell_win(m3_aggcell *c, const layout *L, uint32_t slot)
 {
-    uint8_t *w0 = (uint8_t *)c + sizeof(m3_aggcell) + (uint64_t)c->p.nwin * sizeof(m3_aggwin);
-    return (m3_sketch *)w0 + slot;
+    return (wword *)((uint8_t *)c + L->head + (uint64_t)slot * L->wb);
+}
+
+static m3_sketch *cell_sketch(m3_aggcell *c, const layout *L, uint32_t slot)
+{
+    uint8_t *s0 = (uint8_t *)c + L->head + (uint64_t)c->p.nwin * L->wb;
+    return (m3_sketch *)s0 + slot;
+}
+
+static xhead *cell_xhead(m3_aggcell *c) { return (xhead *)(c + 1); }
+
+static m3_xstate *cell_pre(m3_aggcell *c) { return (m3_xstate *)(cell_xhead(c) + 1); }
+
+static m3_xstate *cell_post(m3_aggcell *c, const layout *L)
+{
+    return (m3_xstate *)((uint8_t *)c + L->post_at);
+}
+
+static int64_t floor_div(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0))) q--;
+    return q;
+}
+
+/* The window a slot holds (WIDX_NONE: unused), from its last sample's time. */
+static int64_t win_widx(const m3_aggcell *c, const wword *w)
+{
+    return w[F_LAST_TS].i == WIDX_NONE ? WIDX_NONE : floor_div(w[F_LAST_TS].i - 1, c->p.res_ms);
+}
+
+/* Whether the slot holds window widx: its last sample lies in (widx*res, (widx+1)*res]. */
+static int win_is(const m3_aggcell *c, const wword *w, int64_t widx)
+{
+    int64_t lo = widx * c->p.res_ms;
+    return w[F_LAST_TS].i > lo && w[F_LAST_TS].i <= lo + c->p.res_ms;
 }
 
 static void set_due(m3_aggcell *c)
@@ -281,7 +391,9 @@ int m3_agg_cell_init(uint8_t *cell, uint64_t cap, const m3_agg_params *p)
     c->due_ms = INT64_MAX;
     c->lo_widx = INT64_MAX;
     c->hi_widx = WIDX_NONE;
-    for (uint32_t k = 0; k < p->nwin; k++) cell_win(c, k)->widx = WIDX_NONE;
+    layout L;
+    layout_of(p, &L);
+    for (uint32_t k = 0; k < p->nwin; k++) cell_win(c, &L, k)[F_LAST_TS].i = WIDX_NONE;
     return M3_OK;
 }
 
@@ -293,32 +405,36 @@ int m3_agg_cell_check(uint8_t *cell, uint64_t cap)
     if (c->version != M3_AGG_VERSION) return M3_EVERSION;
     if (m3_agg_params_check(&c->p) || c->flags != flags_for(&c->p)) return M3_ECORRUPT;
     if (m3_agg_cell_bytes(&c->p) > cap) return M3_ECORRUPT;
+    layout L;
+    layout_of(&c->p, &L);
+    const int64_t nwin = c->p.nwin;
     int64_t lo = INT64_MAX, hi = WIDX_NONE;
-    for (uint32_t k = 0; k < c->p.nwin; k++) {
-        m3_aggwin *w = cell_win(c, k);
-        if (w->widx == WIDX_NONE) continue;
-        int64_t m = w->widx % (int64_t)c->p.nwin;
-        if (m < 0) m += c->p.nwin;
-        if (m != (int64_t)k || w->widx <= c->done_widx || w->count == 0 ||
-            w->widx > TS_LIMIT / c->p.res_ms || w->widx < -TS_LIMIT / c->p.res_ms) {
-            w->widx = WIDX_NONE;  /* a slot a killed writer left half-made: drop it */
+    for (uint32_t k = 0; k < nwin; k++) {
+        wword *w = cell_win(c, &L, k);
+        if (w[F_LAST_TS].i == WIDX_NONE) continue;
+        int64_t x = w[F_LAST_TS].i > TS_LIMIT || w[F_LAST_TS].i < -TS_LIMIT ? WIDX_NONE
+                                                                          : win_widx(c, w);
+        int64_t m = x % nwin;
+        if (m < 0) m += nwin;
+        if (x == WIDX_NONE || m != (int64_t)k || x <= c->done_widx) {
+            w[F_LAST_TS].i = WIDX_NONE;  /* a slot a killed writer left half-made: drop it */
             continue;
         }
-        if (w->widx < lo) lo = w->widx;
-        if (w->widx > hi) hi = w->widx;
+        if (x < lo) lo = x;
+        if (x > hi) hi = x;
     }
-    if (hi != WIDX_NONE && hi - lo >= (int64_t)c->p.nwin) {
+    if (hi != WIDX_NONE && hi - lo >= nwin) {
         /* open windows must be nwin consecutive ones at most: keep the newest */
-        for (uint32_t k = 0; k < c->p.nwin; k++) {
-            m3_aggwin *w = cell_win(c, k);
-            if (w->widx != WIDX_NONE && w->widx <= hi - (int64_t)c->p.nwin) w->widx = WIDX_NONE;
+        for (uint32_t k = 0; k < nwin; k++) {
+            wword *w = cell_win(c, &L, k);
+            int64_t x = win_widx(c, w);
+            if (x != WIDX_NONE && x <= hi - nwin) w[F_LAST_TS].i = WIDX_NONE;
         }
-        lo = hi - (int64_t)c->p.nwin + 1;
+        lo = hi - nwin + 1;
     }
     c->lo_widx = hi == WIDX_NONE ? INT64_MAX : lo;
     c->hi_widx = hi;
-    if (hi != WIDX_NONE && hi - (int64_t)c->p.nwin > c->done_widx)
-        c->done_widx = hi - (int64_t)c->p.nwin;
+    if (hi != WIDX_NONE && hi - nwin > c->done_widx) c->done_widx = hi - nwin;
     set_due(c);
     return M3_OK;
 }
@@ -372,24 +488,24 @@ static int chain_ordered(const uint8_t *ops)
     return 0;
 }
 
+static const double QUANTILE_OF[22] = {
+    [M3_AGG_MEDIAN] = 0.5, [M3_AGG_P10] = 0.1, [M3_AGG_P20] = 0.2, [M3_AGG_P30] = 0.3,
+    [M3_AGG_P40] = 0.4, [M3_AGG_P50] = 0.5, [M3_AGG_P60] = 0.6, [M3_AGG_P70] = 0.7,
+    [M3_AGG_P80] = 0.8, [M3_AGG_P90] = 0.9, [M3_AGG_P95] = 0.95, [M3_AGG_P99] = 0.99,
+    [M3_AGG_P999] = 0.999, [M3_AGG_P9999] = 0.9999,
+};
 /* ---- windows ----------------------------------------------------------------------------- */
 
-static int64_t floor_div(int64_t a, int64_t b)
+/* Open window widx in its slot. The slot stays unused (last_ts = WIDX_NONE) until win_add
+   stores the first sample's time: a writer killed in between leaves an unused slot. */
+static void win_open(m3_aggcell *c, const layout *L, wword *w, uint32_t slot, int64_t widx)
 {
-    int64_t q = a / b;
-    if ((a % b != 0) && ((a < 0) != (b < 0))) q--;
-    return q;
-}
-
-static void win_open(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t widx)
-{
-    memset(w, 0, sizeof(*w));
-    w->widx = widx;
-    w->first_ts = INT64_MAX;
-    w->last_ts = INT64_MIN;
-    w->min = INFINITY;
-    w->max = -INFINITY;
-    if (c->flags & FLAG_SKETCH) m3_sketch_init(cell_sketch(c, slot));
+    memset(w, 0, L->wb);
+    w[F_LAST_TS].i = WIDX_NONE;
+    if (L->at[F_MIN] >= 0) w[L->at[F_MIN]].d = INFINITY;
+    if (L->at[F_MAX] >= 0) w[L->at[F_MAX]].d = -INFINITY;
+    if (L->at[F_FIRST_TS] >= 0) w[L->at[F_FIRST_TS]].i = INT64_MAX;
+    if (L->sk) m3_sketch_init(cell_sketch(c, L, slot));
     if (c->hi_widx == WIDX_NONE || widx < c->lo_widx) c->lo_widx = widx;
     if (c->hi_widx == WIDX_NONE || widx > c->hi_widx) {
         /* the ring holds nwin consecutive windows: with this one open, windows at or below
@@ -402,81 +518,86 @@ static void win_open(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t widx)
     if (due < c->due_ms) c->due_ms = due;
 }
 
-static void win_add(m3_aggcell *c, m3_aggwin *w, uint32_t slot, int64_t ts, int64_t from,
-                    double v)
+static void win_add(m3_aggcell *c, const layout *L, wword *w, uint32_t slot, int64_t ts,
+                    int64_t from, double v)
 {
-    if (c->flags & FLAG_SKETCH) m3_sketch_add(cell_sketch(c, slot), v);
-    w->count++;
-    if (ts >= w->last_ts) {
-        w->last_ts = ts;
-        w->last = v;
+    const int8_t *at = L->at;
+    if (L->sk) m3_sketch_add(cell_sketch(c, L, slot), v);
+    if (at[F_COUNT] >= 0) w[at[F_COUNT]].u++;
+    if (ts >= w[F_LAST_TS].i) {
+        w[F_LAST_TS].i = ts;
+        if (at[F_LAST] >= 0) w[at[F_LAST]].d = v;
     }
-    if (from < w->first_ts) w->first_ts = from;
-    const uint32_t m = c->p.aggmask;
-    if (v < w->min) w->min = v;   /* also clamp the sketch's estimates */
-    if (v > w->max) w->max = v;
-    if (m & ((1u << M3_AGG_SUM) | (1u << M3_AGG_MEAN))) {
+    if (at[F_FIRST_TS] >= 0 && from < w[at[F_FIRST_TS]].i) w[at[F_FIRST_TS]].i = from;
+    if (at[F_MIN] >= 0 && v < w[at[F_MIN]].d) w[at[F_MIN]].d = v;
+    if (at[F_MAX] >= 0 && v > w[at[F_MAX]].d) w[at[F_MAX]].d = v;
+    if (at[F_SUM] >= 0) {
         /* Neumaier: keep the low-order bits the running sum loses */
-        double t = w->sum + v;
-        if (fabs(w->sum) >= fabs(v)) w->sum_c += (w->sum - t) + v;
-        else w->sum_c += (v - t) + w->sum;
-        w->sum = t;
+        double s = w[at[F_SUM]].d, t = s + v;
+        if (fabs(s) >= fabs(v)) w[at[F_SUM_C]].d += (s - t) + v;
+        else w[at[F_SUM_C]].d += (v - t) + s;
+        w[at[F_SUM]].d = t;
     }
-    if (m & (1u << M3_AGG_STDEV)) {
-        double d = v - w->mean;
-        w->mean += d / (double)w->count;
-        w->m2 += d * (v - w->mean);
+    if (at[F_MEAN] >= 0) {
+        /* Welford; count was counted above (Stdev keeps it) */
+        double mean = w[at[F_MEAN]].d, d = v - mean;
+        mean += d / (double)w[at[F_COUNT]].u;
+        w[at[F_MEAN]].d = mean;
+        w[at[F_M2]].d += d * (v - mean);
     }
-    if (m & (1u << M3_AGG_SUMSQ)) w->sumsq += v * v;
+    if (at[F_SUMSQ] >= 0) w[at[F_SUMSQ]].d += v * v;
 }
 
-static const double QUANTILE_OF[22] = {
-    [M3_AGG_MEDIAN] = 0.5, [M3_AGG_P10] = 0.1, [M3_AGG_P20] = 0.2, [M3_AGG_P30] = 0.3,
-    [M3_AGG_P40] = 0.4, [M3_AGG_P50] = 0.5, [M3_AGG_P60] = 0.6, [M3_AGG_P70] = 0.7,
-    [M3_AGG_P80] = 0.8, [M3_AGG_P90] = 0.9, [M3_AGG_P95] = 0.95, [M3_AGG_P99] = 0.99,
-    [M3_AGG_P999] = 0.999, [M3_AGG_P9999] = 0.9999,
-};
 
 /* The value of one aggregation of a window; returns 0 when there is none. */
-static int win_value(m3_aggcell *c, uint32_t slot, const m3_aggwin *w, int agg, double *out)
+static int win_value(m3_aggcell *c, const layout *L, uint32_t slot, const wword *w, int agg,
+                     double *out)
 {
+    const int8_t *at = L->at;
     switch (agg) {
-    case M3_AGG_LAST: *out = w->last; return 1;
-    case M3_AGG_MIN: *out = w->min; return 1;
-    case M3_AGG_MAX: *out = w->max; return 1;
-    case M3_AGG_MEAN: *out = (w->sum + w->sum_c) / (double)w->count; return 1;
-    case M3_AGG_COUNT: *out = (double)w->count; return 1;
-    case M3_AGG_SUMSQ: *out = w->sumsq; return 1;
-    case M3_AGG_STDEV:
-        *out = w->count < 2 ? 0.0 : sqrt(w->m2 / (double)(w->count - 1));
+    case M3_AGG_LAST: *out = w[at[F_LAST]].d; return 1;
+    case M3_AGG_MIN: *out = w[at[F_MIN]].d; return 1;
+    case M3_AGG_MAX: *out = w[at[F_MAX]].d; return 1;
+    case M3_AGG_MEAN: *out = (w[at[F_SUM]].d + w[at[F_SUM_C]].d) / (double)w[at[F_COUNT]].u;
         return 1;
+    case M3_AGG_COUNT: *out = (double)w[at[F_COUNT]].u; return 1;
+    case M3_AGG_SUMSQ: *out = w[at[F_SUMSQ]].d; return 1;
+    case M3_AGG_STDEV: {
+        uint64_t n = w[at[F_COUNT]].u;
+        *out = n < 2 ? 0.0 : sqrt(w[at[F_M2]].d / (double)(n - 1));
+        return 1;
+    }
     case M3_AGG_SUM:
-        *out = w->sum + w->sum_c;
-        if (c->flags & FLAG_RATE) {
-            if (w->last_ts <= w->first_ts) return 0;
-            *out /= ((double)w->last_ts - (double)w->first_ts) / 1000.0;
+        *out = w[at[F_SUM]].d + w[at[F_SUM_C]].d;
+        if (L->rate) {
+            int64_t first = w[at[F_FIRST_TS]].i, last = w[F_LAST_TS].i;
+            if (last <= first) return 0;
+            *out /= ((double)last - (double)first) / 1000.0;
         }
         return 1;
     default:
-        *out = m3_sketch_quantile(cell_sketch(c, slot), QUANTILE_OF[agg], w->min, w->max);
+        if (!L->sk || agg >= (int)(sizeof(QUANTILE_OF) / sizeof(QUANTILE_OF[0]))) return 0;
+        *out = m3_sketch_quantile(cell_sketch(c, L, slot), QUANTILE_OF[agg], w[at[F_MIN]].d,
+                                  w[at[F_MAX]].d);
         return 1;
     }
 }
 
-/* Finalise the window in `slot`: one row per aggregation (after post transforms). */
-static void win_emit(m3_aggcell *c, uint32_t cell, uint32_t slot, m3_agg_out *out,
-                     size_t *nout)
+/* Finalise window widx, held in `slot`: one row per aggregation (after post transforms). */
+static void win_emit(m3_aggcell *c, const layout *L, uint32_t cell, uint32_t slot, int64_t widx,
+                     m3_agg_out *out, size_t *nout)
 {
-    m3_aggwin *w = cell_win(c, slot);
-    int64_t end = (w->widx + 1) * c->p.res_ms;
-    M3_ASSERT(w->widx > c->done_widx || c->done_widx == WIDX_NONE);
+    wword *w = cell_win(c, L, slot);
+    int64_t end = (widx + 1) * c->p.res_ms;
+    m3_xstate *post = cell_post(c, L);
+    M3_ASSERT(widx > c->done_widx || c->done_widx == WIDX_NONE);
     for (uint32_t m = c->p.aggmask; m; m &= m - 1) {
         int agg = __builtin_ctz(m);
         double v;
-        if (!win_value(c, slot, w, agg, &v)) continue;
+        if (!win_value(c, L, slot, w, agg, &v)) continue;
         int keep = 1;
         for (int k = 0; k < M3_AGG_MAX_OPS && c->p.post[k] && keep; k++)
-            keep = xf_step(c->p.post[k], &c->post_st[k], end, &v, 0);
+            keep = xf_step(c->p.post[k], &post[k], end, &v, 0);
         if (!keep) continue;
         out[*nout].cell = cell;
         out[*nout].agg = (uint32_t)agg;
@@ -484,16 +605,16 @@ static void win_emit(m3_aggcell *c, uint32_t cell, uint32_t slot, m3_agg_out *ou
         out[*nout].value = v;
         (*nout)++;
     }
-    if (w->widx > c->done_widx) c->done_widx = w->widx;
-    w->widx = WIDX_NONE;
+    if (widx > c->done_widx) c->done_widx = widx;
+    w[F_LAST_TS].i = WIDX_NONE;
     c->emitted++;
 }
 
 /* Finalise open windows with widx <= upto, oldest first, while out has room for a window's
    rows. Walks widx from lo_widx, so it touches only the slots of windows it may finalise.
    Returns 0 if all were finalised, M3_ENOSPC if it stopped for room. */
-static int finalise_upto(m3_aggcell *c, uint32_t cell, int64_t upto, m3_agg_out *out,
-                         size_t cap, size_t *nout)
+static int finalise_upto(m3_aggcell *c, const layout *L, uint32_t cell, int64_t upto,
+                         m3_agg_out *out, size_t cap, size_t *nout)
 {
     size_t rows = (size_t)popcount32(c->p.aggmask);
     const int64_t nwin = c->p.nwin;
@@ -504,9 +625,9 @@ static int finalise_upto(m3_aggcell *c, uint32_t cell, int64_t upto, m3_agg_out 
     int64_t w = c->lo_widx > c->hi_widx - nwin + 1 ? c->lo_widx : c->hi_widx - nwin + 1;
     for (; w <= last; w++) {
         uint32_t slot = (uint32_t)(((w % nwin) + nwin) % nwin);
-        if (cell_win(c, slot)->widx != w) continue;
+        if (!win_is(c, cell_win(c, L, slot), w)) continue;
         if (cap - *nout < rows) { rc = M3_ENOSPC; break; }
-        win_emit(c, cell, slot, out, nout);
+        win_emit(c, L, cell, slot, w, out, nout);
     }
     if (w > c->lo_widx) c->lo_widx = w;
     set_due(c);
@@ -523,12 +644,14 @@ void m3_agg_replay_late(int on) { late_moves_pre = on; }
 
 static void pre_state_only(m3_aggcell *c, int64_t t, double x)
 {
+    xhead *xh = cell_xhead(c);
+    m3_xstate *pre = cell_pre(c);
     int64_t from = t;
-    c->pre_seen = 1;
-    c->pre_last_ts = t;
+    xh->pre_seen = 1;
+    xh->pre_last_ts = t;
     for (int k = 0; k < M3_AGG_MAX_OPS && c->p.pre[k]; k++) {
         uint8_t op = c->p.pre[k] == M3_XF_PERSECOND ? M3_XF_INCREASE : c->p.pre[k];
-        if (!xf_step(op, &c->pre_st[k], t, &x, &from)) break;
+        if (!xf_step(op, &pre[k], t, &x, &from)) break;
     }
 }
 
@@ -537,23 +660,47 @@ int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v)
     m3_aggcell *c = (m3_aggcell *)cell;
     if (!cell || cap < sizeof(m3_aggcell) || c->magic != CELL_MAGIC || c->p.res_ms <= 0 ||
         c->p.nwin < 1 || c->p.nwin > M3_AGG_MAX_WINDOWS ||
-        sizeof(m3_aggcell) + (uint64_t)c->p.nwin * win_bytes(c->flags) > cap ||
         end % c->p.res_ms || end > TS_LIMIT || end < -TS_LIMIT || isnan(v))
+        return M3_EINVAL;
+    layout L;
+    layout_of(&c->p, &L);
+    if (layout_bytes(&L, c->p.nwin) > cap)
         return M3_EINVAL;
     int64_t widx = end / c->p.res_ms - 1;
     if (c->done_widx != WIDX_NONE && widx < c->done_widx) return 0;  /* an older point */
     for (uint32_t k = 0; k < c->p.nwin; k++) {
-        m3_aggwin *w = cell_win(c, k);
-        if (w->widx != WIDX_NONE && w->widx <= widx) w->widx = WIDX_NONE;  /* written */
+        wword *w = cell_win(c, &L, k);
+        int64_t x = win_widx(c, w);
+        if (x != WIDX_NONE && x <= widx) w[F_LAST_TS].i = WIDX_NONE;  /* written */
     }
     c->done_widx = widx;
     if (c->hi_widx != WIDX_NONE && c->lo_widx <= widx) c->lo_widx = widx + 1;
     set_due(c);
     if (c->p.post[0] == M3_XF_ADD && c->p.post[1] == M3_XF_NONE &&
         popcount32(c->p.aggmask) == 1) {
-        c->post_st[0].acc = v;  /* the running total the written point holds */
-        c->post_st[0].have = 1;
+        m3_xstate *post = cell_post(c, &L);
+        post[0].acc = v;  /* the running total the written point holds */
+        post[0].have = 1;
     }
+    return 1;
+}
+
+/* Bytes up to the end of the pre transforms' state; 0 if the cell has no pre chain. */
+static uint64_t pre_end(const m3_aggcell *c)
+{
+    int npre = chain_len(c->p.pre);
+    return npre ? sizeof(m3_aggcell) + sizeof(xhead) + (uint64_t)npre * sizeof(m3_xstate) : 0;
+}
+
+int m3_agg_pre_last(const uint8_t *cell, uint64_t cap, int64_t *last_ts)
+{
+    const m3_aggcell *c = (const m3_aggcell *)cell;
+    if (!cell || !last_ts || cap < sizeof(m3_aggcell) || c->magic != CELL_MAGIC) return 0;
+    uint64_t end = pre_end(c);
+    if (!end || cap < end) return 0;
+    const xhead *xh = (const xhead *)(c + 1);
+    if (!xh->pre_seen) return 0;
+    *last_ts = xh->pre_last_ts;
     return 1;
 }
 
@@ -564,23 +711,30 @@ int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t f
     if (!cell || !from || cap < sizeof(m3_aggcell) || from_cap < sizeof(m3_aggcell) ||
         c->magic != CELL_MAGIC || f->magic != CELL_MAGIC)
         return M3_EINVAL;
-    if (!chain_ordered(c->p.pre) || c->pre_seen || !f->pre_seen ||
-        memcmp(c->p.pre, f->p.pre, sizeof c->p.pre) != 0)
+    if (!chain_ordered(c->p.pre) || memcmp(c->p.pre, f->p.pre, sizeof c->p.pre) != 0)
         return 0;
-    memcpy(c->pre_st, f->pre_st, sizeof c->pre_st);
-    c->pre_last_ts = f->pre_last_ts;
-    c->pre_seen = 1;
+    /* equal pre chains: the transform state sits at the same place in both cells */
+    uint64_t end = pre_end(c);
+    if (cap < end || from_cap < end) return M3_EINVAL;
+    xhead *cx = cell_xhead(c);
+    const xhead *fx = (const xhead *)(f + 1);
+    if (cx->pre_seen || !fx->pre_seen) return 0;
+    memcpy(cell_pre(c), fx + 1, end - sizeof(m3_aggcell) - sizeof(xhead));
+    cx->pre_last_ts = fx->pre_last_ts;
+    cx->pre_seen = 1;
     return 1;
 }
 
-static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const double *v,
-                      size_t n, int64_t now, m3_agg_out *out, size_t cap, size_t *nout,
-                      size_t *done)
+static int apply_cell(m3_aggcell *c, const layout *L, uint32_t cell, const int64_t *ts,
+                      const double *v, size_t n, int64_t now, m3_agg_out *out, size_t cap,
+                      size_t *nout, size_t *done)
 {
     const int64_t res = c->p.res_ms, adm = c->p.admission_ms;
     const uint32_t nwin = c->p.nwin;
     const int ordered = chain_ordered(c->p.pre);
     const int has_pre = c->p.pre[0] != M3_XF_NONE;
+    xhead *xh = cell_xhead(c);
+    m3_xstate *pre = cell_pre(c);
     /* the window of the previous sample and its slot: most samples fall in it, and then
        neither index needs a division */
     int64_t cur = WIDX_NONE, cur_lo = 0, cur_hi = -1;
@@ -594,7 +748,7 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
             /* the window is final: count the sample, never apply it (transform state too,
                except in replay: see m3_agg_replay_late) */
             c->late++;
-            if (late_moves_pre && has_pre && ordered && !(c->pre_seen && t <= c->pre_last_ts))
+            if (late_moves_pre && has_pre && ordered && !(xh->pre_seen && t <= xh->pre_last_ts))
                 pre_state_only(c, t, x);
             continue;
         }
@@ -604,7 +758,7 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
                an M3_ENOSPC return leaves sample i untouched for the resume. */
             size_t need = 0;
             for (uint32_t k = 0; k < nwin; k++) {  /* rare: only when windows are skipped */
-                int64_t x2 = cell_win(c, k)->widx;
+                int64_t x2 = win_widx(c, cell_win(c, L, k));
                 if (x2 != WIDX_NONE && x2 <= widx - (int64_t)nwin) need++;
             }
             if (cap - *nout < need * (size_t)popcount32(c->p.aggmask)) {
@@ -612,42 +766,42 @@ static int apply_cell(m3_aggcell *c, uint32_t cell, const int64_t *ts, const dou
                 return M3_ENOSPC;
             }
             uint64_t before = c->emitted;
-            finalise_upto(c, cell, widx - (int64_t)nwin, out, cap, nout);
+            finalise_upto(c, L, cell, widx - (int64_t)nwin, out, cap, nout);
             c->evicted += c->emitted - before;
             if (widx - (int64_t)nwin > c->done_widx) c->done_widx = widx - (int64_t)nwin;
         }
         int64_t from = t;
         if (has_pre) {
             if (ordered) {
-                if (c->pre_seen && t <= c->pre_last_ts) {
+                if (xh->pre_seen && t <= xh->pre_last_ts) {
                     c->ooo++;
                     continue;
                 }
-                c->pre_seen = 1;
-                c->pre_last_ts = t;
+                xh->pre_seen = 1;
+                xh->pre_last_ts = t;
             }
             int keep = 1;
             for (int k = 0; k < M3_AGG_MAX_OPS && c->p.pre[k] && keep; k++) {
                 /* a rate cell sums increments; its windows divide by their span */
                 uint8_t op = c->p.pre[k] == M3_XF_PERSECOND ? M3_XF_INCREASE : c->p.pre[k];
-                keep = xf_step(op, &c->pre_st[k], t, &x, &from);
+                keep = xf_step(op, &pre[k], t, &x, &from);
             }
             if (!keep) continue;
         }
         uint32_t slot = widx == cur ? cur_slot
                                     : (uint32_t)(((widx % (int64_t)nwin) + nwin) % nwin);
-        m3_aggwin *w = cell_win(c, slot);
-        if (w->widx != widx) {
-            if (w->widx != WIDX_NONE) {
+        wword *w = cell_win(c, L, slot);
+        if (widx != cur && !win_is(c, w, widx)) {
+            if (w[F_LAST_TS].i != WIDX_NONE) {
                 /* impossible: an open window in this slot is > widx - nwin and != widx,
                    so it is > widx, and opening it made done_widx >= widx */
                 M3_ASSERT(0);
                 c->late++;
                 continue;
             }
-            win_open(c, w, slot, widx);
+            win_open(c, L, w, slot, widx);
         }
-        win_add(c, w, slot, t, from, x);
+        win_add(c, L, w, slot, t, from, x);
         c->applied++;
         cur = widx;
         cur_slot = slot;
@@ -666,16 +820,19 @@ static int64_t clamp_now(int64_t now)
     return now > TS_LIMIT ? TS_LIMIT : now < -TS_LIMIT ? -TS_LIMIT : now;
 }
 
-static m3_aggcell *cell_at(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell)
+
+static m3_aggcell *cell_at(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell,
+                           layout *L)
 {
     if (!base || cell >= ncells || stride < sizeof(m3_aggcell) || (stride & 7)) return 0;
     m3_aggcell *c = (m3_aggcell *)(base + (uint64_t)cell * stride);
     /* cheap checks only (this runs per run of samples): init validated the parameters, and
        m3_agg_cell_check re-validates them after a restart */
     if (c->magic != CELL_MAGIC || c->p.nwin < 1 || c->p.nwin > M3_AGG_MAX_WINDOWS ||
-        sizeof(m3_aggcell) + (uint64_t)c->p.nwin * win_bytes(c->flags) > stride ||
         c->p.res_ms <= 0)
         return 0;
+    layout_of(&c->p, L);
+    if (layout_bytes(L, c->p.nwin) > stride) return 0;
     return c;
 }
 
@@ -683,7 +840,8 @@ int m3_agg_apply(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell,
                  const int64_t *ts, const double *v, size_t n, int64_t now_ms,
                  m3_agg_out *out, size_t cap, size_t *nout, size_t *done)
 {
-    m3_aggcell *c = cell_at(base, stride, ncells, cell);
+    layout L;
+    m3_aggcell *c = cell_at(base, stride, ncells, cell, &L);
     if (!c || !nout || !done || *nout > cap || (n && (!ts || !v)) || (cap && !out))
         return M3_EINVAL;
     *done = 0;
@@ -692,7 +850,7 @@ int m3_agg_apply(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t cell,
         *done = n;
         return M3_OK;
     }
-    int rc = apply_cell(c, cell, ts, v, n, clamp_now(now_ms), out, cap, nout, done);
+    int rc = apply_cell(c, &L, cell, ts, v, n, clamp_now(now_ms), out, cap, nout, done);
     if (rc == M3_OK && seq) c->last_seq = seq;
     return rc;
 }
@@ -722,6 +880,7 @@ int m3_agg_apply_runs(uint8_t *base, uint64_t stride, uint32_t ncells, const uin
     return M3_OK;
 }
 
+
 int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t first,
                     int64_t now_ms, m3_agg_out *out, size_t cap, size_t *nout, uint32_t *next)
 {
@@ -733,9 +892,11 @@ int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t fi
         m3_aggcell *c = (m3_aggcell *)(base + (uint64_t)i * stride);
         if (c->magic != CELL_MAGIC) continue;  /* an unused cell */
         if (c->due_ms > now_ms) continue;
+        layout L;
+        layout_of(&c->p, &L);
         /* windows with (widx + 1) * res + admission <= now are final */
         int64_t upto = floor_div(now_ms - c->p.admission_ms, c->p.res_ms) - 1;
-        if (finalise_upto(c, i, upto, out, cap, nout) != M3_OK) {
+        if (finalise_upto(c, &L, i, upto, out, cap, nout) != M3_OK) {
             *next = i;
             return M3_ENOSPC;
         }
@@ -746,22 +907,24 @@ int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t fi
 }
 
 /* ---- undo of one apply (csrc/aggstore.c: an owner killed mid-record) ---------------------
-   Layout: magic <u32> first slot <u32> slots <u32> pad <u32> | the cell header | the saved
-   window slots (first, first+1, ... mod nwin) | their sketches (if the cell has them). An
-   apply changes only the header, the slots of its samples' windows and, when it evicts, the
-   slots of the evicted windows: a record whose windows may evict (or span the ring) saves
-   every slot. */
+   Layout: magic <u32> first slot <u32> slots <u32> pad <u32> | the cell's head (header and
+   transform state) | the saved window slots (first, first+1, ... mod nwin) | their sketches
+   (if the cell has them). An apply changes only the head, the slots of its samples' windows
+   and, when it evicts, the slots of the evicted windows: a record whose windows may evict (or
+   span the ring) saves every slot. */
 #define UNDO_MAGIC 0x4f444e55u /* "UNDO" */
 
 uint64_t m3_agg_undo_save(const uint8_t *cell, uint64_t cap, const int64_t *ts, size_t n,
                           uint8_t *undo, uint64_t undo_cap)
 {
     const m3_aggcell *c = (const m3_aggcell *)cell;
-    const uint64_t nwin = c->p.nwin, wb = sizeof(m3_aggwin);
-    const uint64_t sk = (c->flags & FLAG_SKETCH) ? sizeof(m3_sketch) : 0;
-    if (cap < sizeof(m3_aggcell) || nwin == 0 || c->p.res_ms <= 0 ||
-        sizeof(m3_aggcell) + nwin * (wb + sk) > cap)
-        return 0;
+    if (cap < sizeof(m3_aggcell)) return 0;
+    const uint64_t nwin = c->p.nwin;
+    if (nwin == 0 || nwin > M3_AGG_MAX_WINDOWS || c->p.res_ms <= 0) return 0;
+    layout L;
+    layout_of(&c->p, &L);
+    const uint64_t wb = L.wb, sk = L.sk;
+    if (layout_bytes(&L, (uint32_t)nwin) > cap) return 0;
     int64_t tmin = INT64_MAX, tmax = INT64_MIN;
     for (size_t i = 0; i < n; i++) {
         int64_t t = ts[i];
@@ -780,15 +943,15 @@ uint64_t m3_agg_undo_save(const uint8_t *cell, uint64_t cap, const int64_t *ts, 
             count = (uint64_t)(wmax - wmin) + 1;
         }
     }
-    uint64_t need = 16 + sizeof(m3_aggcell) + count * (wb + sk);
+    uint64_t need = 16 + L.head + count * (wb + sk);
     if (need > undo_cap)
         return 0;
     uint32_t head[4] = {UNDO_MAGIC, (uint32_t)first, (uint32_t)count, 0};
     memcpy(undo, head, 16);
     uint8_t *o = undo + 16;
-    memcpy(o, cell, sizeof(m3_aggcell));
-    o += sizeof(m3_aggcell);
-    const uint8_t *w0 = cell + sizeof(m3_aggcell), *s0 = w0 + nwin * wb;
+    memcpy(o, cell, L.head);
+    o += L.head;
+    const uint8_t *w0 = cell + L.head, *s0 = w0 + nwin * wb;
     for (uint64_t i = 0; i < count; i++, o += wb)
         memcpy(o, w0 + ((first + i) % nwin) * wb, wb);
     for (uint64_t i = 0; sk && i < count; i++, o += sk)
@@ -802,20 +965,23 @@ int m3_agg_undo_restore(uint8_t *cell, uint64_t cap, const uint8_t *undo, uint64
     if (undo_cap < 16 + sizeof(m3_aggcell) || cap < sizeof(m3_aggcell))
         return M3_ECORRUPT;
     memcpy(head, undo, 16);
-    const m3_aggcell *saved = (const m3_aggcell *)(undo + 16);
-    const uint64_t nwin = saved->p.nwin, wb = sizeof(m3_aggwin);
-    const uint64_t sk = (saved->flags & FLAG_SKETCH) ? sizeof(m3_sketch) : 0;
-    const uint64_t first = head[1], count = head[2];
-    if (head[0] != UNDO_MAGIC || nwin == 0 || first >= nwin || count > nwin ||
-        sizeof(m3_aggcell) + nwin * (wb + sk) > cap ||
-        16 + sizeof(m3_aggcell) + count * (wb + sk) > undo_cap)
+    m3_aggcell saved;
+    memcpy(&saved, undo + 16, sizeof(saved));
+    const uint64_t nwin = saved.p.nwin, first = head[1], count = head[2];
+    if (head[0] != UNDO_MAGIC || nwin == 0 || nwin > M3_AGG_MAX_WINDOWS || first >= nwin ||
+        count > nwin)
         return M3_ECORRUPT;
-    const uint8_t *o = undo + 16 + sizeof(m3_aggcell);
-    uint8_t *w0 = cell + sizeof(m3_aggcell), *s0 = w0 + nwin * wb;
+    layout L;
+    layout_of(&saved.p, &L);
+    const uint64_t wb = L.wb, sk = L.sk;
+    if (layout_bytes(&L, (uint32_t)nwin) > cap || 16 + L.head + count * (wb + sk) > undo_cap)
+        return M3_ECORRUPT;
+    const uint8_t *o = undo + 16 + L.head;
+    uint8_t *w0 = cell + L.head, *s0 = w0 + nwin * wb;
     for (uint64_t i = 0; i < count; i++, o += wb)
         memcpy(w0 + ((first + i) % nwin) * wb, o, wb);
     for (uint64_t i = 0; sk && i < count; i++, o += sk)
         memcpy(s0 + ((first + i) % nwin) * sk, o, sk);
-    memcpy(cell, saved, sizeof(m3_aggcell));
+    memcpy(cell, undo + 16, L.head);
     return M3_OK;
 }

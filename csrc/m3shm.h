@@ -510,7 +510,7 @@ int m3_series_chunks(const uint8_t *base, uint32_t shard, const uint32_t *slots,
 /* ---- aggwin.c: aggregation windows and transforms for downsampling (docs/formats/aggwin.md) */
 
 /* Layout of a cell; changing any constant or struct below changes the format: bump it. */
-#define M3_AGG_VERSION 1
+#define M3_AGG_VERSION 2
 #define M3_AGG_MAX_WINDOWS 64    /* open windows one cell can hold (its ring) */
 #define M3_AGG_MAX_OPS 4         /* transforms per chain (before / after the window) */
 #define M3_SKETCH_POS 256        /* buckets for positive values */
@@ -545,23 +545,6 @@ typedef struct m3_sketch {
     uint32_t neg[M3_SKETCH_NEG];
 } m3_sketch;
 
-/* One open window (widx*res, (widx+1)*res] of a cell. */
-typedef struct m3_aggwin {
-    int64_t widx;         /* window index; INT64_MIN = slot unused */
-    uint64_t count;
-    int64_t first_ts;     /* smallest span start (sample ts, or previous ts for PerSecond) */
-    int64_t last_ts;      /* timestamp of `last` */
-    double last;
-    double min;
-    double max;
-    double sum;           /* Neumaier-compensated: the sum is sum + sum_c */
-    double sum_c;
-    double mean;          /* Welford running mean and squared deviations, for Stdev */
-    double m2;
-    double sumsq;
-    uint64_t pad;
-} m3_aggwin;
-
 /* State of one transform in a chain. */
 typedef struct m3_xstate {
     int64_t prev_ts;
@@ -582,7 +565,9 @@ typedef struct m3_agg_params {
 } m3_agg_params;
 
 /* A cell: the aggregation state of one (series or rollup group, storage policy, rule).
-   Fixed size, no pointers: it may live in shared memory. Windows (and their sketches) follow. */
+   Fixed size, no pointers: it may live in shared memory. This header is followed by the
+   transform state (only when the cell has transforms), nwin windows holding only the fields
+   its aggregations need, and their sketches (docs/formats/aggwin.md; m3_agg_cell_layout). */
 typedef struct m3_aggcell {
     uint32_t magic;        /* "AGWC" */
     uint16_t version;      /* M3_AGG_VERSION */
@@ -600,10 +585,6 @@ typedef struct m3_aggcell {
     uint64_t invalid;      /* NaN values and timestamps beyond +-2^62 ms, skipped */
     uint64_t evicted;      /* windows finalised early to make room in the ring */
     uint64_t emitted;      /* windows finalised */
-    int64_t pre_last_ts;   /* timestamp of the last sample an ordered pre chain took */
-    uint64_t pre_seen;     /* 1 once pre_last_ts is set */
-    m3_xstate pre_st[M3_AGG_MAX_OPS];
-    m3_xstate post_st[M3_AGG_MAX_OPS];
 } m3_aggcell;
 
 /* One finalised aggregate: cell index, enum m3_agg_type, window end (ms), value. */
@@ -617,6 +598,10 @@ typedef struct m3_agg_out {
 /* Bytes of a cell with these parameters (header + windows + sketches), a multiple of 8, or 0
    if they are invalid. */
 uint64_t m3_agg_cell_bytes(const m3_agg_params *p);
+/* Where a cell with these parameters keeps its parts: bytes before window 0 (header and
+   transform state), of one window, of one sketch (0: none). M3_EINVAL if params are invalid. */
+int m3_agg_cell_layout(const m3_agg_params *p, uint32_t *head_bytes, uint32_t *win_bytes,
+                       uint32_t *sketch_bytes);
 /* Lay out a fresh cell in cell[0..cap). M3_EINVAL names nothing: m3_agg_params_check says why. */
 int m3_agg_cell_init(uint8_t *cell, uint64_t cap, const m3_agg_params *p);
 /* Why params are invalid: 0 if valid, else a short static message. */
@@ -663,6 +648,9 @@ int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v);
    same pre chain in the plan it replaced, so the series' first increment after the activation
    (from its last sample before it) is counted. 1 = taken, 0 = not applicable, M3_EINVAL. */
 int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap);
+/* Whether a cell's pre chain has taken a sample (1, *last_ts = its time) or not (0; also for
+   a cell without a pre chain or one that does not fit cap). */
+int m3_agg_pre_last(const uint8_t *cell, uint64_t cap, int64_t *last_ts);
 /* Quantile q (0 < q <= 1) of the samples a sketch holds, clamped to [lo, hi]; NaN if empty. */
 double m3_sketch_quantile(const m3_sketch *s, double q, double lo, double hi);
 /* Empty a sketch; add one value (NaN is ignored). Exposed for tests of the sketch alone. */

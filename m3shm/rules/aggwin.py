@@ -86,6 +86,13 @@ class CellParams:
     def cell_bytes(self) -> int:
         return int(lib.m3_agg_cell_bytes(self.to_c()))
 
+    def layout(self) -> tuple[int, int, int]:
+        """Bytes before window 0 (header and transform state), of one window, of one sketch
+        (0: none): a cell holds only what its aggregations and transforms need."""
+        head, win, sketch = ffi.new("uint32_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        check(lib.m3_agg_cell_layout(self.to_c(), head, win, sketch), f"layout of {self}")
+        return int(head[0]), int(win[0]), int(sketch[0])
+
 
 class Cells:
     """``n`` aggregation cells, ``stride`` bytes apart, in one 8-byte aligned buffer."""
