@@ -1069,37 +1069,42 @@ int m3_aggst_apply_rec(uint8_t *base, uint8_t *store, const m3_rec *r, uint64_t 
     return rc;
 }
 
-/* The planless series of the batch's records from byte `from` in shard `first`, then in every
-   other shard of [lo, hi) that has records there (one pass over the records per shard, each
-   under that shard's lock: m3_aggst_want may create the series). */
+/* The planless series of the batch's records from byte `from` in every shard of [lo, hi):
+   the record there (shard `first`) first, so it is listed even if the list fills up, then one
+   pass over the rest per window of up to 64 shards (each shard's ask round drawn once), each
+   record's lookup under its shard's lock (m3_aggst_want may create the series). */
 static void list_need(uint8_t *base, uint8_t *store, const uint8_t *batch, size_t len,
                       size_t from, uint32_t first, uint32_t lo, uint32_t hi,
                       uint32_t *need_shard, uint32_t *need, uint32_t *need_gen,
                       size_t need_cap, size_t *nneed)
 {
     const seg_hdr *h = cseg_of(base);
-    for (uint64_t k = 0; k < (uint64_t)(hi - lo) && *nneed < need_cap; k++) {
-        uint32_t shard = lo + (uint32_t)((first - lo + k) % (hi - lo));
-        int locked = 0;
-        uint32_t round = 0;
-        for (size_t o = from; o < len && *nneed < need_cap;) {
-            const m3_rec *q = (const m3_rec *)(batch + o);
-            if (m3_rec_check(q, len - o, h->p.num_shards))
-                break;
-            if (q->shard == shard &&
-                (q->type == M3_REC_SAMPLES || q->type == M3_REC_ROLLUP_IN)) {
-                if (!locked) {
-                    m3_shard_lock(base, shard);
-                    round = m3_aggst_next_round(store, shard);
-                    locked = 1;
-                }
-                if (m3_aggst_want(base, store, q, round, &need[*nneed], &need_gen[*nneed]))
-                    need_shard[(*nneed)++] = shard;
+    uint32_t rounds[64];
+    for (uint32_t w = lo; w < hi && *nneed < need_cap; w += 64) {
+        uint32_t end = hi - w > 64 ? w + 64 : hi;
+        memset(rounds, 0, sizeof rounds);  /* 0: not drawn yet (a drawn round is never 0) */
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass == 0 && (first < w || first >= end))
+                continue;
+            for (size_t o = from; o < len && *nneed < need_cap;) {
+                const m3_rec *q = (const m3_rec *)(batch + o);
+                if (m3_rec_check(q, len - o, h->p.num_shards))
+                    break;
+                o += q->len;
+                if (q->shard < w || q->shard >= end ||
+                    (q->type != M3_REC_SAMPLES && q->type != M3_REC_ROLLUP_IN))
+                    continue;
+                m3_shard_lock(base, q->shard);
+                if (!rounds[q->shard - w])
+                    rounds[q->shard - w] = m3_aggst_next_round(store, q->shard);
+                if (m3_aggst_want(base, store, q, rounds[q->shard - w], &need[*nneed],
+                                  &need_gen[*nneed]))
+                    need_shard[(*nneed)++] = q->shard;
+                m3_shard_unlock(base, q->shard);
+                if (pass == 0)
+                    break;  /* the record the apply stopped at (the first one from `from`) */
             }
-            o += q->len;
         }
-        if (locked)
-            m3_shard_unlock(base, shard);
     }
 }
 

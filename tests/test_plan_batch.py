@@ -313,3 +313,33 @@ def test_replay_and_drain_plan_every_shard_in_one_go():
     finally:
         st.unlink()
         s.unlink()
+
+
+def test_replay_plans_more_series_than_one_list_and_more_than_64_shards():
+    """A batch with more new series than the need list holds (4,096), over 70 shards (more
+    than one listing window): every series planned, in two rounds."""
+    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
+    s = Segment.create(path, SegParams(num_shards=70, num_producers=1, lane_bytes=1 << 16,
+                                       series_per_shard=256, arena_bytes=1 << 18,
+                                       block_ms=7_200_000, seq_base=1000))
+    st = AggStore.create(s, 1 << 20)
+    try:
+        agg = aggregator(s, st, None)
+        batch = b"".join(make_record({"__name__": "m", "i": str(i)}, [T0 + 1], [1.0], 70)
+                         for i in range(5000))
+        rounds = [0]
+        inner = agg.resolve
+
+        def resolve(needs, **kw):
+            rounds[0] += 1
+            return inner(needs, **kw)
+
+        agg.resolve = resolve
+        assert agg.replay_batch(batch, 7, 0, 70) == 5000
+        assert rounds[0] == 2
+        assert sum(st.stats(sh)["plans"] for sh in range(70)) == 5000
+        assert agg.replay_batch(batch, 8, 0, 70) == 5000  # planned: no round
+        assert rounds[0] == 2
+    finally:
+        st.unlink()
+        s.unlink()
