@@ -76,7 +76,7 @@
 #define AGGST_MAGIC 0x4741334du /* "M3AG" */
 #define PLAN_MAGIC 0x4e414c50u  /* "PLAN" */
 #define AGGST_HDR 4096
-#define SHARD_HDR_BYTES 256
+#define SHARD_HDR_BYTES 320
 #define ARENA_FIRST 64          /* offset 0 means none: the first bytes are never used */
 #define TMP_ROWS 256
 
@@ -142,6 +142,10 @@ typedef struct aggst_shard {
     uint32_t prep_next;      /* slots below it were prepared at now_floor (m3_aggst_prepare's
                                 last `next`): a window final at now_floor that an eviction
                                 spills from such a slot is in that prepare's rows already */
+    /* ROLLUP_IN records of this (source) shard's forwards that a group namespace's admission
+       refused (its shard full): not rolled up (docs/rules.md "Refused forwards") */
+    uint64_t fwd_refused;
+    uint64_t spare[7];
 } aggst_shard;
 
 typedef struct plan_entry {
@@ -1619,6 +1623,14 @@ void m3_aggst_stats_get(const uint8_t *store, uint32_t shard, m3_aggst_stats *ou
     out->rollup_dup = __atomic_load_n(&sh->rollup_dup, __ATOMIC_RELAXED);
     out->rollup_unmatched = __atomic_load_n(&sh->rollup_unmatched, __ATOMIC_RELAXED);
     out->now_floor = __atomic_load_n(&sh->now_floor, __ATOMIC_RELAXED);
+    out->fwd_refused = __atomic_load_n(&sh->fwd_refused, __ATOMIC_RELAXED);
+}
+
+void m3_aggst_count_refused(uint8_t *store, uint32_t shard, uint64_t refused)
+{
+    if (!store || shard >= hdr_of(store)->num_shards)
+        return;
+    add_stat(&sh_of(store, shard)->fwd_refused, refused);
 }
 
 int m3_shard_apply_batch_agg_cells(uint8_t *base, uint8_t *store, const uint8_t *batch,

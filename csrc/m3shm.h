@@ -661,7 +661,7 @@ double m3_sketch_alpha(void);
 
 /* ---- aggstore.c: downsampling cells and plans in shared memory (docs/formats/aggstore.md) */
 
-#define M3_AGGST_VERSION 2
+#define M3_AGGST_VERSION 3
 #define M3_AGGST_SPILL 1024      /* evicted rows a shard holds until the next finalise */
 /* Scratch of a shard's rollup forward table: the largest cell (64 windows with sketches). */
 #define M3_AGGST_FWD_SCRATCH 90112
@@ -711,7 +711,11 @@ typedef struct m3_aggst_stats {
     uint64_t rollup_applied;   /* ROLLUP_IN records applied to group cells */
     uint64_t rollup_dup;       /* ... skipped as already applied (a retried forward) */
     uint64_t rollup_unmatched; /* ... with no group cell of their rule (dropped, counted) */
+    uint64_t fwd_refused;  /* source side: ROLLUP_IN records a group namespace refused (lost) */
 } m3_aggst_stats;
+/* Source shard: count ROLLUP_IN records a group namespace's admission refused (a relaxed
+   counter, read by m3_aggst_stats_get). */
+void m3_aggst_count_refused(uint8_t *store, uint32_t shard, uint64_t refused);
 
 /* Bytes of a store for this segment with arena_bytes of cells per shard (0 if invalid). */
 uint64_t m3_aggst_size(const uint8_t *seg, uint64_t arena_bytes);

@@ -27,7 +27,7 @@ ROW_FIELDS = [("stream", "<u4"), ("ns", "<u2"), ("kind", "u1"), ("agg", "u1"), (
 STATS_FIELDS = ("plans", "cells", "cell_bytes", "arena_used", "arena_bytes", "applied", "late",
                 "evicted", "ooo", "points", "refused", "spill_lost", "raw_dropped", "asked",
                 "spill_n", "now_floor", "rules_version", "rollup_applied", "rollup_dup",
-                "rollup_unmatched")
+                "rollup_unmatched", "fwd_refused")
 KIND_OUTPUT: int = lib.M3_AGGK_OUTPUT
 KIND_ROLLUP: int = lib.M3_AGGK_ROLLUP
 CELL_AGG_LABEL: int = lib.M3_AGGC_AGG_LABEL
@@ -250,6 +250,11 @@ class AggStore:
 
     def set_fwd_pending(self, shard: int, fwd: int, now_ms: int = 0, first: int = 0) -> None:
         lib.m3_aggst_set_fwd_pending(self.base, shard, fwd, now_ms, first)
+
+    def count_refused(self, shard: int, refused: int) -> None:
+        """Source shard: ROLLUP_IN records a group namespace's admission refused (docs/rules.md,
+        "Refused forwards")."""
+        lib.m3_aggst_count_refused(self.base, shard, refused)
 
     def set_rules_version(self, shard: int, version: int) -> None:
         lib.m3_aggst_set_rules_version(self.base, shard, version)

@@ -239,6 +239,9 @@ def _downsample(p: _Page, t: dict[str, int]) -> None:
     p.one("m3shm_downsample_plans_refused_total", "counter",
           "Series left without cells because the cell arena was full (shm.cell_arena_bytes).",
           t["refused"])
+    p.one("m3shm_rollup_forward_refused_total", "counter",
+          "Forwarded rollup records a group namespace's admission refused (its shard full): "
+          "their values are not rolled up.", t["fwd_refused"])
 
 
 def _rollup(p: _Page, by_ns: dict[str, dict[str, int]]) -> None:

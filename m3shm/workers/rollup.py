@@ -65,7 +65,7 @@ class RollupSource:
     def __init__(self, agg: Aggregator, forward_delay_ms: int) -> None:
         self.agg = agg
         self.forward_delay_ms = forward_delay_ms
-        self.stats = {"forwards": 0, "records": 0, "rows": 0, "failures": 0}
+        self.stats = {"forwards": 0, "records": 0, "rows": 0, "failures": 0, "refused": 0}
         self._missing: set[str] = set()
         agg.rollup_cells = self.cells
         agg.on_rollup_rows = self.forward
@@ -137,9 +137,13 @@ class RollupSource:
                 ok = False
                 continue
             if adm.rejected_records:
-                log.error("worker %d: %d rollup records refused by %s: %s", a.w.index,
-                          adm.rejected_records, rt.name, adm.message)
-            self.stats["records"] += nrec
+                # not resent: the owner skips records numbered below one it applied, and a
+                # refused record may be (docs/rules.md "Refused forwards")
+                self.stats["refused"] += adm.rejected_records
+                store.count_refused(p.shard, adm.rejected_records)
+                log.error("worker %d: %d rollup records refused by %s, not rolled up: %s",
+                          a.w.index, adm.rejected_records, rt.name, adm.message)
+            self.stats["records"] += nrec - adm.rejected_records
             self.stats["rows"] += len(sel)
         self.stats["forwards"] += 1
         return ok
