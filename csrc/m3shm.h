@@ -874,6 +874,15 @@ int64_t m3_decode_flat_clip(const uint8_t *data, size_t data_len, const uint64_t
                             size_t nblocks, size_t nseries, int64_t mint, int64_t maxt,
                             int64_t *ts, double *v, size_t cap, int64_t *soffs, size_t *bad);
 
+/* ---- gather.c: compressed blocks of several buffers copied into one, in a new order ----- */
+
+/* Output block i = srcs[src_of[i]][starts[i], starts[i] + lens[i]), back to back from dst.
+   Returns the bytes written, or M3_EINVAL (nothing copied) if a block lies outside its
+   source or the total exceeds dst_cap. */
+int64_t m3_gather_blocks(const uint8_t *const *srcs, const uint64_t *src_lens, uint32_t nsrcs,
+                         const uint32_t *src_of, const uint64_t *starts, const uint64_t *lens,
+                         size_t n, uint8_t *dst, size_t dst_cap);
+
 /* ---- windows.c: window bounds of every (series, step) of a query ----------------------- */
 
 /* Series i's samples are ts[offs[i], offs[i+1]) (sorted). lo/hi (nseries x nsteps, row-major)

@@ -215,25 +215,40 @@ def merge(results: list[SelectResult]) -> SelectResult:
     return out
 
 
+def gather_blocks(datas: list[np.ndarray], src_of: np.ndarray, starts: np.ndarray,
+                  lens: np.ndarray, total: int) -> np.ndarray:
+    """Block i = datas[src_of[i]][starts[i]:starts[i] + lens[i]], back to back (uint8)."""
+    from m3shm._native import ffi, lib
+    from m3shm.errors import check
+
+    out = np.empty(total, dtype=np.uint8)
+    bufs = [ffi.from_buffer("uint8_t[]", np.ascontiguousarray(d, dtype=np.uint8))
+            for d in datas]
+    srcs = ffi.new("const uint8_t *[]", bufs)
+    src_lens = np.array([len(b) for b in bufs], dtype=np.uint64)
+    check(int(lib.m3_gather_blocks(srcs, ffi.from_buffer("uint64_t[]", src_lens), len(bufs),
+                                   ffi.from_buffer("uint32_t[]", src_of),
+                                   ffi.from_buffer("uint64_t[]", starts),
+                                   ffi.from_buffer("uint64_t[]", lens), len(lens),
+                                   ffi.from_buffer("uint8_t[]", out), total)),
+          "gathering blocks")
+    return out
+
+
 def combine(labels: list[Labels], batches: list[BlockBatch], remapped: list[np.ndarray]
             ) -> BlockBatch:
     """Batches as one over ``labels``: block i of batch j belongs to series
-    ``remapped[j][i]``. Each series' blocks end up adjacent, in batch order."""
-    base, offs, datas = 0, [], []
-    for b in batches:
-        offs.append(b.offsets[:-1] + np.uint64(base))
-        datas.append(b.data[:int(b.offsets[-1])])
-        base += int(b.offsets[-1])
+    ``remapped[j][i]``. Each series' blocks end up adjacent, in batch order (the order is
+    computed here over whole arrays; csrc/gather.c copies the blocks, one memcpy each)."""
     sers = np.concatenate(remapped)
     order = np.argsort(sers, kind="stable")  # a series' blocks adjacent, source order kept
-    starts = np.concatenate([b.offsets[:-1] + 0 for b in batches])
-    ends = np.concatenate([b.offsets[1:] + 0 for b in batches])
-    data = np.concatenate(datas)
-    glob_start = np.concatenate(offs)[order].astype(np.int64)
-    lens = (ends - starts)[order].astype(np.int64)
-    pos = np.repeat(glob_start - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    src_of = np.concatenate([np.full(len(b.offsets) - 1, j, np.uint32)
+                             for j, b in enumerate(batches)])[order]
+    starts = np.concatenate([b.offsets[:-1] for b in batches]).astype(np.uint64)[order]
+    lens = np.concatenate([np.diff(b.offsets) for b in batches]).astype(np.uint64)[order]
     new_offs = np.zeros(len(lens) + 1, dtype=np.uint64)
     np.cumsum(lens, out=new_offs[1:])
+    data = gather_blocks([b.data for b in batches], src_of, starts, lens, int(new_offs[-1]))
     clip_lo = clip_hi = None
     if any(b.clip_lo is not None or b.clip_hi is not None for b in batches):
         n = [len(b.counts) for b in batches]
@@ -241,7 +256,7 @@ def combine(labels: list[Labels], batches: list[BlockBatch], remapped: list[np.n
                                   b.clip_lo for k, b in zip(n, batches, strict=True)])[order]
         clip_hi = np.concatenate([np.full(k, FAR, np.int64) if b.clip_hi is None else
                                   b.clip_hi for k, b in zip(n, batches, strict=True)])[order]
-    return BlockBatch(labels, data[pos], new_offs, sers[order],
+    return BlockBatch(labels, data, new_offs, sers[order],
                       np.concatenate([b.counts for b in batches])[order],
                       np.concatenate([b.start_ms for b in batches])[order],
                       np.concatenate([b.end_ms for b in batches])[order], clip_lo, clip_hi)
