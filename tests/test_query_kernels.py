@@ -4,7 +4,8 @@
   MarshalTimestamp), on arbitrary doubles and timestamps;
 - csrc/flat_decode.c vs decoding block by block and normalising in numpy (range, sort, last
   write wins), with overlapping out-of-order blocks, and its refusals of bad input;
-- csrc/windows.c vs one searchsorted per series.
+- csrc/windows.c vs one searchsorted per series;
+- csrc/gather.c (blocks of several buffers in a new order) vs slicing in Python.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from m3shm import codec
 from m3shm.errors import BufferFullError, CorruptError, InvalidArgumentError
 from m3shm.net.promjson import fmt_value, points_json, points_json_py
 from m3shm.query.blocks import FlatSeries, _decode_flat, _normalise
+from m3shm.query.local import gather_blocks
 from m3shm.query.windows import _locate_c
 
 pytestmark = pytest.mark.native
@@ -191,3 +193,31 @@ def test_group_sum_adds_rows_in_order():
                                                    axis=0))
         ref = np.add.reduceat(np.where(present[order], vals[order], 0.0), starts, axis=0)
         assert np.allclose(total, ref, rtol=1e-12, atol=0, equal_nan=True)
+
+
+@settings(max_examples=100)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(0, 60))
+def test_gather_blocks_matches_slicing(seed, nsrcs, nblocks):
+    rng = np.random.default_rng(seed)
+    datas = [rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8)
+             for _ in range(nsrcs)]
+    src_of = rng.integers(0, nsrcs, nblocks).astype(np.uint32)
+    starts = np.array([rng.integers(0, len(datas[s]) + 1) for s in src_of], np.uint64)
+    lens = np.array([rng.integers(0, len(datas[s]) - int(a) + 1)
+                     for s, a in zip(src_of, starts, strict=True)], np.uint64)
+    want = b"".join(datas[s][int(a):int(a) + int(n)].tobytes()
+                    for s, a, n in zip(src_of, starts, lens, strict=True))
+    got = gather_blocks(datas, src_of, starts, lens, len(want))
+    assert got.tobytes() == want
+
+
+def test_gather_blocks_refuses_blocks_outside_their_source():
+    datas = [np.arange(10, dtype=np.uint8)]
+    one = np.zeros(1, np.uint32)
+    with pytest.raises(InvalidArgumentError):
+        gather_blocks(datas, one, np.array([8], np.uint64), np.array([3], np.uint64), 3)
+    with pytest.raises(InvalidArgumentError):  # more than the output holds
+        gather_blocks(datas, one, np.array([0], np.uint64), np.array([5], np.uint64), 4)
+    with pytest.raises(InvalidArgumentError):  # no such source
+        gather_blocks(datas, np.ones(1, np.uint32), np.zeros(1, np.uint64),
+                      np.zeros(1, np.uint64), 0)
