@@ -131,79 +131,35 @@ def daemon_rules(variant: str) -> str:
     return "\n".join(lines)
 
 
-def _metric(url: str, name: str) -> float:
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def daemon_once(variant: str, hosts: int, rounds: int) -> dict:
-    import os
-    import socket
-    import subprocess
     import sys
-    import tempfile
-    import urllib.request
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ingest as ing  # perf/ingest.py: the payload, the clients, /proc accounting
+    from perfdaemon import metric, serve
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="m3shm-perf-ds-") as tmp:
-        cfg = Path(tmp) / "m3shm.yaml"
-        cfg.write_text(DAEMON_CFG.format(rules=daemon_rules(variant)))
-        log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from m3shm.cli import main; sys.exit(main())",
-             "serve", "-c", str(cfg), "--data", str(Path(tmp) / "data"), "--listen",
-             f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/ready", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((Path(tmp) / "daemon.log").read_text()[-3000:])
-                time.sleep(0.1)
-            t0 = int(time.time() * 1000) - rounds * ing.STEP_MS - 5_000
-            bodies, nseries = ing.build_bodies(hosts, rounds, 2000, t0, 1)
-            clients = [ing.Client(url + "/api/v1/write") for _ in range(4)]
+    with serve(DAEMON_CFG.format(rules=daemon_rules(variant)), "m3shm-perf-ds-") as d:
+        t0 = int(time.time() * 1000) - rounds * ing.STEP_MS - 5_000
+        bodies, nseries = ing.build_bodies(hosts, rounds, 2000, t0, 1)
+        clients = [ing.Client(d.url + "/api/v1/write") for _ in range(4)]
+        for c in clients:
+            c.start()
+        cpu0 = ing.cpu_seconds(d.proc.pid)
+        for rnd in bodies:
+            for i, c in enumerate(clients):
+                c.work = rnd[i::len(clients)]
+                c.done.clear()
+                c.go.set()
             for c in clients:
-                c.start()
-            cpu0 = ing.cpu_seconds(proc.pid)
-            for rnd in bodies:
-                for i, c in enumerate(clients):
-                    c.work = rnd[i::len(clients)]
-                    c.done.clear()
-                    c.go.set()
-                for c in clients:
-                    c.done.wait()
-            time.sleep(2.0)
-            cpu = ing.cpu_seconds(proc.pid) - cpu0
-            samples = nseries * rounds
-            rejected = sum(c.rejected_samples for c in clients)
-            cells = _metric(url, "m3shm_downsample_cells")
-            cell_bytes = _metric(url, "m3shm_downsample_cell_bytes")
-            return {"samples": samples, "series": nseries, "rejected_samples": rejected,
-                    "cpu_seconds": cpu, "cells": cells, "cell_bytes": cell_bytes,
-                    "late": _metric(url, "m3shm_downsample_late_samples_total")}
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            log.close()
-            os.environ.get("M3SHM_KEEP")  # nothing to keep: the data dir goes with tmp
+                c.done.wait()
+        time.sleep(2.0)
+        cpu = ing.cpu_seconds(d.proc.pid) - cpu0
+        return {"samples": nseries * rounds, "series": nseries,
+                "rejected_samples": sum(c.rejected_samples for c in clients),
+                "cpu_seconds": cpu, "cells": metric(d.url, "m3shm_downsample_cells"),
+                "cell_bytes": metric(d.url, "m3shm_downsample_cell_bytes"),
+                "late": metric(d.url, "m3shm_downsample_late_samples_total")}
 
 
 def daemon_main(runs: int, hosts: int, rounds: int) -> dict:

@@ -1,11 +1,12 @@
-"""CPU an idle daemon spends (its workers' polling drain threads), by number of namespaces.
+"""CPU an idle daemon spends (its workers' drain threads, timers and beats), by namespaces.
 
 Starts ``m3shm serve`` on the embedded defaults (64 shards, one worker per core) with 0, 1 and
 3 aggregated namespaces (default policies none, ``1m:30d`` = the embedded default, and
 ``10s:2d, 1m:30d, 1h:5y``), waits for /ready plus a settling pause, and measures the workers'
-user+system CPU seconds per wall second over ``--seconds``. Each worker's drain thread polls
-every shard of every namespace's segment, so each aggregated namespace adds a little. Prints
-JSON with the median of ``--runs`` runs per case (cases interleaved).
+user+system CPU seconds per wall second over ``--seconds``. An idle drain thread sleeps on its
+doorbell (csrc/bell.c) and makes a pass over every shard of every namespace's segment only
+every 250 ms; each aggregated namespace still adds its finalise and flush timers. Prints JSON
+with the median of ``--runs`` runs per case (cases interleaved).
 
     .venv/bin/python perf/idle_cpu.py --runs 3 --seconds 20
 """
@@ -15,26 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from perfdaemon import serve
 
 CASES = {
     "0_aggregated": "downsample: {rules: {defaultPolicies: []}}\n",
     "1_aggregated": "",
     "3_aggregated": "downsample: {rules: {defaultPolicies: [10s:2d, 1m:30d, 1h:5y]}}\n",
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu(pids: list[int]) -> float:
@@ -47,30 +39,13 @@ def _cpu(pids: list[int]) -> float:
 
 
 def run(extra: str, seconds: float) -> float:
-    with tempfile.TemporaryDirectory() as d:
-        cfg = Path(d) / "m3shm.yaml"
-        cfg.write_text(extra)
-        port = _port()
-        p = subprocess.Popen([sys.executable, "-m", "m3shm.cli", "serve", "-c", str(cfg),
-                              "--data", f"{d}/data", "--listen", f"127.0.0.1:{port}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(240):
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready") as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.25)
-            time.sleep(3)
-            kids = [int(x) for x in
-                    Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
-            c0, t0 = _cpu(kids), time.monotonic()
-            time.sleep(seconds)
-            return (_cpu(kids) - c0) / (time.monotonic() - t0)
-        finally:
-            p.terminate()
-            p.wait(120)
+    with serve(extra, "m3shm-perf-idle-", ready_s=120) as d:
+        time.sleep(3)
+        pid = d.proc.pid
+        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        c0, t0 = _cpu(kids), time.monotonic()
+        time.sleep(seconds)
+        return (_cpu(kids) - c0) / (time.monotonic() - t0)
 
 
 def main() -> None:

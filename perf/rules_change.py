@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -29,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 import snappy
+from perfdaemon import metric, serve
 
 from m3shm.proto import remote_pb2
 
@@ -72,12 +69,6 @@ def post(url: str, data: bytes, method: str = "POST", ctype: str = "application/
         return r.read()
 
 
-def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        m = re.search(rf"^{name} (\S+)$", r.read().decode(), re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def log_times(log: Path, pattern: str) -> dict[int, float]:
     """worker -> unix time of its first log line matching pattern (with a (\\d+) worker)."""
     out: dict[int, float] = {}
@@ -93,33 +84,10 @@ def log_times(log: Path, pattern: str) -> dict[int, float]:
 
 
 def run_once(nseries: int) -> dict:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="m3shm-perf-rules-") as tmp:
-        cfg = Path(tmp) / "m3shm.yaml"
-        cfg.write_text(CFG)
-        logp = Path(tmp) / "daemon.log"
-        logf = open(logp, "wb")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from m3shm.cli import main; sys.exit(main())",
-             "serve", "-c", str(cfg), "--data", str(Path(tmp) / "data"), "--listen",
-             f"127.0.0.1:{port}"], stdout=logf, stderr=subprocess.STDOUT)
-        stop = threading.Event()
+    stop = threading.Event()
+    with serve(CFG, "m3shm-perf-rules-") as d:
+        url, logp = d.url, d.log
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/ready", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(logp.read_text()[-3000:])
-                time.sleep(0.1)
-
             def writer() -> None:
                 while not stop.is_set():
                     t = int(time.time() * 1000)
@@ -159,9 +127,6 @@ def run_once(nseries: int) -> dict:
                     "late_samples": late}
         finally:
             stop.set()
-            proc.terminate()
-            proc.wait(60)
-            logf.close()
 
 
 def main() -> None:

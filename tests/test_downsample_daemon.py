@@ -16,25 +16,14 @@ from pathlib import Path
 
 from m3shm.config import NamespaceConfig
 from m3shm.shm import Segment, parse_labels
+from tests.rules_config import rules_config
 from tests.test_daemon_harness import Daemon, now_ms
+from tests.test_rules import SEED as SEED_AS_WRITTEN
 
 HOUR = 3_600_000
 
-SEED = """
-downsample:
-  admission: {adm}ms
-  rules:
-    mappingRules:
-      - name: Retain all disk_used metrics
-        filter: name:disk_used* device:sd*
-        policies:
-          - resolution: 10s
-            retention: 2d
-          - resolution: 1m
-            retention: 30d
-          - resolution: 1h
-            retention: 5y
-"""
+# the seed's mapping rule as the seed writes it, with an admission window for the test
+SEED = SEED_AS_WRITTEN.replace("downsample:\n", "downsample:\n  admission: {adm}ms\n", 1)
 
 
 def agg_points(d: Daemon, ns: str) -> dict[tuple, list[tuple[int, float]]]:
@@ -117,20 +106,11 @@ def test_seed_mapping_rule_at_three_policies(tmp_path: Path) -> None:
         d.stop()
 
 
-SHORT = """
-downsample:
-  admission: 2s
-  rules:
-    mappingRules:
-      - name: debug series are not kept raw
-        filter: "__name__:*_debug"
-        drop: true
-      - name: latency extremes
-        filter: "__name__:latency_ms"
-        aggregations: [Max, Min, Count]
-        policies: [2s:2h]
-    defaultPolicies: [2s:2h]
-"""
+SHORT = rules_config({"name": "debug series are not kept raw", "filter": "__name__:*_debug",
+                      "drop": True},
+                     {"name": "latency extremes", "filter": "__name__:latency_ms",
+                      "aggregations": ["Max", "Min", "Count"], "policies": ["2s:2h"]},
+                     default_policies=["2s:2h"], admission="2s")
 
 
 def test_default_last_for_every_series_late_samples_and_drop(tmp_path: Path) -> None:
@@ -170,17 +150,9 @@ def test_default_last_for_every_series_late_samples_and_drop(tmp_path: Path) -> 
         d.stop()
 
 
-RESTART = """
-downsample:
-  admission: 4s
-  rules:
-    mappingRules:
-      - name: sums
-        filter: "__name__:req_*"
-        aggregations: [Sum, Count]
-        policies: [5s:2h]
-    defaultPolicies: []
-"""
+RESTART = rules_config({"name": "sums", "filter": "__name__:req_*",
+                        "aggregations": ["Sum", "Count"], "policies": ["5s:2h"]},
+                       default_policies=[], admission="4s")
 
 
 def test_restart_mid_window(tmp_path: Path) -> None:

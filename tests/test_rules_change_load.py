@@ -21,21 +21,15 @@ import urllib.request
 from pathlib import Path
 
 import snappy
+from rules_config import rules_config, short_raw
 from test_daemon_harness import Daemon, now_ms
 
 from m3shm.proto import remote_read_pb2 as rr
 
-EXTRA = """
-namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 3s, bufferFuture: 1s}
-downsample:
-  admission: 3s
-  rules:
-    mappingRules:
-      - {name: load, filter: "__name__:load_*", aggregations: [Count, Max],
-         storagePolicies: [1s:2h]}
-    defaultPolicies: [1s:2h]
-"""
+EXTRA = rules_config({"name": "load", "filter": "__name__:load_*",
+                      "aggregations": ["Count", "Max"], "storagePolicies": ["1s:2h"]},
+                     default_policies=["1s:2h"], admission="3s",
+                     raw=short_raw("2h", "1h", "3s", "1s"))
 V2 = {"mappingRules": [{"name": "load", "filter": "__name__:load_*",
                         "aggregations": ["Count", "Min"], "storagePolicies": ["1s:2h"]}],
       "defaultPolicies": ["1s:2h"]}

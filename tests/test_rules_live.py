@@ -13,22 +13,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from rules_config import rules_config, short_raw
 from test_daemon_harness import Daemon, now_ms
 
 from m3shm.rules import versions
 
+
 # short windows: admission 1 s + bufferFuture 1 s, resolutions of 1 s and 2 s; the aggregated
 # namespaces agg_1s_2h and agg_2s_2h are derived from the rules' policies
-EXTRA = """
-namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 2s, bufferFuture: 1s}
-downsample:
-  admission: 1s
-  rules:
-    mappingRules:
-      - {name: keep2s, filter: "__name__:never_written", storagePolicies: [2s:2h]}
-    defaultPolicies: [1s:2h]
-"""
+def live_config(admission: str = "1s", default_policies: tuple[str, ...] = ("1s:2h",)) -> str:
+    return rules_config({"name": "keep2s", "filter": "__name__:never_written",
+                         "storagePolicies": ["2s:2h"]}, default_policies=list(default_policies),
+                        admission=admission, raw=short_raw("2h", "1h", "2s", "1s"))
+
+
+EXTRA = live_config()
 RULES_V2 = {"mappingRules": [{"name": "up at 2s", "filter": "__name__:up job:{api,web}",
                               "aggregations": ["Max", "Last"], "storagePolicies": ["2s:2h"]}],
             "defaultPolicies": ["1s:2h"]}
@@ -204,21 +203,21 @@ def test_rules_survive_restarts_and_sighup_reloads_them(tmp_path: Path) -> None:
         _sighup(d, "applied by every worker")
         assert "the config's rules are unchanged; rules stay at version 2" in d.log.read_text()
         # SIGHUP with edited rules: a new version from the config, on every worker
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [2s:2h]"))
+        d.cfg.write_text(base.replace(EXTRA, live_config(default_policies=("2s:2h",))))
         _sighup(d, "applied by every worker")
         v3 = _same(_views(d, 3))
         assert v3["source"] == "config" and v3["rules"]["defaultPolicies"] == ["2s:2h"]
         assert [r["name"] for r in v3["rules"]["mappingRules"]] == ["keep2s"]
         assert "downsample.rules: changed" in d.log.read_text()
         # a config rule whose namespace the daemon lacks: refused, named, version kept
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [1m:30d]"))
+        d.cfg.write_text(base.replace(EXTRA, live_config(default_policies=("1m:30d",))))
         _sighup(d, "applied by every worker")
         assert ("downsample.rules.defaultPolicies[0]: storage policy 1m:30d writes to "
                 "namespace 'agg_1m_30d', which the running daemon does not have; a new "
                 "namespace needs a restart") in d.log.read_text()
         assert _same(_views(d, 3))["version"] == 3
         # a PUT after the SIGHUP, then a SIGKILLed worker: its new incarnation has it too
-        d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [2s:2h]"))
+        d.cfg.write_text(base.replace(EXTRA, live_config(default_policies=("2s:2h",))))
         _sighup(d, "applied by every worker")
         assert _put_json(d, RULES_V2)[0] == 200
         before = _same(_views(d, 4))
@@ -232,7 +231,7 @@ def test_rules_survive_restarts_and_sighup_reloads_them(tmp_path: Path) -> None:
         assert d.stop() == 0, d.logtext()
     # the config edited after the last PUT: at start it is newer and becomes version 5
     time.sleep(0.01)
-    d.cfg.write_text(base.replace("defaultPolicies: [1s:2h]", "defaultPolicies: [1s:2h, 2s:2h]"))
+    d.cfg.write_text(base.replace(EXTRA, live_config(default_policies=("1s:2h", "2s:2h"))))
     d.start()
     try:
         v5 = _same(_views(d, 5))
@@ -246,7 +245,7 @@ def test_a_worker_killed_between_a_change_and_its_activation(tmp_path: Path) -> 
     """The killed worker's successor finds its series planned with the new version already
     (cells survive in shared memory), does not plan them again, and once the activation's
     windows are final every old plan is freed: the cells are the new version's only."""
-    d = Daemon(tmp_path, extra=EXTRA.replace("admission: 1s", "admission: 4s")).start()
+    d = Daemon(tmp_path, extra=live_config("4s")).start()
     try:
         series = [({"__name__": f"load_{i}", "i": str(i)}, [(now_ms(), 1.0)]) for i in range(16)]
         assert d.write(series)[0] == 204

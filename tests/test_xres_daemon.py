@@ -14,23 +14,14 @@ import time
 import urllib.parse
 import urllib.request
 
+from rules_config import rules_config, short_raw
 from test_daemon_harness import Daemon, now_ms
 
-CONFIG = """
-namespaces:
-  - {name: default, retention: 10s, blockSize: 2s, bufferPast: 1s, bufferFuture: 1s}
-downsample:
-  admission: 3s
-  rules:
-    mappingRules:
-      - name: dropped raw
-        filter: "__name__:*_debug"
-        drop: true
-      - name: kept downsampled
-        filter: "__name__:*_debug"
-        policies: [1s:2h]
-    defaultPolicies: [1s:2h]
-"""
+CONFIG = rules_config({"name": "dropped raw", "filter": "__name__:*_debug", "drop": True},
+                      {"name": "kept downsampled", "filter": "__name__:*_debug",
+                       "policies": ["1s:2h"]},
+                      default_policies=["1s:2h"], admission="3s",
+                      raw=short_raw("10s", "2s", "1s", "1s"))
 STEP = 250  # ms between samples
 RAW_RET = 10_000
 
