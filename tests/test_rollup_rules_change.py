@@ -10,7 +10,8 @@ goes on across the activation without losing the increment from each instance's 
 before the activation to its first after (its series' plans changed: another rule did); the
 added rule's counter starts with that increment; the changed rule's group keeps its series
 and counts only the instances its new filter selects from the activation on; the removed
-rule's group simply stops at the activation.
+rule's group simply stops at the activation. Admission and forward delay are 6 s, as in
+tests/test_rollup_daemon.py: on the shared machine a stalled worker must not make values late.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ V2 = {"defaultPolicies": [], "rollupRules": [KEPT, CHANGED_V2, ADDED]}
 
 CONFIG = """
 namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 4s, bufferFuture: 1s}
+  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 6s, bufferFuture: 1s}
 downsample:
-  admission: 4s
-  forward_delay: 4s
+  admission: 6s
+  forward_delay: 6s
   rules:
 """ + "\n".join("    " + ln for ln in json.dumps(V1).splitlines())
 
