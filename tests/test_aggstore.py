@@ -252,6 +252,37 @@ def test_a_plan_from_an_activation_keeps_the_old_one_for_earlier_samples(seg):
     assert st.stats(0)["late"] == 1
 
 
+def test_increase_state_goes_on_across_an_activation(seg):
+    """A series whose plan changes at activation A (Increase -> Sum cells in both): the new
+    cell's first sample takes the old cell's Increase state, so the increment from the last
+    sample at or before A to the first after it counts once, in the new plan's window; and a
+    record holding samples of both sides reaches the old plan first."""
+    s, st = seg
+    t0 = 1_000 * MIN
+    act = t0 + 2 * MIN
+    inc = CellParams(MIN, MIN, ("Sum",), nwin=4, pre=("Increase",)).to_c()
+    publish(s, make_record({"__name__": "c"}, [act - 50_000], [10.0], 1))
+    drain_all(st, lambda labels: (False, [inc], [0]), act - 40_000)
+    gen = next(iter(s.live_series(0))).gen
+    st.install(0, 0, gen, False, [inc], [1], [b""], act)
+    # one record across the activation: 13 (old), then 20 and 21 (new); then a reset to 2
+    publish(s, make_record({"__name__": "c"}, [act - 10_000, act + 5_000, act + 6_000],
+                           [13.0, 20.0, 21.0], 1))
+    publish(s, make_record({"__name__": "c"}, [act + 7_000], [2.0], 1))
+    drain_all(st, None, act + 8_000)
+
+    def rows(now: int) -> list[tuple[int, int, float]]:
+        p, done = st.prepare(0, now)
+        assert done
+        st.commit(p)
+        return sorted((int(r["ns"]), int(r["ts"]), float(r["value"])) for r in p.rows)
+
+    assert rows(act + MIN) == [(0, act, 3.0)]
+    # 13 -> 20 (the increment across the activation), 20 -> 21, a reset to 2
+    assert rows(act + 2 * MIN) == [(1, act + MIN, 7.0 + 1.0 + 2.0)]
+    assert st.stats(0)["ooo"] == 0 and st.stats(0)["late"] == 0
+
+
 def test_an_idle_replaced_plan_is_freed_once_its_windows_are_final(seg):
     """No cell is due (the series went quiet): the finalise still visits the slot when the old
     plan can go, and frees it."""
