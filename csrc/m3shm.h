@@ -914,6 +914,14 @@ int m3_qslot_enter(uint64_t *counters, uint32_t nworkers, uint32_t stride, uint3
 void m3_qslot_leave(uint64_t *counters, uint32_t stride, uint32_t self);
 void m3_qslot_reset(uint64_t *counters, uint32_t stride, uint32_t self);
 
+/* ---- fwdmark.c: rollup source watermarks in the stats file (docs/rules.md "The barrier") */
+
+/* Worker `self`: raise its mark to t_ms (release; never lowers it). marks = the stats file's
+   W_FWD_MARK_MS slot of worker 0, stride = slots per worker block. */
+void m3_fwd_mark_raise(uint64_t *marks, uint32_t stride, uint32_t self, int64_t t_ms);
+/* Any worker: the smallest mark of workers [0, nworkers) (acquire loads); 0 if none. */
+int64_t m3_fwd_mark_min(const uint64_t *marks, uint32_t nworkers, uint32_t stride);
+
 /* ---- group_sum.c: sum and count of a values matrix by group (sum/avg/count/group) ------ */
 
 /* vals, present: nrows x nsteps row-major; gid[r] in [0, ngroups). sum, cnt: ngroups x nsteps;

@@ -74,6 +74,9 @@ W_RULES_VERSION = 31         # newest rule-set version this worker installed
 W_RULES_ACTIVATION_MS = 63   # its activation time, unix ms (the request reasons grow below)
 W_REQ_REJECTED = 32          # len(REQUEST_REASONS) slots
 W_SAMPLES_REJECTED = 64      # len(SAMPLE_REASONS) slots
+# rollup barrier (csrc/fwdmark.c): unix ms T, every rollup input window of the worker's shards
+# final at T is forwarded; written with release stores by csrc/fwdmark.c only
+W_FWD_MARK_MS = 127
 
 STATES = ("starting", "recovering", "serving", "stopping")
 ST_STARTING, ST_RECOVERING, ST_SERVING, ST_STOPPING = range(4)
@@ -87,7 +90,7 @@ SAMPLE_REASONS = ("bad_label_name", "duplicate_label", "no_labels", "no_metric_n
                   "exemplars", "bad_symbol_ref", "too_many_series", "bad_metadata", "disk_full")
 assert W_FSYNC_BUCKETS + len(FSYNC_BUCKETS_S) + 1 <= W_REQ_REJECTED
 assert W_REQ_REJECTED + len(REQUEST_REASONS) <= W_RULES_ACTIVATION_MS < W_SAMPLES_REJECTED
-assert W_SAMPLES_REJECTED + len(SAMPLE_REASONS) <= WORKER_SLOTS
+assert W_SAMPLES_REJECTED + len(SAMPLE_REASONS) <= W_FWD_MARK_MS < WORKER_SLOTS
 
 
 def monotonic_ms() -> int:

@@ -10,6 +10,12 @@ instances' raw increases between the same times (relative 1e-9), with nothing fo
 twice (an input window re-forwarded from the replayed raw samples while its first forward is
 replayed into the group too), nothing lost, and no group window emitted again with another
 value (its ``Add`` total continues from the last stored point).
+
+After the first restart one worker is SIGSTOPped for longer than ``forward_delay`` (a restart
+slowed down on a loaded machine: one worker's replay or first rounds late), while the other
+goes on: the group owners must wait for its re-forwarded inputs (the barrier, docs/rules.md
+"Rollup forwarding"). Without the barrier this lost every group window whose inputs the
+stalled worker re-forwarded after end + admission + forward_delay (counted late).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ namespaces:
   - {name: default, retention: 2h, blockSize: 1h, bufferPast: 8s, bufferFuture: 1s}
 downsample:
   admission: 8s
-  forward_delay: 8s
+  forward_delay: 2s
   rules:
     defaultPolicies: []
     rollupRules:
@@ -46,6 +52,7 @@ downsample:
 
 PHASES = 3          # write, kill everything, start again: PHASES - 1 full restarts
 STEP_MS = 250
+STALL_S = 5         # > forward_delay + a finalise round, < admission
 
 
 def start(d: Daemon) -> Daemon:
@@ -96,6 +103,14 @@ def test_rollup_exact_across_full_restarts(tmp_path: Path, seed: int) -> None:
                 kills.append(now_ms())
                 kill_group(d)
                 start(d)
+                if phase == 0:
+                    # one worker of the new boot stalls for longer than forward_delay
+                    pid = rnd.choice(d.workers())
+                    os.kill(pid, signal.SIGSTOP)
+                    try:
+                        time.sleep(STALL_S)
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
         last_end = ts // RES_MS * RES_MS
         got: dict = {}
         while time.monotonic() < deadline:

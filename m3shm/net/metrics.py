@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +143,7 @@ def render(stats: st.StatsFile, seg: Segment, workers_configured: int,
         groups = getattr(getattr(aggregator, "w", None), "group_aggs", None)
         if groups:
             _rollup(p, {name: g.store.totals() for name, g in groups.items()})
+            _rollup_barrier(p, stats, ws, aggregator.w.cfg.downsample.forward_delay_ms)
     _process(p, stats, ws)
     return p.text()
 
@@ -260,8 +262,31 @@ def _rollup(p: _Page, by_ns: dict[str, dict[str, int]]) -> None:
              "Forwarded window values for group windows already final (beyond admission + "
              "downsample.forward_delay): counted, not aggregated.",
              [(f'namespace="{n}"', t["late"]) for n, t in rows])
+    p.family("m3shm_rollup_evicted_windows_total", "counter",
+             "Group windows finalised early to make room in a cell (a source held them back "
+             "longer than the cell's ring covers; its later values for them are late).",
+             [(f'namespace="{n}"', t["evicted"]) for n, t in rows])
     p.family("m3shm_rollup_group_cells", "gauge", "Rollup group cells.",
              [(f'namespace="{n}"', t["cells"]) for n, t in rows])
+
+
+def _rollup_barrier(p: _Page, stats: st.StatsFile, ws: list[st.WorkerStats],
+                    forward_delay_ms: int) -> None:
+    """The rollup barrier's source marks (m3shm/workers/barrier.py, csrc/fwdmark.c)."""
+    marks = [w.get(st.W_FWD_MARK_MS) for w in ws]
+    now = time.time()
+    p.family("m3shm_rollup_source_watermark_seconds", "gauge",
+             "Unix time up to which the worker has forwarded every final rollup input window "
+             "(0: not yet known this boot).",
+             [(f'worker="{i}"', m / 1000) for i, m in enumerate(marks)])
+    lag = max(0.0, now - min(marks) / 1000) if marks else 0.0
+    p.one("m3shm_rollup_barrier_lag_seconds", "gauge",
+          "How far the slowest source's forwarding is behind the clock (about one finalise "
+          "round when every worker is healthy).", lag)
+    p.one("m3shm_rollup_held_back_seconds", "gauge",
+          "How long rollup group windows are held past their schedule (window end + admission "
+          "+ downsample.forward_delay) waiting for a source to forward them.",
+          max(0.0, lag - forward_delay_ms / 1000))
 
 
 def _proc_stat(pid: int) -> list[str] | None:

@@ -19,7 +19,9 @@ The worker creates one :class:`Aggregator` over its raw segment's aggregation st
   lane records (m3shm.storage.records, C) submitted to each aggregated namespace's pipeline;
   once that submit has returned (the points are in that namespace's commit log), phase 2
   finalises the same windows for real. A crash in between repeats the points, never loses
-  them. Then the worker records the time of its last complete round (the replay watermark).
+  them. Then the worker records the time of its last complete round (the replay watermark)
+  and raises its rollup mark (m3shm/workers/barrier.py); a group owner's Aggregator applies
+  and finalises its group cells on the barrier's clock (:meth:`Aggregator.clock`).
 - **rules** (:meth:`Aggregator.install_rules`, called by m3shm/workers/rulesync.py): as soon
   as a new version is installed (well before its activation: see m3shm/rules/versions.py)
   the drain thread plans every series of the worker again with it, from its activation: the
@@ -66,7 +68,8 @@ from m3shm.rules.matcher import CompiledRules, SeriesPlan
 from m3shm.rules.projection import ALL, Projection, rules_projection, union
 from m3shm.shm import Segment, parse_labels
 from m3shm.storage.records import LabelTable, build_records
-from m3shm.workers.watermark import watermark_path
+from m3shm.workers.barrier import raise_mark
+from m3shm.workers.watermark import replay_watermark, watermark_path
 
 log = logging.getLogger("m3shm.aggregate")
 
@@ -157,6 +160,12 @@ class Aggregator:
                       "rows_rejected": 0, "rollup_rows_dropped": 0, "planned": 0}
         self.replay_now_ms = 0
         self._mark_ms = 0
+        # the rollup barrier (m3shm/workers/barrier.py): a group owner's RollupBarrier (set by
+        # GroupPlanner) holds its cells' clock at the sources' marks; the raw segment's
+        # Aggregator is a source and publishes its mark, from the replay watermark on
+        self.barrier: Any = None
+        if not watermark and hasattr(worker, "data_dir") and hasattr(worker, "boot"):
+            raise_mark(worker, replay_watermark(worker.data_dir, worker.boot))
         # no aggregated namespace at all (they follow the policies; a rule set needing one is
         # refused until a restart): no plan can hold a cell
         self._no_cells = not any(ns.aggregated for ns in cfg.namespaces)
@@ -371,7 +380,7 @@ class Aggregator:
         if replanned and beat is not None:
             beat()
         total = replanned  # progress: the caller loops again at once
-        now = now_ms()
+        now = self.clock()
         shards = list(range(lo, hi))
         while shards:
             # drain every shard until it stops at a planless series; plan all those series
@@ -486,7 +495,10 @@ class Aggregator:
         forward is unfinished no newer one is made, so none overtakes it."""
         loop = asyncio.get_running_loop()
         pool = self.w.pool
-        now = now_ms() if now is None else now
+        if now is None:
+            if self.barrier is not None:
+                await self.barrier.advance(loop, pool)
+            now = self.clock()
         done_all = True
         rows = 0
         batch: list[Prepared] = []
@@ -541,10 +553,18 @@ class Aggregator:
         if unfinished():
             done_all = False
         self.stats["rounds"] += 1
+        if done_all and not self.watermark:
+            raise_mark(self.w, now)  # a source: every input window final at now is forwarded
         if done_all and (rows or now - self._mark_ms >= WATERMARK_EVERY_MS):
             await loop.run_in_executor(pool, self._write_watermark, now)
             self._mark_ms = now
         return rows
+
+    def clock(self) -> int:
+        """The time cells are applied and finalised at: now, or for a group owner's cells at
+        most the barrier's (m3shm/workers/barrier.py)."""
+        now = now_ms()
+        return now if self.barrier is None else self.barrier.clock(now)
 
     def _write_watermark(self, now: int) -> None:
         path = watermark_path(self.w.data_dir, self.w.index, self.watermark)

@@ -44,6 +44,7 @@ from m3shm.rules.matcher import RollupInput, SeriesPlan
 from m3shm.rules.projection import group_projection
 from m3shm.rules.rollup_plan import canonical, group_plans, rule_id
 from m3shm.workers.aggregate import Aggregator, CellSpec
+from m3shm.workers.barrier import RollupBarrier
 
 log = logging.getLogger("m3shm.rollup")
 
@@ -187,6 +188,8 @@ class GroupPlanner:
         self.ns_id = ns_id
         self.ns_name = ns_name
         self.forward_delay_ms = forward_delay_ms
+        # group windows final only once every source forwarded them (docs/rules.md)
+        agg.barrier = RollupBarrier(agg, forward_delay_ms)
         agg.plan_cells = self.plan_cells
         agg.projection = lambda compiled: group_projection()
 

@@ -1,0 +1,118 @@
+"""Rollup group windows wait for every source (issue 8, the low watermark of docs/rules.md
+"Rollup forwarding"): one source worker stalled or restarted alone for longer than
+``forward_delay`` while the others go on loses no window and counts none twice.
+
+A real daemon with two workers (each is a source of every group and the owner of some groups);
+50 counters with resets rolled up by (service, endpoint). First one worker is SIGSTOPped for
+longer than the forward delay (but less than the admission, so its own inputs are still on
+time when it resumes), then the other is SIGSTOPped and SIGKILLed (the supervisor starts it
+again; its cells are in shared memory). Without the barrier the group owners finalised the
+windows the stalled worker had not forwarded yet by the clock (window end + admission +
+forward_delay) and its values arrived late: counted in m3shm_rollup_late_values_total and lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_daemon_harness import Daemon, now_ms
+from tests.test_rollup_daemon import GROUPS, RES_MS, Counters, rolled_up, write_until_ok
+
+ADMISSION_S = 8
+FORWARD_DELAY_S = 2
+STALL_S = 5          # > forward_delay + a finalise round, < admission
+
+CONFIG = f"""
+namespaces:
+  - {{name: default, retention: 2h, blockSize: 1h, bufferPast: {ADMISSION_S}s,
+     bufferFuture: 1s}}
+downsample:
+  admission: {ADMISSION_S}s
+  forward_delay: {FORWARD_DELAY_S}s
+  rules:
+    defaultPolicies: []
+    rollupRules:
+      - name: requests by endpoint
+        filter: "__name__:http_requests_total"
+        transforms:
+          - transform: {{type: Increase}}
+          - rollup: {{metricName: http_requests_by_endpoint_total,
+                     groupBy: [service, endpoint], aggregations: [Sum]}}
+          - transform: {{type: Add}}
+        storagePolicies: [1s:2d]
+"""
+
+STEP_MS = 250
+
+
+def check_exact(d: Daemon, counters: Counters, last_ts: int, deadline: float) -> None:
+    """Every rolled-up counter's increase between any two of its window ends equals the raw
+    increases of its instances (1e-9), and no value or sample was late."""
+    last_end = last_ts // RES_MS * RES_MS
+    got: dict = {}
+    while time.monotonic() < deadline:
+        got = rolled_up(d, now_ms())
+        if len(got) == len(GROUPS) and all(pts and pts[-1][0] >= last_end
+                                           for pts in got.values()):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"rolled-up series incomplete: {got}\n{d.logtext()}")
+    page = d.get("/metrics")[1].decode()
+    info = [ln for ln in page.splitlines() if ln.startswith(
+        ("m3shm_rollup", "m3shm_downsample_late", "m3shm_downsample_evicted"))]
+    for group, pts in got.items():
+        ends = [t for t, _ in pts]
+        assert all(t % RES_MS == 0 for t in ends) and ends == sorted(set(ends)), ends
+        value = dict(pts)
+        bad = [(t1, value[t1] - value[t0], counters.raw_increase(group, t0, t1))
+               for t0, t1 in zip(ends, ends[1:], strict=False)
+               if value[t1] - value[t0] != pytest.approx(
+                   counters.raw_increase(group, t0, t1), rel=1e-9, abs=1e-9)]
+        assert not bad, (group, "windows (end, have, want):", bad, info)
+        assert value[ends[0]] == pytest.approx(
+            counters.raw_increase(group, 0, ends[0]), rel=1e-9, abs=1e-9), group
+    assert 'm3shm_rollup_late_values_total{namespace="agg_1s_2d"} 0' in page, info
+    assert "m3shm_downsample_late_samples_total 0" in page, info
+    assert 'm3shm_rollup_records_unmatched_total{namespace="agg_1s_2d"} 0' in page, info
+
+
+def write_for(d: Daemon, counters: Counters, ts: int, steps: int, deadline: float) -> int:
+    for _ in range(steps):
+        ts = max(ts + STEP_MS, now_ms())
+        while now_ms() < ts:
+            time.sleep(0.005)
+        write_until_ok(d, counters.step(ts), deadline)
+    return ts
+
+
+def test_rollup_waits_for_a_stalled_or_restarted_source(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, workers=2, series=4096, arena="4MiB", extra=CONFIG).start()
+    counters = Counters(seed=31)
+    deadline = time.monotonic() + 120
+    try:
+        ts = write_for(d, counters, now_ms(), 12, deadline)
+        first, second = d.workers()
+        # a source stalled for longer than forward_delay; the other worker goes on (its
+        # finalise rounds forward its inputs, its group cells would finalise by the clock)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            time.sleep(STALL_S)
+        finally:
+            os.kill(first, signal.SIGCONT)
+        ts = write_for(d, counters, ts, 12, deadline)
+        # a source stalled, then killed: the supervisor starts it again (shared memory kept)
+        os.kill(second, signal.SIGSTOP)
+        time.sleep(STALL_S - 1)
+        os.kill(second, signal.SIGKILL)
+        ts = write_for(d, counters, ts, 12, deadline)
+        assert second not in d.workers()
+        check_exact(d, counters, ts, deadline)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
