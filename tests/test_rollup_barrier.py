@@ -116,3 +116,27 @@ def test_rollup_waits_for_a_stalled_or_restarted_source(tmp_path: Path) -> None:
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+
+
+def test_source_marks_only_rise_and_the_minimum_waits_for_every_worker(tmp_path: Path) -> None:
+    """csrc/fwdmark.c over a real stats file: a mark is never lowered (a restarted worker's
+    replay watermark does not undo its predecessor's rounds), and the minimum is 0 (hold
+    everything) until every worker has one."""
+    from m3shm import stats as st
+    from m3shm._native import ffi, lib
+
+    sf = st.StatsFile.create(str(tmp_path / "x.stats"), 3)
+    marks = ffi.from_buffer("uint64_t[]", sf.slots) + st.HEADER_SLOTS + st.W_FWD_MARK_MS
+    assert lib.m3_fwd_mark_min(marks, 3, st.WORKER_SLOTS) == 0
+    lib.m3_fwd_mark_raise(marks, st.WORKER_SLOTS, 0, 5_000)
+    lib.m3_fwd_mark_raise(marks, st.WORKER_SLOTS, 2, 7_000)
+    assert lib.m3_fwd_mark_min(marks, 3, st.WORKER_SLOTS) == 0  # worker 1 has none yet
+    lib.m3_fwd_mark_raise(marks, st.WORKER_SLOTS, 1, 6_000)
+    assert lib.m3_fwd_mark_min(marks, 3, st.WORKER_SLOTS) == 5_000
+    lib.m3_fwd_mark_raise(marks, st.WORKER_SLOTS, 0, 4_000)  # lower: ignored
+    assert sf.worker(0).get(st.W_FWD_MARK_MS) == 5_000
+    lib.m3_fwd_mark_raise(marks, st.WORKER_SLOTS, 0, 9_000)
+    assert lib.m3_fwd_mark_min(marks, 3, st.WORKER_SLOTS) == 6_000
+    assert [sf.worker(i).get(st.W_FWD_MARK_MS) for i in range(3)] == [9_000, 6_000, 7_000]
+    del marks
+    sf.unlink()
