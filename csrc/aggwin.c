@@ -245,7 +245,8 @@ static uint32_t flags_for(const m3_agg_params *p)
 
 /* Window fields (8 bytes each), in the order a window lays out those it has. last_ts is always
    there: INT64_MIN marks an unused slot, and since it is the time of a sample of the window it
-   also names the window (widx = floor((last_ts - 1) / res)), so a window stores no index. */
+   also names the window (widx = floor((last_ts - 1) / res)), so a window stores no index.
+   sum_c always follows sum, and m2 mean (each pair is kept or dropped together). */
 enum wfield {
     F_LAST_TS, F_LAST, F_COUNT, F_MIN, F_MAX, F_SUM, F_SUM_C, F_FIRST_TS, F_MEAN, F_M2, F_SUMSQ,
     NFIELDS
@@ -274,7 +275,8 @@ typedef struct layout {
     uint32_t wb;           /* bytes of one window */
     uint32_t sk;           /* bytes of one sketch (0 = none) */
     uint32_t rate;         /* a rate cell (flags & FLAG_RATE) */
-    int8_t at[NFIELDS];    /* word of each field in a window; -1 = not kept */
+    int32_t at[NFIELDS];   /* word of each field in a window; -1 = not kept (int32_t, not a
+                              char type: stores to windows cannot alias it) */
 } layout;
 
 _Static_assert(sizeof(xhead) == 16 && sizeof(m3_xstate) == 32, "transform state layout");
@@ -296,7 +298,7 @@ static void layout_of(const m3_agg_params *p, layout *L)
     if (f & FLAG_RATE) want |= BIT(F_FIRST_TS);
     if (m & BIT(M3_AGG_STDEV)) want |= BIT(F_MEAN) | BIT(F_M2);
     if (m & BIT(M3_AGG_SUMSQ)) want |= BIT(F_SUMSQ);
-    int8_t n = 0;
+    int32_t n = 0;
     for (int k = 0; k < NFIELDS; k++) L->at[k] = (want & BIT(k)) ? n++ : -1;
     L->wb = (uint32_t)n * 8;
     L->sk = (f & FLAG_SKETCH) ? (uint32_t)sizeof(m3_sketch) : 0;
@@ -521,39 +523,41 @@ static void win_open(m3_aggcell *c, const layout *L, wword *w, uint32_t slot, in
 static void win_add(m3_aggcell *c, const layout *L, wword *w, uint32_t slot, int64_t ts,
                     int64_t from, double v)
 {
-    const int8_t *at = L->at;
+    /* the offsets in locals, read once */
+    const int32_t a_last = L->at[F_LAST], a_count = L->at[F_COUNT], a_first = L->at[F_FIRST_TS];
+    const int32_t a_min = L->at[F_MIN], a_max = L->at[F_MAX], a_sum = L->at[F_SUM];
+    const int32_t a_mean = L->at[F_MEAN], a_sumsq = L->at[F_SUMSQ];
     if (L->sk) m3_sketch_add(cell_sketch(c, L, slot), v);
-    if (at[F_COUNT] >= 0) w[at[F_COUNT]].u++;
+    if (a_count >= 0) w[a_count].u++;
     if (ts >= w[F_LAST_TS].i) {
         w[F_LAST_TS].i = ts;
-        if (at[F_LAST] >= 0) w[at[F_LAST]].d = v;
+        if (a_last >= 0) w[a_last].d = v;
     }
-    if (at[F_FIRST_TS] >= 0 && from < w[at[F_FIRST_TS]].i) w[at[F_FIRST_TS]].i = from;
-    if (at[F_MIN] >= 0 && v < w[at[F_MIN]].d) w[at[F_MIN]].d = v;
-    if (at[F_MAX] >= 0 && v > w[at[F_MAX]].d) w[at[F_MAX]].d = v;
-    if (at[F_SUM] >= 0) {
-        /* Neumaier: keep the low-order bits the running sum loses */
-        double s = w[at[F_SUM]].d, t = s + v;
-        if (fabs(s) >= fabs(v)) w[at[F_SUM_C]].d += (s - t) + v;
-        else w[at[F_SUM_C]].d += (v - t) + s;
-        w[at[F_SUM]].d = t;
+    if (a_first >= 0 && from < w[a_first].i) w[a_first].i = from;
+    if (a_min >= 0 && v < w[a_min].d) w[a_min].d = v;
+    if (a_max >= 0 && v > w[a_max].d) w[a_max].d = v;
+    if (a_sum >= 0) {
+        /* Neumaier: keep the low-order bits the running sum loses (sum_c follows sum) */
+        double s = w[a_sum].d, t = s + v;
+        if (fabs(s) >= fabs(v)) w[a_sum + 1].d += (s - t) + v;
+        else w[a_sum + 1].d += (v - t) + s;
+        w[a_sum].d = t;
     }
-    if (at[F_MEAN] >= 0) {
-        /* Welford; count was counted above (Stdev keeps it) */
-        double mean = w[at[F_MEAN]].d, d = v - mean;
-        mean += d / (double)w[at[F_COUNT]].u;
-        w[at[F_MEAN]].d = mean;
-        w[at[F_M2]].d += d * (v - mean);
+    if (a_mean >= 0) {
+        /* Welford (m2 follows mean); count was counted above (Stdev keeps it) */
+        double mean = w[a_mean].d, d = v - mean;
+        mean += d / (double)w[a_count].u;
+        w[a_mean].d = mean;
+        w[a_mean + 1].d += d * (v - mean);
     }
-    if (at[F_SUMSQ] >= 0) w[at[F_SUMSQ]].d += v * v;
+    if (a_sumsq >= 0) w[a_sumsq].d += v * v;
 }
-
 
 /* The value of one aggregation of a window; returns 0 when there is none. */
 static int win_value(m3_aggcell *c, const layout *L, uint32_t slot, const wword *w, int agg,
                      double *out)
 {
-    const int8_t *at = L->at;
+    const int32_t *at = L->at;
     switch (agg) {
     case M3_AGG_LAST: *out = w[at[F_LAST]].d; return 1;
     case M3_AGG_MIN: *out = w[at[F_MIN]].d; return 1;
