@@ -6,6 +6,7 @@ that skips the series whose cells do not change."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -32,16 +33,27 @@ MIN = 60_000
 T0 = (int(time.time() * 1000) // MIN - 2) * MIN  # the Aggregator drains at the clock's now
 
 
+@contextlib.contextmanager
+def segment(num_shards: int = 1, series_per_shard: int = 1024, lane_bytes: int = 1 << 20,
+            arena_bytes: int = 1 << 22, cell_bytes: int = 1 << 23):
+    """A fresh segment and its aggregation store in /dev/shm, unlinked after."""
+    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
+    s = Segment.create(path, SegParams(num_shards=num_shards, num_producers=1,
+                                       lane_bytes=lane_bytes, series_per_shard=series_per_shard,
+                                       arena_bytes=arena_bytes, block_ms=7_200_000,
+                                       seq_base=1000))
+    st = AggStore.create(s, cell_bytes)
+    try:
+        yield s, st
+    finally:
+        st.unlink()
+        s.unlink()
+
+
 @pytest.fixture
 def seg():
-    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
-    s = Segment.create(path, SegParams(num_shards=1, num_producers=1, lane_bytes=1 << 20,
-                                       series_per_shard=1024, arena_bytes=1 << 22,
-                                       block_ms=7_200_000, seq_base=1000))
-    st = AggStore.create(s, 1 << 23)
-    yield s, st
-    st.unlink()
-    s.unlink()
+    with segment() as pair:
+        yield pair
 
 
 def publish(s: Segment, series: list[dict[str, str]], ts: int = T0 + 1) -> None:
@@ -192,6 +204,19 @@ def counted(agg: Aggregator) -> list[int]:
     return calls
 
 
+def counted_rounds(agg: Aggregator) -> list[int]:
+    """Count the Aggregator's planning rounds (calls of resolve)."""
+    rounds = [0]
+    inner = agg.resolve
+
+    def resolve(needs, **kw):
+        rounds[0] += 1
+        return inner(needs, **kw)
+
+    agg.resolve = resolve
+    return rounds
+
+
 def plan_cells_of(agg: Aggregator, s: Segment, shard: int = 0) -> dict[tuple, tuple]:
     """series labels -> (flags, cells) of its installed plan."""
     out = {}
@@ -281,24 +306,13 @@ def test_replay_and_drain_plan_every_shard_in_one_go():
     """A batch spreads its series over every shard: replay lists the planless series of all
     the worker's shards at the first stop, and the drain plans all its shards' at once, so
     the default rules (which read no label) make one match for the whole batch."""
-    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
-    s = Segment.create(path, SegParams(num_shards=4, num_producers=1, lane_bytes=1 << 18,
-                                       series_per_shard=256, arena_bytes=1 << 20,
-                                       block_ms=7_200_000, seq_base=1000))
-    st = AggStore.create(s, 1 << 20)
-    try:
+    with segment(num_shards=4, series_per_shard=256, lane_bytes=1 << 18,
+                 arena_bytes=1 << 20, cell_bytes=1 << 20) as (s, st):
         agg = aggregator(s, st, None)
         series = [{"__name__": "m", "i": str(i)} for i in range(200)]
         batch = b"".join(make_record(lab, [T0 + 1], [1.0], 4) for lab in series)
         calls = counted(agg)
-        rounds = [0]
-        inner = agg.resolve
-
-        def resolve(needs, **kw):
-            rounds[0] += 1
-            return inner(needs, **kw)
-
-        agg.resolve = resolve
+        rounds = counted_rounds(agg)
         assert agg.replay_batch(batch, 7, 0, 4) == 200
         assert (rounds[0], calls[0]) == (1, 1)
         assert sum(st.stats(sh)["plans"] for sh in range(4)) == 200
@@ -310,36 +324,19 @@ def test_replay_and_drain_plan_every_shard_in_one_go():
         assert agg.drain(0, 4) == 200 + 1  # every record, one planning round
         assert (rounds[0], calls[0]) == (2, 1)  # the plan of that projection was remembered
         assert sum(st.stats(sh)["plans"] for sh in range(4)) == 400
-    finally:
-        st.unlink()
-        s.unlink()
 
 
 def test_replay_plans_more_series_than_one_list_and_more_than_64_shards():
     """A batch with more new series than the need list holds (4,096), over 70 shards (more
     than one listing window): every series planned, in two rounds."""
-    path = f"/dev/shm/m3shm-test-{os.getpid()}-{random.getrandbits(32):08x}"
-    s = Segment.create(path, SegParams(num_shards=70, num_producers=1, lane_bytes=1 << 16,
-                                       series_per_shard=256, arena_bytes=1 << 18,
-                                       block_ms=7_200_000, seq_base=1000))
-    st = AggStore.create(s, 1 << 20)
-    try:
+    with segment(num_shards=70, series_per_shard=256, lane_bytes=1 << 16,
+                 arena_bytes=1 << 18, cell_bytes=1 << 20) as (s, st):
         agg = aggregator(s, st, None)
         batch = b"".join(make_record({"__name__": "m", "i": str(i)}, [T0 + 1], [1.0], 70)
                          for i in range(5000))
-        rounds = [0]
-        inner = agg.resolve
-
-        def resolve(needs, **kw):
-            rounds[0] += 1
-            return inner(needs, **kw)
-
-        agg.resolve = resolve
+        rounds = counted_rounds(agg)
         assert agg.replay_batch(batch, 7, 0, 70) == 5000
         assert rounds[0] == 2
         assert sum(st.stats(sh)["plans"] for sh in range(70)) == 5000
         assert agg.replay_batch(batch, 8, 0, 70) == 5000  # planned: no round
         assert rounds[0] == 2
-    finally:
-        st.unlink()
-        s.unlink()
