@@ -1281,6 +1281,61 @@ static int put_rows(outbuf *o, const shard_view *v, const plan_blk *b, const pla
     return 0;
 }
 
+static int cell_open(const m3_aggcell *c)
+{
+    return c->hi_widx != INT64_MIN && c->lo_widx <= c->hi_widx;
+}
+
+/* Rules activation over a rollup group: cell pc of plan b, a group cell (a changed rule's
+   counter: kind OUTPUT under the group series' own labels, a lone Add post transform) whose
+   total has no value yet, continues from the total of the same group series' cell of its
+   resolution and aggregation in the plan b replaced (prev; one of the same rule first), so the
+   rolled-up counter goes on across the change instead of restarting at zero. `into` is the
+   cell to seed: c itself at commit and release, its scratch copy at prepare; both read the
+   old cell as it is before this pass (b is finalised before its prevs, and no sample enters
+   a window of the old cell once it is final), so prepare and commit emit the same values.
+   The old total is known once every window of the old cell is final: no open window and
+   now >= activation + its admission (its windows end at or before the activation). Until
+   then returns 1: the cell must not finalise yet. An old cell that never had a value passes
+   the question on to its own predecessor. 0 otherwise (seeded, nothing to seed, or no such
+   cell before: the counter starts at zero). */
+static int seed_post(uint8_t *store, uint32_t shard, plan_blk *b, const plan_cell *pc,
+                     uint8_t *into, int64_t now)
+{
+    if (!b->prev || !pc->rule || pc->kind != M3_AGGK_OUTPUT || pc->labels_off ||
+        (pc->flags & M3_AGGC_AGG_LABEL) || !m3_agg_post_fresh(into, pc->cell_bytes))
+        return 0;
+    const m3_aggcell *c = (const m3_aggcell *)into;
+    plan_blk *succ = b;
+    for (int depth = 0; succ->prev && depth < 64; depth++) {
+        plan_blk *p = blk_at(store, shard, succ->prev);
+        if (!p)
+            return 0;
+        const plan_cell *best = NULL;
+        for (uint32_t k = 0; k < p->ncells; k++) {
+            const plan_cell *q = &cells_of(p)[k];
+            const m3_aggcell *o = cell_of(p, q);
+            if (!q->rule || q->kind != M3_AGGK_OUTPUT || q->labels_off ||
+                (q->flags & M3_AGGC_AGG_LABEL) || q->ns_id != pc->ns_id ||
+                o->p.res_ms != c->p.res_ms || o->p.aggmask != c->p.aggmask ||
+                memcmp(o->p.post, c->p.post, sizeof c->p.post))
+                continue;
+            if (!best || q->rule == pc->rule)
+                best = q;
+        }
+        if (!best)
+            return 0;
+        m3_aggcell *o = cell_of(p, best);
+        if (cell_open(o) || now < succ->from_ms + o->p.admission_ms)
+            return 1;
+        if (m3_agg_take_post(into, pc->cell_bytes, (const uint8_t *)o, best->cell_bytes) ||
+            !m3_agg_post_fresh((const uint8_t *)o, best->cell_bytes))
+            return 0;
+        succ = p;
+    }
+    return 0;
+}
+
 /* Finalise one block's due cells at now: into out (prepare: on scratch copies) or for real
    (commit: rows counted, not written). Returns 0, or -1 when out is full (prepare). */
 static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, plan_blk *b,
@@ -1288,8 +1343,6 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
                         outbuf *o, uint64_t *points, int64_t *min_due)
 {
     m3_agg_out tmp[TMP_ROWS];
-    (void)store;
-    (void)shard;
     for (uint32_t k = 0; k < b->ncells; k++) {
         plan_cell *pc = &cells_of(b)[k];
         m3_aggcell *c = cell_of(b, pc);
@@ -1304,6 +1357,13 @@ static int blk_finalise(uint8_t *store, uint32_t shard, const shard_view *v, pla
                 return -1;
             memcpy(scratch, c, pc->cell_bytes);
             cell = scratch;
+        }
+        if (seed_post(store, shard, b, pc, cell, now)) {
+            /* a changed rule's group counter waits for its old total (one round at most
+               when the old cell's last window is due with the new one's first) */
+            if (min_due && c->due_ms < *min_due)
+                *min_due = c->due_ms;
+            continue;
         }
         uint32_t next = 0;
         int rc;
@@ -1340,6 +1400,14 @@ static void release_prev(uint8_t *store, uint32_t shard, plan_blk *b, int64_t no
         }
         int64_t at = b->from_ms + blk_max_admission(p);
         if (now >= at && !blk_open(p)) {
+            /* every window of p is final: a group counter of b with no value yet takes its
+               total now, before p (and the chain behind it) is freed */
+            for (uint32_t k = 0; k < b->ncells; k++)
+                (void)seed_post(store, shard, b, &cells_of(b)[k],
+                                (uint8_t *)cell_of(b, &cells_of(b)[k]), now);
+            /* Compiler-only ordering (owner-private words): the totals are in memory before
+               the chain stops naming p. */
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
             uint64_t off = b->prev;
             b->prev = 0;  /* the plan stops routing to it before it is freed */
             blk_retire(store, shard, off);

@@ -453,6 +453,7 @@ static int xf_step(uint8_t op, m3_xstate *st, int64_t ts, double *v, int64_t *fr
         return 1;
     case M3_XF_ADD:
         st->acc += x;
+        st->have = 1;  /* the total has a value (m3_agg_take_post hands over only fresh ones) */
         *v = st->acc;
         return 1;
     case M3_XF_INCREASE:
@@ -726,6 +727,40 @@ int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t f
     memcpy(cell_pre(c), fx + 1, end - sizeof(m3_aggcell) - sizeof(xhead));
     cx->pre_last_ts = fx->pre_last_ts;
     cx->pre_seen = 1;
+    return 1;
+}
+
+/* A lone Add post transform over one aggregation (a rolled-up counter): its state, else NULL. */
+static m3_xstate *lone_add(m3_aggcell *c, uint64_t cap)
+{
+    if (cap < sizeof(m3_aggcell) || c->magic != CELL_MAGIC || c->p.post[0] != M3_XF_ADD ||
+        c->p.post[1] != M3_XF_NONE || popcount32(c->p.aggmask) != 1)
+        return NULL;
+    layout L;
+    layout_of(&c->p, &L);
+    if (L.post_at + sizeof(m3_xstate) > cap)
+        return NULL;
+    return cell_post(c, &L);
+}
+
+int m3_agg_post_fresh(const uint8_t *cell, uint64_t cap)
+{
+    m3_xstate *st = cell ? lone_add((m3_aggcell *)cell, cap) : NULL;
+    return st && !st->have;
+}
+
+int m3_agg_take_post(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap)
+{
+    if (!cell || !from)
+        return M3_EINVAL;
+    m3_aggcell *c = (m3_aggcell *)cell;
+    m3_aggcell *f = (m3_aggcell *)from;
+    m3_xstate *st = lone_add(c, cap), *fs = lone_add(f, from_cap);
+    if (!st || !fs || st->have || !fs->have || f->p.aggmask != c->p.aggmask ||
+        f->p.res_ms != c->p.res_ms)
+        return 0;
+    st->acc = fs->acc;  /* a killed writer leaves have 0: taken again, the same value */
+    st->have = 1;
     return 1;
 }
 

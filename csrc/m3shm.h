@@ -648,6 +648,15 @@ int m3_agg_seal(uint8_t *cell, uint64_t cap, int64_t end, double v);
    same pre chain in the plan it replaced, so the series' first increment after the activation
    (from its last sample before it) is counted. 1 = taken, 0 = not applicable, M3_EINVAL. */
 int m3_agg_take_pre(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap);
+/* Rules activation over a rollup group: whether the cell's post chain is a lone Add over one
+   aggregation that has emitted no value yet (1) or not (0). */
+int m3_agg_post_fresh(const uint8_t *cell, uint64_t cap);
+/* Rules activation over a rollup group: a fresh lone Add total (m3_agg_post_fresh) continues
+   from cell `from`'s (the group's cell of the same resolution and aggregation in the plan it
+   replaced, all of whose windows are final), so the rolled-up counter goes on across the
+   change instead of restarting at zero. 1 = taken, 0 = not applicable (either chain is not a
+   lone Add, the cell has a value already, `from` has none, or they differ), M3_EINVAL. */
+int m3_agg_take_post(uint8_t *cell, uint64_t cap, const uint8_t *from, uint64_t from_cap);
 /* Whether a cell's pre chain has taken a sample (1, *last_ts = its time) or not (0; also for
    a cell without a pre chain or one that does not fit cap). */
 int m3_agg_pre_last(const uint8_t *cell, uint64_t cap, int64_t *last_ts);
