@@ -47,9 +47,12 @@
  * the new cells, whatever the order in which they arrive, so the switch happens at a sample
  * time every worker shares (the activation) rather than at a wall-clock moment. The oldest
  * plan's samples are applied first, and a new cell whose pre chain has seen nothing takes its
- * predecessor's pre-transform state (take_pre: Increase goes on across the switch). A prev is
- * finalised with its successor (one slot, one unit) and freed once its windows are final and
- * written (release_prev).
+ * predecessor's pre-transform state (take_pre: Increase goes on across the switch). A changed
+ * rollup rule's new group cell whose counter (a lone Add post transform) has no value yet
+ * takes the old group cell's total once every window of the old cell is final, and its
+ * windows wait until then (seed_post: a rolled-up counter goes on across the change). A prev
+ * is finalised with its successor (one slot, one unit, the successor first) and freed once
+ * its windows are final and written (release_prev).
  *
  * Finalise in two phases, so a finalised point is durable before its window is forgotten:
  * m3_aggst_prepare computes the rows of every window final at `now` on a scratch copy of each

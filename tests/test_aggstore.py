@@ -426,3 +426,58 @@ def test_owner_sigkilled_mid_record_is_exact_for_compact_cells(seg):
     got = {(labels["m3_aggregation"], ts): value for labels, ts, value in rows}
     assert len(got) == len(rows) and len(want) > 20
     assert got == want
+
+
+def _group_forward(fwd: int, rule: int, rows: list[tuple[int, float]]) -> bytes:
+    """A forward (source 0) of window values to the rollup group series {__name__="g"}."""
+    from m3shm.rules.forward import build_records as build_rollup
+
+    batch, _ = build_rollup([canonical_labels({"__name__": "g"})], [rule], [0] * len(rows),
+                            [t for t, _ in rows], [v for _, v in rows], 1, fwd, 0, MIN)
+    return bytes(batch)
+
+
+@pytest.mark.parametrize("finalise_between", [True, False])
+def test_a_changed_rollup_rules_group_counter_goes_on_across_an_activation(seg,
+                                                                          finalise_between):
+    """A group series whose rollup rule changed at activation A (rule 5 -> rule 6, both a Sum
+    with an Add post transform: a rolled-up counter): the new group cell's total continues
+    from the old cell's. With finalise_between the old cell's last window is final (and the
+    old plan freed) a round before the new cell's first window; without, both are due in the
+    same round, and the new cell waits one round for the old total. Prepare and commit agree
+    (a prepare repeated after a kill gives the same rows)."""
+    s, st = seg
+    t0 = 1_000 * MIN
+    act = t0 + 2 * MIN
+    gsum = CellParams(MIN, MIN, ("Sum",), nwin=4, post=("Add",)).to_c()
+    publish(s, _group_forward(1, 5, [(act - MIN, 10.0)]))
+    n, need = st.drain(0, 1024, act - MIN)
+    ((slot, gen),) = need
+    st.install(0, int(slot), int(gen), False, [gsum], [0], [b""], rules=[5])
+    st.drain(0, 1024, act - MIN)
+    # the rule changes: the group's new plan (rule 6) from the activation on
+    st.install(0, int(slot), int(gen), False, [gsum], [0], [b""], act, rules=[6])
+    publish(s, _group_forward(2, 5, [(act, 5.0)]))     # old windows after the replan
+    publish(s, _group_forward(3, 6, [(act + MIN, 7.0)]))
+    st.drain(0, 1024, act + 1)
+    assert st.stats(0)["rollup_unmatched"] == 0
+
+    def rounds(now: int) -> list[tuple[int, float]]:
+        p1, done = st.prepare(0, now)
+        assert done
+        p2, _ = st.prepare(0, now)
+        out = sorted((int(r["ts"]), float(r["value"])) for r in p1.rows)
+        assert sorted((int(r["ts"]), float(r["value"])) for r in p2.rows) == out
+        st.commit(p2)
+        return out
+
+    if finalise_between:
+        assert rounds(act + MIN) == [(act - MIN, 10.0), (act, 15.0)]
+        assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (1, 1)   # old plan freed
+        assert rounds(act + 2 * MIN) == [(act + MIN, 22.0)]
+    else:
+        # both due at once: the old cell's windows now, the new one's a round later
+        assert rounds(act + 2 * MIN) == [(act - MIN, 10.0), (act, 15.0)]
+        assert rounds(act + 2 * MIN) == [(act + MIN, 22.0)]
+    assert rounds(act + 5 * MIN) == []
+    assert st.stats(0)["late"] == 0
