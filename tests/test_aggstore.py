@@ -437,47 +437,79 @@ def _group_forward(fwd: int, rule: int, rows: list[tuple[int, float]]) -> bytes:
     return bytes(batch)
 
 
-@pytest.mark.parametrize("finalise_between", [True, False])
-def test_a_changed_rollup_rules_group_counter_goes_on_across_an_activation(seg,
-                                                                          finalise_between):
-    """A group series whose rollup rule changed at activation A (rule 5 -> rule 6, both a Sum
-    with an Add post transform: a rolled-up counter): the new group cell's total continues
-    from the old cell's. With finalise_between the old cell's last window is final (and the
-    old plan freed) a round before the new cell's first window; without, both are due in the
-    same round, and the new cell waits one round for the old total. Prepare and commit agree
-    (a prepare repeated after a kill gives the same rows)."""
-    s, st = seg
-    t0 = 1_000 * MIN
-    act = t0 + 2 * MIN
+def _changed_group(s: Segment, st: AggStore) -> int:
+    """A group series whose rollup rule changes at activation A (rule 5 -> rule 6, both a Sum
+    with an Add post transform: a rolled-up counter), old windows A - 1m (10) and A (5, its
+    forward drained after the replan), new window A + 1m (7). Returns A."""
+    act = 1_002 * MIN
     gsum = CellParams(MIN, MIN, ("Sum",), nwin=4, post=("Add",)).to_c()
     publish(s, _group_forward(1, 5, [(act - MIN, 10.0)]))
-    n, need = st.drain(0, 1024, act - MIN)
+    _, need = st.drain(0, 1024, act - MIN)
     ((slot, gen),) = need
     st.install(0, int(slot), int(gen), False, [gsum], [0], [b""], rules=[5])
     st.drain(0, 1024, act - MIN)
-    # the rule changes: the group's new plan (rule 6) from the activation on
     st.install(0, int(slot), int(gen), False, [gsum], [0], [b""], act, rules=[6])
-    publish(s, _group_forward(2, 5, [(act, 5.0)]))     # old windows after the replan
+    publish(s, _group_forward(2, 5, [(act, 5.0)]))
     publish(s, _group_forward(3, 6, [(act + MIN, 7.0)]))
     st.drain(0, 1024, act + 1)
     assert st.stats(0)["rollup_unmatched"] == 0
+    return act
 
-    def rounds(now: int) -> list[tuple[int, float]]:
-        p1, done = st.prepare(0, now)
-        assert done
-        p2, _ = st.prepare(0, now)
-        out = sorted((int(r["ts"]), float(r["value"])) for r in p1.rows)
-        assert sorted((int(r["ts"]), float(r["value"])) for r in p2.rows) == out
+
+def _round(st: AggStore, now: int, commit: bool = True) -> list[tuple[int, float]]:
+    """One finalise round; its prepare is repeated (as after a kill) and must agree."""
+    p1, done = st.prepare(0, now)
+    assert done
+    p2, _ = st.prepare(0, now)
+    out = sorted((int(r["ts"]), float(r["value"])) for r in p1.rows)
+    assert sorted((int(r["ts"]), float(r["value"])) for r in p2.rows) == out
+    if commit:
         st.commit(p2)
-        return out
+    return out
 
+
+@pytest.mark.parametrize("finalise_between", [True, False])
+def test_a_changed_rollup_rules_group_counter_goes_on_across_an_activation(seg,
+                                                                          finalise_between):
+    """The new group cell's total continues from the old cell's (_changed_group). With
+    finalise_between the old cell's last window is final (and the old plan freed) a round
+    before the new cell's first window; without, both are due in the same round, and the new
+    cell waits one round for the old total. Prepare and commit agree (_round)."""
+    s, st = seg
+    act = _changed_group(s, st)
     if finalise_between:
-        assert rounds(act + MIN) == [(act - MIN, 10.0), (act, 15.0)]
+        assert _round(st, act + MIN) == [(act - MIN, 10.0), (act, 15.0)]
         assert (st.stats(0)["plans"], st.stats(0)["cells"]) == (1, 1)   # old plan freed
-        assert rounds(act + 2 * MIN) == [(act + MIN, 22.0)]
+        assert _round(st, act + 2 * MIN) == [(act + MIN, 22.0)]
     else:
         # both due at once: the old cell's windows now, the new one's a round later
-        assert rounds(act + 2 * MIN) == [(act - MIN, 10.0), (act, 15.0)]
-        assert rounds(act + 2 * MIN) == [(act + MIN, 22.0)]
-    assert rounds(act + 5 * MIN) == []
+        assert _round(st, act + 2 * MIN) == [(act - MIN, 10.0), (act, 15.0)]
+        assert _round(st, act + 2 * MIN) == [(act + MIN, 22.0)]
+    assert _round(st, act + 5 * MIN) == []
     assert st.stats(0)["late"] == 0
+
+
+def test_a_handed_over_group_total_survives_its_owner_sigkilled(seg):
+    """The owner takes the old total over (the old plan is freed), prepares the new cell's
+    first window and is SIGKILLed before the commit: its successor prepares the same point."""
+    s, st = seg
+    act = _changed_group(s, st)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the owner: one round, a prepare, then death without any cleanup
+        try:
+            os.close(r)
+            _round(st, act + 2 * MIN)
+            os.write(w, repr(_round(st, act + 3 * MIN, commit=False)).encode())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read()
+    os.waitpid(pid, 0)
+    assert child == repr([(act + MIN, 22.0)])
+    s.recover_shard(0)
+    assert st.recover(0) == 0
+    assert st.stats(0)["plans"] == 1   # the old plan was freed before the kill
+    assert _round(st, act + 3 * MIN) == [(act + MIN, 22.0)]
+    assert _round(st, act + 5 * MIN) == []
