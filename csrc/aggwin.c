@@ -308,6 +308,26 @@ static void layout_of(const m3_agg_params *p, layout *L)
     L->head = L->post_at + (uint32_t)(npost * sizeof(m3_xstate));
 }
 
+/* layout_of for the hot paths (apply per run of samples, finalise per due cell): the last
+   parameters seen on this thread and their layout, since the cells of a rule set mostly share
+   their parameters. A plain per-thread copy: nothing shared, nothing persisted. */
+static void layout_get(const m3_agg_params *p, layout *L)
+{
+    static _Thread_local m3_agg_params last_p;
+    static _Thread_local layout last_l;
+    static _Thread_local int have;
+    if (have && memcmp(&last_p, p, sizeof last_p) == 0) {
+        *L = last_l;
+        return;
+    }
+    layout_of(p, L);
+    last_p = *p;
+    last_l = *L;
+    have = 1;
+}
+
+_Static_assert(sizeof(m3_agg_params) == 32, "params have no padding (layout_get compares bytes)");
+
 static uint64_t layout_bytes(const layout *L, uint32_t nwin)
 {
     return L->head + (uint64_t)nwin * (L->wb + L->sk);
@@ -870,7 +890,7 @@ static m3_aggcell *cell_at(uint8_t *base, uint64_t stride, uint32_t ncells, uint
     if (c->magic != CELL_MAGIC || c->p.nwin < 1 || c->p.nwin > M3_AGG_MAX_WINDOWS ||
         c->p.res_ms <= 0)
         return 0;
-    layout_of(&c->p, L);
+    layout_get(&c->p, L);
     if (layout_bytes(L, c->p.nwin) > stride) return 0;
     return c;
 }
@@ -932,7 +952,7 @@ int m3_agg_finalise(uint8_t *base, uint64_t stride, uint32_t ncells, uint32_t fi
         if (c->magic != CELL_MAGIC) continue;  /* an unused cell */
         if (c->due_ms > now_ms) continue;
         layout L;
-        layout_of(&c->p, &L);
+        layout_get(&c->p, &L);
         /* windows with (widx + 1) * res + admission <= now are final */
         int64_t upto = floor_div(now_ms - c->p.admission_ms, c->p.res_ms) - 1;
         if (finalise_upto(c, &L, i, upto, out, cap, nout) != M3_OK) {
