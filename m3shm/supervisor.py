@@ -46,6 +46,7 @@ import time
 from m3shm import shmbudget
 from m3shm import stats as sf
 from m3shm.aggstore import AggStore
+from m3shm.atomicfile import replace_json
 from m3shm.config import Config, ConfigError, NamespaceConfig, live_update, load
 from m3shm.rules import versions
 from m3shm.shm import Segment, SegParams, seq_base_now
@@ -128,12 +129,7 @@ def check_meta(data: str, cfg: Config) -> None:
     want = {"format": 1, "shards": cfg.shards, "hash": HASH_NAME, "namespaces": nss}
     if want == have:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(want, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    replace_json(path, want)
 
 
 def segment_path(data: str) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from m3shm.atomicfile import replace_text
 from m3shm.config import NamespaceConfig
 from m3shm.rules.policy import RuleError, StoragePolicy
 from m3shm.rules.ruleset import RuleSet, parse_rules
@@ -236,18 +237,8 @@ def loads(text: str, where: str) -> Chain:
 
 def save(chain: Chain, data_dir: str | os.PathLike[str]) -> Path:
     """Write ``data_dir/rules.json`` atomically (temp file, fsync, rename, fsync the dir)."""
-    d = Path(data_dir)
-    path, tmp = d / RULES_FILE, d / (RULES_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(dumps(chain))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    path = Path(data_dir) / RULES_FILE
+    replace_text(path, dumps(chain), sync_dir=True)
     return path
 
 

@@ -49,7 +49,6 @@ from the replayed raw samples.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -62,6 +61,7 @@ import numpy as np
 
 from m3shm._native import ffi
 from m3shm.aggstore import CELL_AGG_LABEL, KIND_OUTPUT, KIND_ROLLUP, SKIPPED, AggStore, Prepared
+from m3shm.atomicfile import replace_json
 from m3shm.errors import NoSuchSeriesError
 from m3shm.rules.cells import output_cell
 from m3shm.rules.matcher import CompiledRules, SeriesPlan
@@ -569,10 +569,8 @@ class Aggregator:
     def _write_watermark(self, now: int) -> None:
         path = watermark_path(self.w.data_dir, self.w.index, self.watermark)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"now_ms": now}, f)
-        os.replace(tmp, path)  # no fsync: an older mark only repeats points on replay
+        # no fsync: an older mark only repeats points on replay
+        replace_json(path, {"now_ms": now}, sync=False)
 
     async def timer(self) -> None:
         while True:

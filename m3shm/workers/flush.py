@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from m3shm import stats
 from m3shm._native import lib
+from m3shm.atomicfile import replace_json
 from m3shm.storage import commitlog, retention, snapshot
 from m3shm.storage.commitlog import PassState
 from m3shm.storage.fileset import complete_volumes, remove_incomplete, remove_superseded
@@ -256,13 +257,7 @@ class Flusher:
     def _save(self, key: str | None, **kv: int) -> None:
         state = self.states.setdefault(key, {})
         state.update(kv)
-        path = state_path(self.w.data_dir, self.w.index, key)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_json(state_path(self.w.data_dir, self.w.index, key), state)
 
     # -- scheduling (event loop) ------------------------------------------------------------
     async def timer(self) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 
+from m3shm.atomicfile import replace_json
+
 WATERMARK_DIR = "downsample"
 REPLAY_FILE = "replay-now.json"
 
@@ -47,12 +49,7 @@ def read_watermark(data_dir: str) -> int:
 
 def _write_json(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_json(path, doc)
 
 
 def fix_replay_watermark(data_dir: str, boot: int) -> int:
