@@ -18,34 +18,21 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.test_daemon_harness import Daemon, now_ms
-from tests.test_rollup_daemon import GROUPS, RES_MS, Counters, rolled_up, write_until_ok
+from tests.test_rollup_daemon import (
+    RES_MS,
+    Counters,
+    check_counters,
+    rollup_config,
+    wait_rolled_up,
+    write_until_ok,
+)
 
 ADMISSION_S = 8
 FORWARD_DELAY_S = 2
 STALL_S = 5          # > forward_delay + a finalise round, < admission
 
-CONFIG = f"""
-namespaces:
-  - {{name: default, retention: 2h, blockSize: 1h, bufferPast: {ADMISSION_S}s,
-     bufferFuture: 1s}}
-downsample:
-  admission: {ADMISSION_S}s
-  forward_delay: {FORWARD_DELAY_S}s
-  rules:
-    defaultPolicies: []
-    rollupRules:
-      - name: requests by endpoint
-        filter: "__name__:http_requests_total"
-        transforms:
-          - transform: {{type: Increase}}
-          - rollup: {{metricName: http_requests_by_endpoint_total,
-                     groupBy: [service, endpoint], aggregations: [Sum]}}
-          - transform: {{type: Add}}
-        storagePolicies: [1s:2d]
-"""
+CONFIG = rollup_config(ADMISSION_S, FORWARD_DELAY_S)
 
 STEP_MS = 250
 
@@ -53,30 +40,8 @@ STEP_MS = 250
 def check_exact(d: Daemon, counters: Counters, last_ts: int, deadline: float) -> None:
     """Every rolled-up counter's increase between any two of its window ends equals the raw
     increases of its instances (1e-9), and no value or sample was late."""
-    last_end = last_ts // RES_MS * RES_MS
-    got: dict = {}
-    while time.monotonic() < deadline:
-        got = rolled_up(d, now_ms())
-        if len(got) == len(GROUPS) and all(pts and pts[-1][0] >= last_end
-                                           for pts in got.values()):
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"rolled-up series incomplete: {got}\n{d.logtext()}")
-    page = d.get("/metrics")[1].decode()
-    info = [ln for ln in page.splitlines() if ln.startswith(
-        ("m3shm_rollup", "m3shm_downsample_late", "m3shm_downsample_evicted"))]
-    for group, pts in got.items():
-        ends = [t for t, _ in pts]
-        assert all(t % RES_MS == 0 for t in ends) and ends == sorted(set(ends)), ends
-        value = dict(pts)
-        bad = [(t1, value[t1] - value[t0], counters.raw_increase(group, t0, t1))
-               for t0, t1 in zip(ends, ends[1:], strict=False)
-               if value[t1] - value[t0] != pytest.approx(
-                   counters.raw_increase(group, t0, t1), rel=1e-9, abs=1e-9)]
-        assert not bad, (group, "windows (end, have, want):", bad, info)
-        assert value[ends[0]] == pytest.approx(
-            counters.raw_increase(group, 0, ends[0]), rel=1e-9, abs=1e-9), group
+    got, page, info = wait_rolled_up(d, last_ts // RES_MS * RES_MS, deadline)
+    check_counters(got, counters, info)
     assert 'm3shm_rollup_late_values_total{namespace="agg_1s_2d"} 0' in page, info
     assert "m3shm_downsample_late_samples_total 0" in page, info
     assert 'm3shm_rollup_records_unmatched_total{namespace="agg_1s_2d"} 0' in page, info

@@ -29,24 +29,32 @@ RES_MS = 1000
 INSTANCES = 50
 GROUPS = [("api", "/a"), ("api", "/b"), ("web", "/a"), ("web", "/b")]
 
-CONFIG = """
+
+
+def rollup_config(admission_s: int, forward_delay_s: int) -> str:
+    """The canonical counter rollup at 1s:2d, raw bufferPast = the admission."""
+    return f"""
 namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 6s, bufferFuture: 1s}
+  - {{name: default, retention: 2h, blockSize: 1h, bufferPast: {admission_s}s,
+     bufferFuture: 1s}}
 downsample:
-  admission: 6s
-  forward_delay: 6s
+  admission: {admission_s}s
+  forward_delay: {forward_delay_s}s
   rules:
     defaultPolicies: []
     rollupRules:
       - name: requests by endpoint
         filter: "__name__:http_requests_total"
         transforms:
-          - transform: {type: Increase}
-          - rollup: {metricName: http_requests_by_endpoint_total,
-                     groupBy: [service, endpoint], aggregations: [Sum]}
-          - transform: {type: Add}
+          - transform: {{type: Increase}}
+          - rollup: {{metricName: http_requests_by_endpoint_total,
+                     groupBy: [service, endpoint], aggregations: [Sum]}}
+          - transform: {{type: Add}}
         storagePolicies: [1s:2d]
 """
+
+
+CONFIG = rollup_config(6, 6)
 
 
 def instance_labels(i: int) -> dict[str, str]:
@@ -119,6 +127,51 @@ def rolled_up(d: Daemon, at_ms: int) -> dict[tuple[str, str], list[tuple[int, fl
     return out
 
 
+def wait_rolled_up(d: Daemon, last_end: int, deadline: float
+                   ) -> tuple[dict[tuple[str, str], list[tuple[int, float]]], str, list[str]]:
+    """Every group's stored points once each has one at ``last_end`` or later; the /metrics
+    page and its rollup and lateness lines (for assertion messages)."""
+    got: dict = {}
+    while time.monotonic() < deadline:
+        got = rolled_up(d, now_ms())
+        if len(got) == len(GROUPS) and all(
+                pts and pts[-1][0] >= last_end for pts in got.values()):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"rolled-up series incomplete: {got}\n{d.logtext()}")
+    page = d.get("/metrics")[1].decode()
+    info = [ln for ln in page.splitlines() if ln.startswith(
+        ("m3shm_rollup", "m3shm_downsample_late", "m3shm_downsample_out_of_order",
+         "m3shm_downsample_evicted"))]
+    return got, page, info
+
+
+def check_counters(got: dict[tuple[str, str], list[tuple[int, float]]], counters: Counters,
+                   info: object) -> None:
+    """Each rolled-up counter: its window ends are distinct, ordered and on the resolution;
+    its increase between ANY two of them equals its instances' raw increases (1e-9), and its
+    first value the increases up to its first end (nothing before it lost)."""
+    for group, pts in got.items():
+        ends = [t for t, _ in pts]
+        assert all(t % RES_MS == 0 for t in ends) and ends == sorted(set(ends)), ends
+        value = dict(pts)
+        bad = [(t1, value[t1] - value[t0], counters.raw_increase(group, t0, t1))
+               for t0, t1 in zip(ends, ends[1:], strict=False)
+               if value[t1] - value[t0] != pytest.approx(
+                   counters.raw_increase(group, t0, t1), rel=1e-9, abs=1e-9)]
+        assert not bad, (group, "windows (end, have, want):", bad, info)
+        for a in range(len(ends)):
+            for b in range(a + 1, len(ends)):
+                t0, t1 = ends[a], ends[b]
+                want = counters.raw_increase(group, t0, t1)
+                have = value[t1] - value[t0]
+                assert have == pytest.approx(want, rel=1e-9, abs=1e-9), (
+                    group, t0, t1, have - want, info)
+        assert value[ends[0]] == pytest.approx(
+            counters.raw_increase(group, 0, ends[0]), rel=1e-9, abs=1e-9), group
+
+
 def run_rollup(tmp: Path, kill_worker: bool) -> None:
     d = Daemon(tmp, workers=2, series=4096, arena="4MiB", extra=CONFIG).start()
     try:
@@ -137,35 +190,11 @@ def run_rollup(tmp: Path, kill_worker: bool) -> None:
         # every window ending at or before last_ts is final after admission + forward delay
         # and both stages' finalise rounds; wait until each group has its last point
         last_end = last_ts // RES_MS * RES_MS
-        got: dict = {}
-        while time.monotonic() < deadline:
-            got = rolled_up(d, now_ms())
-            if len(got) == len(GROUPS) and all(
-                    pts and pts[-1][0] >= last_end for pts in got.values()):
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"rolled-up series incomplete: {got}\n{d.logtext()}")
-        page = d.get("/metrics")[1].decode()
-        late = [ln for ln in page.splitlines() if ln.startswith(
-            ("m3shm_rollup", "m3shm_downsample_late", "m3shm_downsample_out_of_order"))]
+        got, page, info = wait_rolled_up(d, last_end, deadline)
         first_end = (t_start // RES_MS + 1) * RES_MS
-        for group, pts in got.items():
-            ends = [t for t, _ in pts]
-            assert all(t % RES_MS == 0 for t in ends) and ends == sorted(set(ends)), ends
-            assert ends[0] <= first_end + RES_MS and ends[-1] >= last_end, (group, ends)
-            value = dict(pts)
-            for a in range(len(ends)):
-                for b in range(a + 1, len(ends)):
-                    t0, t1 = ends[a], ends[b]
-                    want = counters.raw_increase(group, t0, t1)
-                    have = value[t1] - value[t0]
-                    assert have == pytest.approx(want, rel=1e-9, abs=1e-9), (group, t0, t1,
-                                                                            late)
-            # nothing before the first point was lost either: the counter starts at the sum
-            # of the increases up to its first window end
-            assert value[ends[0]] == pytest.approx(
-                counters.raw_increase(group, 0, ends[0]), rel=1e-9, abs=1e-9), group
+        for group, pts in got.items():  # the first window is there too
+            assert pts[0][0] <= first_end + RES_MS, (group, pts[0])
+        check_counters(got, counters, info)
         assert 'm3shm_downsample_late_samples_total 0' in page
         assert 'm3shm_rollup_late_values_total{namespace="agg_1s_2d"} 0' in page
         assert 'm3shm_rollup_records_unmatched_total{namespace="agg_1s_2d"} 0' in page

@@ -29,26 +29,16 @@ from pathlib import Path
 import pytest
 
 from tests.test_daemon_harness import Daemon, now_ms
-from tests.test_rollup_daemon import GROUPS, RES_MS, Counters, rolled_up, write_until_ok
+from tests.test_rollup_daemon import (
+    RES_MS,
+    Counters,
+    check_counters,
+    rollup_config,
+    wait_rolled_up,
+    write_until_ok,
+)
 
-CONFIG = """
-namespaces:
-  - {name: default, retention: 2h, blockSize: 1h, bufferPast: 8s, bufferFuture: 1s}
-downsample:
-  admission: 8s
-  forward_delay: 2s
-  rules:
-    defaultPolicies: []
-    rollupRules:
-      - name: requests by endpoint
-        filter: "__name__:http_requests_total"
-        transforms:
-          - transform: {type: Increase}
-          - rollup: {metricName: http_requests_by_endpoint_total,
-                     groupBy: [service, endpoint], aggregations: [Sum]}
-          - transform: {type: Add}
-        storagePolicies: [1s:2d]
-"""
+CONFIG = rollup_config(8, 2)
 
 PHASES = 3          # write, kill everything, start again: PHASES - 1 full restarts
 STEP_MS = 250
@@ -111,38 +101,8 @@ def test_rollup_exact_across_full_restarts(tmp_path: Path, seed: int) -> None:
                         time.sleep(STALL_S)
                     finally:
                         os.kill(pid, signal.SIGCONT)
-        last_end = ts // RES_MS * RES_MS
-        got: dict = {}
-        while time.monotonic() < deadline:
-            got = rolled_up(d, now_ms())
-            if len(got) == len(GROUPS) and all(
-                    pts and pts[-1][0] >= last_end for pts in got.values()):
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"rolled-up series incomplete: {got}\n{d.logtext()}")
-        page = d.get("/metrics")[1].decode()
-        info = [ln for ln in page.splitlines() if ln.startswith(
-            ("m3shm_rollup", "m3shm_downsample_late", "m3shm_downsample_out_of_order"))]
-        for group, pts in got.items():
-            ends = [t for t, _ in pts]
-            assert all(t % RES_MS == 0 for t in ends) and ends == sorted(set(ends)), ends
-            value = dict(pts)
-            bad = [(t1, value[t1] - value[t0], counters.raw_increase(group, t0, t1))
-                   for t0, t1 in zip(ends, ends[1:], strict=False)
-                   if value[t1] - value[t0] != pytest.approx(
-                       counters.raw_increase(group, t0, t1), rel=1e-9, abs=1e-9)]
-            assert not bad, (group, "kills at", kills, "windows (end, have, want):", bad, info)
-            # a continuous counter: every pair of window ends, across the restarts too
-            for a in range(len(ends)):
-                for b in range(a + 1, len(ends)):
-                    t0, t1 = ends[a], ends[b]
-                    want = counters.raw_increase(group, t0, t1)
-                    have = value[t1] - value[t0]
-                    assert have == pytest.approx(want, rel=1e-9, abs=1e-9), (
-                        group, t0, t1, have - want, info)
-            assert value[ends[0]] == pytest.approx(
-                counters.raw_increase(group, 0, ends[0]), rel=1e-9, abs=1e-9), group
+        got, page, info = wait_rolled_up(d, ts // RES_MS * RES_MS, deadline)
+        check_counters(got, counters, ("kills at", kills, info))
         assert 'm3shm_rollup_records_unmatched_total{namespace="agg_1s_2d"} 0' in page, info
     finally:
         if d.proc is not None and d.proc.poll() is None:
