@@ -327,6 +327,24 @@ def _drain_batches(st: AggStore, batches: list[tuple[int, bytes]], head: mmap.mm
         struct.pack_into("<Q", head, 0, i + 1)
 
 
+def drain_with_kills(s, st, batches: list[tuple[int, bytes]], t0: int, params: list,
+                     rnd: random.Random) -> int:
+    """Drain ``batches`` in forked owners SIGKILLed at random points, each successor
+    recovering the shard first as a restarted worker does, until all are applied; returns
+    the number of owners killed."""
+    head = mmap.mmap(-1, 8)
+    kills = 0
+    while struct.unpack_from("<Q", head, 0)[0] < len(batches):
+        pid = fork_call(_drain_batches, st, batches, head, t0, params)
+        time.sleep(rnd.random() * 0.004)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        kills += os.WIFSIGNALED(status)
+        s.recover_shard(0)  # as a restarted worker does before it drains
+        st.recover(0)
+    return kills
+
+
 def test_owner_sigkilled_mid_record_counts_each_sample_once(seg):
     """Batches of long records are applied by a child SIGKILLed at random moments, most of
     them inside the C apply (part of a record's samples on a cell); a fresh owner recovers the
@@ -355,17 +373,7 @@ def test_owner_sigkilled_mid_record_counts_each_sample_once(seg):
                     want[("sum", end)] += v
                     want[("count", end)] += 1
         batches.append((seq, b"".join(recs)))
-    head = mmap.mmap(-1, 8)
-    kills = 0
-    while struct.unpack_from("<Q", head, 0)[0] < len(batches):
-        pid = fork_call(_drain_batches, st, batches, head, t0, params)
-        time.sleep(rnd.random() * 0.004)
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.WIFSIGNALED(status)
-        s.recover_shard(0)  # as a restarted worker does before it drains
-        st.recover(0)
-    assert kills > 5
+    assert drain_with_kills(s, st, batches, t0, params, rnd) > 5
     rows, _ = finalise(st, t0 + 100 * MIN)
     got: Counter = Counter()
     for labels, ts, value in rows:
@@ -411,17 +419,7 @@ def test_owner_sigkilled_mid_record_is_exact_for_compact_cells(seg):
         batches.append((seq, b"".join(recs)))
     keep(ref.finalise(t0 + 100 * MIN))
     assert ref.cell(2).ooo == 0 and ref.cell(0).evicted > 5
-    head = mmap.mmap(-1, 8)
-    kills = 0
-    while struct.unpack_from("<Q", head, 0)[0] < len(batches):
-        pid = fork_call(_drain_batches, st, batches, head, t0, params)
-        time.sleep(rnd.random() * 0.004)
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.WIFSIGNALED(status)
-        s.recover_shard(0)
-        st.recover(0)
-    assert kills > 5
+    assert drain_with_kills(s, st, batches, t0, params, rnd) > 5
     rows, _ = finalise(st, t0 + 100 * MIN)
     got = {(labels["m3_aggregation"], ts): value for labels, ts, value in rows}
     assert len(got) == len(rows) and len(want) > 20

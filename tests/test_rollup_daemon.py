@@ -19,6 +19,7 @@ import random
 import signal
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,14 @@ def instance_labels(i: int) -> dict[str, str]:
 
 
 class Counters:
-    """50 counters with random increments and occasional resets; remembers every sample."""
+    """50 counters with random increments and occasional resets; remembers every sample.
+    ``labels`` names instance i; with ``lag_ms`` the odd instances' samples are stamped that
+    far behind the others'."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, labels: Callable[[int], dict[str, str]] = instance_labels,
+                 lag_ms: int = 0) -> None:
+        self.labels = labels
+        self.lag_ms = lag_ms
         self.rnd = random.Random(seed)
         self.value = [float(self.rnd.randrange(0, 10_000)) for _ in range(INSTANCES)]
         self.samples: list[list[tuple[int, float]]] = [[] for _ in range(INSTANCES)]
@@ -78,16 +84,22 @@ class Counters:
                 self.value[i] = float(self.rnd.randrange(0, 5))  # a restart: counter reset
             elif self.samples[i]:
                 self.value[i] += self.rnd.randrange(0, 50) + self.rnd.random()
-            self.samples[i].append((ts, self.value[i]))
-            series.append((instance_labels(i), [(ts, self.value[i])]))
+            t = ts - (self.lag_ms if i % 2 else 0)
+            self.samples[i].append((t, self.value[i]))
+            series.append((self.labels(i), [(t, self.value[i])]))
         return series
 
     def raw_increase(self, group: tuple[str, str], t0: int, t1: int) -> float:
-        """Sum over the group's instances of their increases in (t0, t1]: each sample after
-        the first adds v - prev, or v after a reset (Prometheus' counter semantics)."""
+        """Sum over the (service, endpoint) group's instances of their increases in (t0, t1]."""
+        return self.increase(lambda lb: (lb["service"], lb["endpoint"]) == group, t0, t1)
+
+    def increase(self, select: Callable[[dict[str, str]], bool], t0: int, t1: int) -> float:
+        """Sum over the instances whose labels ``select`` takes of their increases in
+        (t0, t1]: each sample after the first adds v - prev, or v after a reset (Prometheus'
+        counter semantics)."""
         total = 0.0
         for i in range(INSTANCES):
-            if GROUPS[i % len(GROUPS)] != group:
+            if not select(self.labels(i)):
                 continue
             s = self.samples[i]
             for (_, pv), (t, v) in zip(s, s[1:], strict=False):

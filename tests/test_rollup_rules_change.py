@@ -19,7 +19,6 @@ shared machine a stalled worker must not make values late.
 from __future__ import annotations
 
 import json
-import random
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_daemon_harness import Daemon, now_ms
-from tests.test_rollup_daemon import write_until_ok
+from tests.test_rollup_daemon import Counters, write_until_ok
 
 RES_MS = 1000
 INSTANCES = 50
@@ -111,38 +110,6 @@ def groups(version: int) -> Selects:
     return out
 
 
-class Counters:
-    """50 counters with random increments and occasional resets; half lag LAG_MS behind."""
-
-    def __init__(self, seed: int) -> None:
-        self.rnd = random.Random(seed)
-        self.value = [float(self.rnd.randrange(0, 10_000)) for _ in range(INSTANCES)]
-        self.samples: list[list[tuple[int, float]]] = [[] for _ in range(INSTANCES)]
-
-    def step(self, ts: int) -> list:
-        series = []
-        for i in range(INSTANCES):
-            if self.samples[i] and self.rnd.random() < 0.04:
-                self.value[i] = float(self.rnd.randrange(0, 5))  # counter reset
-            elif self.samples[i]:
-                self.value[i] += self.rnd.randrange(0, 50) + self.rnd.random()
-            t = ts - (LAG_MS if i % 2 else 0)
-            self.samples[i].append((t, self.value[i]))
-            series.append((instance_labels(i), [(t, self.value[i])]))
-        return series
-
-    def raw_increase(self, select: Callable[[Labels], bool], t0: int, t1: int) -> float:
-        total = 0.0
-        for i in range(INSTANCES):
-            if not select(instance_labels(i)):
-                continue
-            s = self.samples[i]
-            for (_, pv), (t, v) in zip(s, s[1:], strict=False):
-                if t0 < t <= t1:
-                    total += v - pv if v >= pv else v
-        return total
-
-
 def rolled_up(d: Daemon, at_ms: int) -> dict[tuple[str, tuple], dict[int, float]]:
     q = urllib.parse.urlencode({"query": '{__name__=~"req_by_.*"}[1h]',
                                 "time": f"{at_ms / 1000:.3f}"})
@@ -166,7 +133,7 @@ def put_rules(d: Daemon, rules: dict) -> int:
 
 def test_rollup_rules_change_under_load(tmp_path: Path) -> None:
     d = Daemon(tmp_path, workers=2, series=4096, arena="4MiB", extra=CONFIG).start()
-    counters = Counters(seed=5)
+    counters = Counters(seed=5, labels=instance_labels, lag_ms=LAG_MS)
     deadline = time.monotonic() + 120
     try:
         ts = now_ms()
@@ -217,17 +184,17 @@ def test_rollup_rules_change_under_load(tmp_path: Path) -> None:
                 if prev is None:
                     # the counter starts at the increases up to its first window end
                     t0 = act if g not in v1 else 0
-                    want, have = counters.raw_increase(sel, t0, e), pts[e]
+                    want, have = counters.increase(sel, t0, e), pts[e]
                 else:
                     # a changed rule's counter too goes on across the activation: its new
                     # group cell's Add continues from the old cell's total
-                    want, have = counters.raw_increase(sel, prev, e), pts[e] - pts[prev]
+                    want, have = counters.increase(sel, prev, e), pts[e] - pts[prev]
                 if have != pytest.approx(want, rel=1e-9, abs=1e-9):
                     bad.append((e, have, want))
                 prev = e
             if g[0] == "req_by_service_total" and act + RES_MS in pts:
                 # the case above: the old total is below the first new window's increase
-                assert counters.raw_increase(v2[g], act, act + RES_MS) > pts[act], (g, act)
+                assert counters.increase(v2[g], act, act + RES_MS) > pts[act], (g, act)
             if bad:
                 wrong[g] = bad
         assert not wrong, ("activation", act, "windows (end, have, want):", wrong, info)
